@@ -1,0 +1,3 @@
+//! Placeholder until the raw serde types land.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct FileConfig {}

@@ -1,0 +1,173 @@
+//! Configuration: the TOML file as written (`file.rs`), and the validated
+//! [`Config`] the rest of berth runs on.
+//!
+//! The pipeline is `text -> FileConfig (serde, unknown keys rejected) ->
+//! validate -> Config`. Validation collects every problem in one pass; each
+//! problem names the file, the line and the dotted key (`locate.rs` maps a key
+//! path back to a line of the source text), in the form
+//! `config/berth.toml:14: pools.chat.backends[1].address: invalid socket address "10.0.0.1"`.
+
+mod file;
+mod locate;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use file::FileConfig;
+
+/// Where the running proxy's configuration came from and what it says.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file this was read from (`None` for configs built from a string).
+    pub source: Option<PathBuf>,
+    pub listeners: Vec<ListenerConfig>,
+    pub admin: Option<AdminConfig>,
+    /// Routes, sorted most specific first: host routes before host-less ones,
+    /// then longer path prefixes before shorter ones, then file order.
+    pub routes: Vec<RouteConfig>,
+    /// Pools by name.
+    pub pools: BTreeMap<String, PoolConfig>,
+    /// How long a SIGTERM/SIGINT shutdown spreads its Close 1001 frames over.
+    pub shutdown_window: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub tls: Option<TlsConfig>,
+    /// Time allowed for the TLS handshake plus the first request head.
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Built (and the key checked against the certificate) during validation,
+    /// so `check` catches what `run` would fail on.
+    pub server_config: Arc<rustls::ServerConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+    /// Bearer token required on mutating admin routes, when set.
+    pub token: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteConfig {
+    /// Lower-cased host without port; `None` matches any host.
+    pub host: Option<String>,
+    /// Always starts with `/`.
+    pub path_prefix: String,
+    pub pool: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Balance {
+    LeastConnections,
+    RoundRobin,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolConfig {
+    pub name: String,
+    pub balance: Balance,
+    pub connect_timeout: Duration,
+    /// Time allowed for a backend to answer with a response head (the `101`
+    /// of a WebSocket handshake, or the head of a plain HTTP response).
+    pub response_timeout: Duration,
+    /// No data frame in either direction for this long closes the connection.
+    pub idle_timeout: Option<Duration>,
+    /// berth pings the client this often; `None` disables heartbeats.
+    pub ping_interval: Option<Duration>,
+    pub pong_timeout: Duration,
+    pub close_timeout: Duration,
+    pub drain_window: Duration,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub id: String,
+    /// `host:port` as written; hostnames are resolved at connect time.
+    pub address: String,
+    pub weight: u32,
+}
+
+/// One thing wrong with a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line in the source, when it could be located.
+    pub line: Option<usize>,
+    /// Dotted key path, e.g. `pools.chat.backends[1].address`.
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read config file: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(.origin, .problems))]
+    Invalid {
+        origin: String,
+        problems: Vec<Problem>,
+    },
+}
+
+fn render_problems(origin: &str, problems: &[Problem]) -> String {
+    let mut out = String::new();
+    for (i, p) in problems.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        match p.line {
+            Some(line) => out.push_str(&format!("{origin}:{line}: ")),
+            None => out.push_str(&format!("{origin}: ")),
+        }
+        if !p.key.is_empty() {
+            out.push_str(&p.key);
+            out.push_str(": ");
+        }
+        out.push_str(&p.message);
+    }
+    out
+}
+
+impl Config {
+    /// Reads and validates a config file. Relative TLS paths are resolved
+    /// against the current directory (as the README's commands assume).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut config = Self::from_toml_str(&text, &path.display().to_string())?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text; `origin` names it in error messages.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        validate::parse_and_validate(text).map_err(|problems| ConfigError::Invalid {
+            origin: origin.to_string(),
+            problems,
+        })
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
+        self.pools.get(name)
+    }
+}

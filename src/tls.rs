@@ -1,0 +1,107 @@
+//! TLS material: PEM loading and the rustls server configuration used by TLS
+//! listeners (TLS 1.2 and 1.3 only, ALPN `http/1.1`, ring as the provider).
+//!
+//! Everything here is synchronous and runs at config load, so `berth check`
+//! reports a missing file or a key that does not match its certificate.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::crypto::ring;
+use rustls::server::ServerSessionMemoryCache;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: cannot read certificate file: {source}")]
+    ReadCert {
+        path: String,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{path}: no PEM certificate found")]
+    NoCert { path: String },
+    #[error("{path}: cannot read private key: {source}")]
+    ReadKey {
+        path: String,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{key}: private key does not match the certificate in {cert}: {source}")]
+    Mismatch {
+        cert: String,
+        key: String,
+        source: rustls::Error,
+    },
+    #[error("{key}: unusable private key: {source}")]
+    BadKey { key: String, source: rustls::Error },
+}
+
+/// The crypto provider berth uses everywhere (one, explicitly, so that no
+/// process-wide default has to be installed).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(ring::default_provider())
+}
+
+/// Loads a PEM certificate chain and private key and builds the server config.
+pub fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let cert_name = cert.display().to_string();
+    let key_name = key.display().to_string();
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|source| TlsError::ReadCert {
+            path: cert_name.clone(),
+            source,
+        })?
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsError::ReadCert {
+            path: cert_name.clone(),
+            source,
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCert { path: cert_name });
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::ReadKey {
+        path: key_name.clone(),
+        source,
+    })?;
+    server_config_from_der(chain, key_der, &cert_name, &key_name)
+}
+
+/// Builds the server config from DER material (the demo uses this with an
+/// in-memory rcgen certificate).
+pub fn server_config_from_der(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    cert_name: &str,
+    key_name: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|source| TlsError::BadKey {
+            key: key_name.to_string(),
+            source,
+        })?;
+    let certified = rustls::sign::CertifiedKey::new(chain, signing_key);
+    certified.keys_match().map_err(|source| TlsError::Mismatch {
+        cert: cert_name.to_string(),
+        key: key_name.to_string(),
+        source,
+    })?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|source| TlsError::BadKey {
+            key: key_name.to_string(),
+            source,
+        })?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+            Arc::new(certified),
+        )));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Session resumption: stateful cache for TLS 1.2 and 1.3 (tickets are the
+    // rustls default for 1.3 via the cache as well).
+    config.session_storage = ServerSessionMemoryCache::new(4096);
+    Ok(Arc::new(config))
+}

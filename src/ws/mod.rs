@@ -1,0 +1,6 @@
+//! WebSocket protocol pieces berth implements itself: the opening handshake
+//! checks, the frame-header parser, and the frame-aware relay.
+
+pub mod frame;
+pub mod handshake;
+pub mod relay;
