@@ -1,7 +1,29 @@
-//! berth: a WebSocket-aware, TLS-terminating reverse proxy and sticky load balancer.
+//! berth: a WebSocket-aware, TLS-terminating reverse proxy and sticky load
+//! balancer.
+//!
+//! # Layout
+//! - `config`: the TOML file, validation, and every problem with file:line: key.
+//! - `tls`: PEM loading and the rustls server configuration.
+//! - `app`: binds sockets, runs accept loops, drains on shutdown.
+//! - `listener`: accept loop and per-connection TLS + HTTP/1.1 serving.
+//! - `proxy`: the request service: plain HTTP forwarding and WebSocket upgrades.
+//! - `ws`: handshake checks, the frame-header parser and the frame-aware relay.
+//! - `balancer`: pools, backends and backend choice.
+//! - `routing`: the live routing table swapped on reload.
+//! - `metrics`: metric names and the registry.
+//! - `admin`: `/metrics`, `/healthz`, `/readyz`, `/admin/pools`.
+//! - `demo`: `berth demo`, three in-process backends behind a TLS listener.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod admin;
+pub mod app;
+pub mod balancer;
 pub mod config;
+pub mod demo;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod routing;
 pub mod tls;
 pub mod ws;

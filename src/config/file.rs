@@ -1,3 +1,102 @@
-//! Placeholder until the raw serde types land.
-#[derive(Debug, Default, serde::Deserialize)]
-pub struct FileConfig {}
+//! The config file as written: raw serde types for `berth.toml`.
+//!
+//! These types own the TOML *shape* only. Every table rejects unknown keys,
+//! and everything that needs checking beyond its TOML type is kept raw here
+//! (durations and addresses as strings, required keys as `Option`) so that
+//! `validate.rs` can report each problem with its key path and line instead
+//! of serde stopping at the first one.
+//!
+//! To add a key: add an `Option` field to the right `File*` struct, then
+//! validate it and copy it into the validated type in `validate.rs`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Duration, default `10s`.
+    pub shutdown_window: Option<String>,
+    #[serde(default)]
+    pub listeners: Vec<FileListener>,
+    pub admin: Option<FileAdmin>,
+    #[serde(default)]
+    pub routes: Vec<FileRoute>,
+    /// Pools by name.
+    #[serde(default)]
+    pub pools: BTreeMap<String, FilePool>,
+}
+
+/// One `[[listeners]]` entry.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileListener {
+    /// Required, unique.
+    pub name: Option<String>,
+    /// Required: `IP:port` or `localhost:PORT`.
+    pub bind: Option<String>,
+    pub tls: Option<FileTls>,
+    /// Duration, default `10s`.
+    pub handshake_timeout: Option<String>,
+}
+
+/// A listener's `tls = { cert = "...", key = "..." }`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    /// Required: PEM certificate chain.
+    pub cert: Option<String>,
+    /// Required: PEM private key.
+    pub key: Option<String>,
+}
+
+/// The optional `[admin]` table.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdmin {
+    /// Required: `IP:port` or `localhost:PORT`.
+    pub bind: Option<String>,
+    pub token: Option<String>,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRoute {
+    pub host: Option<String>,
+    /// Default `/`.
+    pub path_prefix: Option<String>,
+    /// Required: a name in `[pools]`.
+    pub pool: Option<String>,
+}
+
+/// One `[pools.NAME]` table.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePool {
+    /// `least_connections` (default) or `round_robin`.
+    pub balance: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub response_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub ping_interval: Option<String>,
+    pub pong_timeout: Option<String>,
+    pub close_timeout: Option<String>,
+    pub drain_window: Option<String>,
+    #[serde(default)]
+    pub backends: Vec<FileBackend>,
+}
+
+/// One `[[pools.NAME.backends]]` entry.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBackend {
+    /// Required, unique within the pool.
+    pub id: Option<String>,
+    /// Required: `host:port`.
+    pub address: Option<String>,
+    /// Default 1; signed so that a negative weight gets a range message.
+    pub weight: Option<i64>,
+}

@@ -1,0 +1,211 @@
+//! The running proxy: binds every socket up front (so callers learn the real
+//! addresses, port 0 included), then runs accept loops until the shutdown
+//! future resolves, then drains with a deadline.
+//!
+//! Shutdown: the token is cancelled; accept loops stop; HTTP connections
+//! finish their in-flight request; every WebSocket relay sends Close 1001,
+//! the closes spread over `shutdown_window`; `run` returns once all tracked
+//! tasks are done, or after the window plus the longest `close_timeout`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::listener::{accept_loop, ListenerSpec};
+use crate::metrics::{Metrics, MetricsError};
+use crate::routing::Runtime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot bind listener {name:?} on {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+}
+
+/// State every task shares.
+pub struct Shared {
+    /// The routing table in force; replaced whole on reload.
+    pub live: ArcSwap<Runtime>,
+    pub metrics: Metrics,
+    /// Cancelled when berth starts shutting down.
+    pub shutdown: CancellationToken,
+    pub shutdown_window: Duration,
+    /// Every connection and relay task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Live WebSocket connections across all pools.
+    pub ws_live: AtomicU64,
+    shutdown_ticket: AtomicU64,
+    /// True once listeners are bound; false again while shutting down.
+    pub ready: AtomicBool,
+    /// The file reloads re-read, if any.
+    pub config_path: Option<PathBuf>,
+}
+
+impl Shared {
+    /// The next slot in the shutdown schedule.
+    pub fn next_shutdown_ticket(&self) -> u64 {
+        self.shutdown_ticket.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+pub struct App {
+    shared: Arc<Shared>,
+    listeners: Vec<(Arc<ListenerSpec>, TcpListener, SocketAddr)>,
+    admin: Option<(TcpListener, SocketAddr)>,
+}
+
+impl App {
+    /// Binds every listener and the admin socket.
+    pub async fn bind(config: Config) -> Result<App, AppError> {
+        let metrics = Metrics::new()?;
+        let config = Arc::new(config);
+        let mut listeners = Vec::new();
+        for lc in &config.listeners {
+            let listener = TcpListener::bind(lc.bind).await.map_err(|source| AppError::Bind {
+                name: lc.name.clone(),
+                addr: lc.bind,
+                source,
+            })?;
+            let addr = listener.local_addr().map_err(|source| AppError::Bind {
+                name: lc.name.clone(),
+                addr: lc.bind,
+                source,
+            })?;
+            let spec = ListenerSpec {
+                name: Arc::from(lc.name.as_str()),
+                tls: lc
+                    .tls
+                    .as_ref()
+                    .map(|t| TlsAcceptor::from(Arc::clone(&t.server_config))),
+                handshake_timeout: lc.handshake_timeout,
+            };
+            metrics.connections_active.with_label_values(&[&lc.name]).set(0);
+            listeners.push((Arc::new(spec), listener, addr));
+        }
+        let admin = match &config.admin {
+            Some(ac) => {
+                let l = TcpListener::bind(ac.bind).await.map_err(|source| AppError::Bind {
+                    name: "admin".into(),
+                    addr: ac.bind,
+                    source,
+                })?;
+                let addr = l.local_addr().map_err(|source| AppError::Bind {
+                    name: "admin".into(),
+                    addr: ac.bind,
+                    source,
+                })?;
+                Some((l, addr))
+            }
+            None => None,
+        };
+        metrics.config_reloads.with_label_values(&["success"]);
+        metrics.config_reloads.with_label_values(&["failure"]);
+        metrics.config_last_reload_success.set(unix_now());
+        let runtime = Runtime::new(Arc::clone(&config), &metrics, None);
+        let shared = Arc::new(Shared {
+            live: ArcSwap::from_pointee(runtime),
+            metrics,
+            shutdown: CancellationToken::new(),
+            shutdown_window: config.shutdown_window,
+            tracker: TaskTracker::new(),
+            ws_live: AtomicU64::new(0),
+            shutdown_ticket: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+            config_path: config.source.clone(),
+        });
+        Ok(App {
+            shared,
+            listeners,
+            admin,
+        })
+    }
+
+    /// The address a listener is bound to, by name.
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(spec, _, _)| &*spec.name == name)
+            .map(|(_, _, addr)| *addr)
+    }
+
+    /// Every listener's name and bound address.
+    pub fn listener_addrs(&self) -> HashMap<String, SocketAddr> {
+        self.listeners
+            .iter()
+            .map(|(spec, _, addr)| (spec.name.to_string(), *addr))
+            .collect()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(_, addr)| *addr)
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
+    /// Serves until `shutdown` resolves, then drains.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let shared = self.shared;
+        let mut loops = Vec::new();
+        for (spec, listener, addr) in self.listeners {
+            tracing::info!(listener = %spec.name, %addr, tls = spec.tls.is_some(), "listening");
+            loops.push(tokio::spawn(accept_loop(listener, spec, Arc::clone(&shared))));
+        }
+        let admin_task = self.admin.map(|(listener, addr)| {
+            tracing::info!(%addr, "admin API listening");
+            tokio::spawn(crate::admin::serve(listener, Arc::clone(&shared)))
+        });
+        shared.ready.store(true, Ordering::Release);
+
+        shutdown.await;
+        shared.ready.store(false, Ordering::Release);
+        let live = shared.ws_live.load(Ordering::Relaxed);
+        tracing::info!(websocket_connections = live, window = ?shared.shutdown_window, "shutting down");
+        shared.shutdown.cancel();
+        for l in loops {
+            let _ = l.await;
+        }
+        shared.tracker.close();
+        let close_timeout = shared
+            .live
+            .load()
+            .config
+            .pools
+            .values()
+            .map(|p| p.close_timeout)
+            .max()
+            .unwrap_or(Duration::from_secs(5));
+        let deadline = shared.shutdown_window + close_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(deadline, shared.tracker.wait()).await.is_err() {
+            tracing::warn!(remaining = shared.tracker.len(), "drain deadline passed; exiting with connections open");
+        }
+        if let Some(task) = admin_task {
+            task.abort();
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// Seconds since the Unix epoch, for timestamp gauges.
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}

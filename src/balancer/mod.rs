@@ -1,0 +1,209 @@
+//! Pools of backends and how a backend is chosen for a new connection.
+//!
+//! Selection returns the best eligible backend, skipping ones already tried
+//! (a failed connect is retried once elsewhere) and ones that are not up.
+
+mod backend;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+pub use backend::{Backend, BackendState, ConnectionGuard};
+
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::{Balance, PoolConfig};
+use crate::proxy::ProxyBody;
+use crate::metrics::Metrics;
+
+/// A pool's backends and its balancing state.
+pub struct Pool {
+    pub config: PoolConfig,
+    /// Pooled HTTP/1.1 client for plain requests to this pool's backends.
+    pub http: Client<HttpConnector, ProxyBody>,
+    pub backends: Vec<Arc<Backend>>,
+    /// Smooth weighted round-robin order (indexes into `backends`).
+    schedule: Vec<usize>,
+    cursor: AtomicUsize,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.config.name)
+            .field("backends", &self.backends)
+            .finish()
+    }
+}
+
+impl Pool {
+    /// Builds a pool; backends found in `previous` (same id and address) are
+    /// kept, with their live counts and state.
+    pub fn new(config: PoolConfig, metrics: &Metrics, previous: Option<&Pool>) -> Pool {
+        let backends: Vec<Arc<Backend>> = config
+            .backends
+            .iter()
+            .map(|b| {
+                previous
+                    .and_then(|p| p.find(&b.id))
+                    .filter(|old| old.address == b.address && old.weight == b.weight.max(1))
+                    .cloned()
+                    .unwrap_or_else(|| Backend::new(&config.name, b, metrics))
+            })
+            .collect();
+        let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        let http = Client::builder(TokioExecutor::new()).build(connector);
+        Pool {
+            http,
+            schedule: smooth_schedule(&weights),
+            config,
+            backends,
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn find(&self, id: &str) -> Option<&Arc<Backend>> {
+        self.backends.iter().find(|b| b.id == id)
+    }
+
+    /// Picks a backend for a new connection, never one in `exclude`.
+    pub fn pick(&self, exclude: &[&Arc<Backend>]) -> Option<Arc<Backend>> {
+        let eligible = |b: &Arc<Backend>| {
+            b.state() == BackendState::Up && !exclude.iter().any(|e| Arc::ptr_eq(e, b))
+        };
+        match self.config.balance {
+            Balance::RoundRobin => {
+                let len = self.schedule.len();
+                let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+                (0..len)
+                    .map(|k| &self.backends[self.schedule[(start + k) % len]])
+                    .find(|b| eligible(b))
+                    .cloned()
+            }
+            Balance::LeastConnections => {
+                // Ties rotate so that an idle pool still spreads its load.
+                let n = self.backends.len();
+                let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+                let mut best: Option<&Arc<Backend>> = None;
+                for k in 0..n {
+                    let b = &self.backends[(start + k) % n];
+                    if !eligible(b) {
+                        continue;
+                    }
+                    best = match best {
+                        // load/weight < best_load/best_weight, without division.
+                        Some(cur)
+                            if u128::from(b.load()) * u128::from(cur.weight)
+                                >= u128::from(cur.load()) * u128::from(b.weight) =>
+                        {
+                            Some(cur)
+                        }
+                        _ => Some(b),
+                    };
+                }
+                best.cloned()
+            }
+        }
+    }
+}
+
+/// The smooth weighted round-robin sequence (each step: add every weight to
+/// its running score, pick the highest, subtract the total from it). Weights
+/// 5,1,1 give a,a,b,a,c,a,a rather than a,a,a,a,a,b,c.
+fn smooth_schedule(weights: &[u32]) -> Vec<usize> {
+    let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, &w) in weights.iter().enumerate() {
+            current[i] += i64::from(w);
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        out.push(best);
+    }
+    if out.is_empty() {
+        out.push(0);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BackendConfig;
+    use std::time::Duration;
+
+    fn pool(balance: Balance, weights: &[u32]) -> Pool {
+        let metrics = Metrics::new().unwrap();
+        let config = PoolConfig {
+            name: "p".into(),
+            balance,
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            idle_timeout: None,
+            ping_interval: None,
+            pong_timeout: Duration::from_secs(1),
+            close_timeout: Duration::from_secs(1),
+            drain_window: Duration::from_secs(1),
+            backends: weights
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| BackendConfig {
+                    id: format!("b{i}"),
+                    address: format!("127.0.0.1:{}", 9000 + i),
+                    weight: w,
+                })
+                .collect(),
+        };
+        Pool::new(config, &metrics, None)
+    }
+
+    #[test]
+    fn smooth_schedule_interleaves() {
+        assert_eq!(smooth_schedule(&[5, 1, 1]), vec![0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(smooth_schedule(&[1, 1, 1]), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn round_robin_honours_weights() {
+        let p = pool(Balance::RoundRobin, &[3, 1]);
+        let picks: Vec<String> = (0..8).map(|_| p.pick(&[]).unwrap().id.clone()).collect();
+        assert_eq!(picks.iter().filter(|id| *id == "b0").count(), 6);
+    }
+
+    #[test]
+    fn least_connections_prefers_least_loaded_relative_to_weight() {
+        let p = pool(Balance::LeastConnections, &[1, 2]);
+        let _a = p.backends[0].track_websocket();
+        let _b = p.backends[1].track_websocket();
+        // b0: 1/1, b1: 1/2 -> b1.
+        assert_eq!(p.pick(&[]).unwrap().id, "b1");
+        let _c = p.backends[1].track_websocket();
+        let _d = p.backends[1].track_websocket();
+        // b0: 1/1, b1: 3/2 -> b0.
+        assert_eq!(p.pick(&[]).unwrap().id, "b0");
+    }
+
+    #[test]
+    fn pick_skips_excluded_and_down() {
+        let p = pool(Balance::RoundRobin, &[1, 1, 1]);
+        p.backends[0].set_state(BackendState::Down);
+        let first = p.pick(&[]).unwrap();
+        assert_ne!(first.id, "b0");
+        let second = p.pick(&[&first]).unwrap();
+        assert_ne!(second.id, first.id);
+        assert_ne!(second.id, "b0");
+        p.backends[1].set_state(BackendState::Draining);
+        p.backends[2].set_state(BackendState::Down);
+        assert!(p.pick(&[]).is_none());
+    }
+}

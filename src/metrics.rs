@@ -1,0 +1,211 @@
+//! Metric names and the one registry they live in.
+//!
+//! [`Metrics`] owns a `prometheus::Registry` (no global registration, so
+//! tests can run several proxies in one process) and hands labelled handles
+//! to the components that count. Hot-path counters (per frame) are resolved
+//! once per pool and backend into [`RelayCounters`]; nothing per frame takes
+//! a lock or allocates.
+
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::ws::relay::{DirCounters, RelayCounters, OPCODE_LABELS};
+
+/// Label values for `direction`.
+pub const CLIENT_TO_BACKEND: &str = "client_to_backend";
+pub const BACKEND_TO_CLIENT: &str = "backend_to_client";
+
+/// Buckets for WebSocket connection lifetimes: 1 s to 24 h.
+const DURATION_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0,
+];
+
+/// Buckets for HTTP requests and TLS handshakes: 1 ms to 60 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("metric registration failed: {0}")]
+    Register(#[from] prometheus::Error),
+}
+
+/// Every metric berth exports.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub connections_active: IntGaugeVec,
+    pub ws_connections_active: IntGaugeVec,
+    pub ws_upgrades: IntCounterVec,
+    pub ws_duration: HistogramVec,
+    pub ws_messages: IntCounterVec,
+    pub ws_frames: IntCounterVec,
+    pub ws_bytes: IntCounterVec,
+    pub ws_closes: IntCounterVec,
+    pub ws_idle_timeouts: IntCounterVec,
+    pub ws_heartbeat_failures: IntCounterVec,
+    pub ws_drained: IntCounterVec,
+    pub affinity: IntCounterVec,
+    pub backend_up: IntGaugeVec,
+    pub backend_state: IntGaugeVec,
+    pub health_checks: IntCounterVec,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub tls_handshakes: IntCounterVec,
+    pub tls_duration: HistogramVec,
+    pub config_reloads: IntCounterVec,
+    pub config_last_reload_success: Gauge,
+    pub build_info: IntGauge,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, MetricsError> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, MetricsError> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> Result<HistogramVec, MetricsError> {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, MetricsError> {
+        let r = Registry::new();
+        let m = Metrics {
+            connections_active: gauge(&r, "berth_connections_active", "Client connections open, per listener.", &["listener"])?,
+            ws_connections_active: gauge(&r, "berth_websocket_connections_active", "Live upgraded WebSocket connections.", &["pool", "backend"])?,
+            ws_upgrades: counter(&r, "berth_websocket_upgrades_total", "WebSocket upgrade attempts by result.", &["pool", "backend", "result"])?,
+            ws_duration: histogram(&r, "berth_websocket_connection_duration_seconds", "Lifetime of finished WebSocket connections.", &["pool", "backend"], DURATION_BUCKETS)?,
+            ws_messages: counter(&r, "berth_websocket_messages_total", "Complete WebSocket data messages relayed.", &["pool", "direction"])?,
+            ws_frames: counter(&r, "berth_websocket_frames_total", "WebSocket frames relayed, by opcode.", &["pool", "direction", "opcode"])?,
+            ws_bytes: counter(&r, "berth_websocket_bytes_total", "WebSocket bytes relayed (frame headers included).", &["pool", "backend", "direction"])?,
+            ws_closes: counter(&r, "berth_websocket_closes_total", "WebSocket connection ends by initiator and close code.", &["pool", "initiator", "code"])?,
+            ws_idle_timeouts: counter(&r, "berth_websocket_idle_timeouts_total", "Connections closed by berth after idle_timeout.", &["pool"])?,
+            ws_heartbeat_failures: counter(&r, "berth_websocket_heartbeat_failures_total", "Clients that did not answer berth's ping within pong_timeout.", &["pool"])?,
+            ws_drained: counter(&r, "berth_websocket_drained_total", "Connections closed with 1012 because their backend was drained or removed.", &["pool", "backend"])?,
+            affinity: counter(&r, "berth_affinity_total", "Affinity decisions by mode and result.", &["pool", "mode", "result"])?,
+            backend_up: gauge(&r, "berth_backend_up", "1 when the backend takes new connections, else 0.", &["pool", "backend"])?,
+            backend_state: gauge(&r, "berth_backend_state", "Backend state: 1 for the current state, 0 for the others.", &["pool", "backend", "state"])?,
+            health_checks: counter(&r, "berth_health_checks_total", "Active health checks by result.", &["pool", "backend", "result"])?,
+            http_requests: counter(&r, "berth_http_requests_total", "Plain HTTP requests proxied, by status class.", &["pool", "backend", "status_class"])?,
+            http_duration: histogram(&r, "berth_http_request_duration_seconds", "Time to the response head of proxied HTTP requests.", &["pool"], LATENCY_BUCKETS)?,
+            tls_handshakes: counter(&r, "berth_tls_handshakes_total", "TLS handshakes on listeners by result.", &["listener", "result"])?,
+            tls_duration: histogram(&r, "berth_tls_handshake_duration_seconds", "Duration of successful TLS handshakes.", &["listener"], LATENCY_BUCKETS)?,
+            config_reloads: counter(&r, "berth_config_reloads_total", "Configuration reloads by result.", &["result"])?,
+            config_last_reload_success: {
+                let g = Gauge::new("berth_config_last_reload_success_timestamp_seconds", "Unix time of the last successful config load.")?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            build_info: {
+                let g = IntGauge::with_opts(
+                    Opts::new("berth_build_info", "Always 1; labelled with the berth version.")
+                        .const_label("version", env!("CARGO_PKG_VERSION")),
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g.set(1);
+                g
+            },
+            registry: r,
+        };
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        Ok(m)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+
+    /// Relay counter handles for one backend of one pool.
+    pub fn relay_counters(&self, pool: &str, backend: &str) -> RelayCounters {
+        let dir = |direction: &str| DirCounters {
+            bytes: self.ws_bytes.with_label_values(&[pool, backend, direction]),
+            messages: self.ws_messages.with_label_values(&[pool, direction]),
+            frames: OPCODE_LABELS.map(|op| self.ws_frames.with_label_values(&[pool, direction, op])),
+        };
+        RelayCounters {
+            client_to_backend: dir(CLIENT_TO_BACKEND),
+            backend_to_client: dir(BACKEND_TO_CLIENT),
+        }
+    }
+}
+
+/// The `code` label for a close: registered RFC 6455 / IANA codes by number,
+/// anything else folded into `other`, and no Close frame at all `abnormal`.
+pub fn close_code_label(code: Option<u16>) -> &'static str {
+    match code {
+        None => "abnormal",
+        Some(c) => match c {
+            1000 => "1000",
+            1001 => "1001",
+            1002 => "1002",
+            1003 => "1003",
+            1005 => "1005",
+            1007 => "1007",
+            1008 => "1008",
+            1009 => "1009",
+            1010 => "1010",
+            1011 => "1011",
+            1012 => "1012",
+            1013 => "1013",
+            1014 => "1014",
+            _ => "other",
+        },
+    }
+}
+
+/// `1xx` .. `5xx` for `status_class`.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_fold_into_bounded_labels() {
+        assert_eq!(close_code_label(None), "abnormal");
+        assert_eq!(close_code_label(Some(1012)), "1012");
+        assert_eq!(close_code_label(Some(4000)), "other");
+        assert_eq!(close_code_label(Some(1004)), "other");
+    }
+
+    #[test]
+    fn registry_renders_every_family_name_with_prefix() {
+        let m = Metrics::new().unwrap();
+        m.relay_counters("chat", "chat-1");
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains("berth_websocket_frames_total{direction=\"client_to_backend\",opcode=\"text\",pool=\"chat\"} 0"));
+        assert!(text.contains("berth_build_info"));
+    }
+}

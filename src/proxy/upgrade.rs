@@ -1,0 +1,308 @@
+//! The WebSocket path: validate the client's handshake (RFC 6455 §4.2.1),
+//! forward it to a backend, check the backend's `101` and accept key
+//! (§4.1), answer the client, then run the relay in a tracked task.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{CONNECTION, UPGRADE};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::headers::{add_forwarded, host_without_port, request_host, strip_hop_by_hop};
+use super::{text_response, ConnInfo, ProxyBody, ProxyError};
+use crate::app::Shared;
+use crate::balancer::{Backend, Pool};
+use crate::listener::ClientStream;
+use crate::metrics::close_code_label;
+use crate::ws::handshake::{accept_matches, validate, HandshakeError};
+use crate::ws::relay::{relay, EndReason, RelayConfig, StopReason, StopSignal};
+
+pub async fn handle(mut req: Request<Incoming>, conn: &ConnInfo, shared: &Arc<Shared>) -> Response<ProxyBody> {
+    let count = |pool: &str, backend: &str, result: &str| {
+        shared
+            .metrics
+            .ws_upgrades
+            .with_label_values(&[pool, backend, result])
+            .inc();
+    };
+    // 1. The client's handshake, before any backend is touched.
+    let key = match validate(req.headers()) {
+        Ok(key) => key.to_string(),
+        Err(HandshakeError::BadVersion) => {
+            count("", "", "bad_version");
+            let mut resp = text_response(
+                StatusCode::UPGRADE_REQUIRED,
+                "unsupported Sec-WebSocket-Version: berth speaks version 13\n",
+            );
+            resp.headers_mut()
+                .insert("sec-websocket-version", HeaderValue::from_static("13"));
+            return resp;
+        }
+        Err(e) => {
+            count("", "", "bad_key");
+            return text_response(StatusCode::BAD_REQUEST, &format!("{e}\n"));
+        }
+    };
+    // 2. Route.
+    let host = request_host(&req);
+    let runtime = shared.live.load();
+    let Some(pool) = runtime
+        .route(host.as_deref().map(host_without_port).as_deref(), req.uri().path())
+        .cloned()
+    else {
+        count("", "", "no_route");
+        return ProxyError::NoRoute.response();
+    };
+    drop(runtime);
+    let pool_name = pool.config.name.clone();
+
+    // 3. The request the backend sees: end-to-end headers kept, the upgrade
+    //    headers restated, X-Forwarded-* added.
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let mut headers = req.headers().clone();
+    strip_hop_by_hop(&mut headers);
+    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    add_forwarded(&mut headers, conn.peer.ip(), conn.tls, host.as_deref());
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_string();
+
+    // 4. Connect, retrying once on another backend.
+    let (backend, stream) = match connect_with_retry(&pool).await {
+        Ok(pair) => pair,
+        Err(err) => {
+            let backend = match &err {
+                ProxyError::Connect { backend, .. } => backend.clone(),
+                _ => String::new(),
+            };
+            count(&pool_name, &backend, err.upgrade_result());
+            tracing::warn!(client = %conn.peer, pool = %pool_name, error = %err, "websocket upgrade failed");
+            return err.response();
+        }
+    };
+
+    // 5. Send the handshake and wait for the backend's answer.
+    let mut out = Request::new(Empty::<bytes::Bytes>::new());
+    *out.uri_mut() = match path_and_query.parse() {
+        Ok(uri) => uri,
+        Err(_) => {
+            count(&pool_name, "", "bad_key");
+            return text_response(StatusCode::BAD_REQUEST, "unusable request target\n");
+        }
+    };
+    *out.headers_mut() = headers;
+    let exchange = async {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| ProxyError::Backend {
+                backend: backend.id.clone(),
+                source,
+            })?;
+        tokio::spawn(async move {
+            // Ends once the upgrade takes the socket, or the response ends.
+            let _ = connection.with_upgrades().await;
+        });
+        sender
+            .send_request(out)
+            .await
+            .map_err(|source| ProxyError::Backend {
+                backend: backend.id.clone(),
+                source,
+            })
+    };
+    let mut resp = match tokio::time::timeout(pool.config.response_timeout, exchange).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(err)) => return fail(shared, &pool_name, &backend, err),
+        Err(_) => return fail(shared, &pool_name, &backend, ProxyError::ResponseTimeout(backend.id.clone())),
+    };
+
+    // 6. Anything but 101 goes back to the client unchanged.
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        count(&pool_name, &backend.id, "backend_refused");
+        let (parts, body) = resp.into_parts();
+        return Response::from_parts(parts, body.boxed_unsync());
+    }
+    if !accept_matches(resp.headers(), &key) {
+        // The backend connection is dropped with `resp`.
+        return fail(shared, &pool_name, &backend, ProxyError::BadAccept(backend.id.clone()));
+    }
+    let backend_io = match hyper::upgrade::on(&mut resp).await {
+        Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => (parts.io.into_inner(), parts.read_buf),
+            Err(_) => {
+                return fail(shared, &pool_name, &backend, ProxyError::BadAccept(backend.id.clone()))
+            }
+        },
+        Err(source) => {
+            return fail(shared, &pool_name, &backend, ProxyError::Backend { backend: backend.id.clone(), source })
+        }
+    };
+    count(&pool_name, &backend.id, "ok");
+
+    // 7. The client gets the backend's 101 (subprotocol, extensions and
+    //    cookies included), and the relay starts once hyper hands over the
+    //    client's socket.
+    let mut client_resp = Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+    *client_resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let mut out_headers = resp.headers().clone();
+    strip_hop_by_hop(&mut out_headers);
+    out_headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    out_headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    *client_resp.headers_mut() = out_headers;
+
+    let guard = backend.track_websocket();
+    let relay_config = RelayConfig {
+        idle_timeout: pool.config.idle_timeout,
+        ping_interval: pool.config.ping_interval,
+        pong_timeout: pool.config.pong_timeout,
+        close_timeout: pool.config.close_timeout,
+    };
+    let stop = stop_signal(shared, &backend, pool.config.drain_window);
+    let shared2 = Arc::clone(shared);
+    let peer = conn.peer;
+    let listener = conn.listener.clone();
+    shared.tracker.spawn(async move {
+        let upgraded = match client_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(client = %peer, error = %e, "client upgrade did not complete");
+                return;
+            }
+        };
+        let Ok(client) = upgraded.downcast::<TokioIo<ClientStream>>() else {
+            return;
+        };
+        let started = Instant::now();
+        let backend = Arc::clone(guard.backend());
+        shared2.ws_live.fetch_add(1, Ordering::Relaxed);
+        let outcome = relay(
+            client.io.into_inner(),
+            client.read_buf,
+            backend_io.0,
+            backend_io.1,
+            relay_config,
+            Some(stop),
+            Some(&backend.counters),
+        )
+        .await;
+        shared2.ws_live.fetch_sub(1, Ordering::Relaxed);
+        drop(guard);
+        let m = &shared2.metrics;
+        let pool = backend.pool.as_str();
+        let elapsed = started.elapsed();
+        m.ws_duration
+            .with_label_values(&[pool, &backend.id])
+            .observe(elapsed.as_secs_f64());
+        m.ws_closes
+            .with_label_values(&[pool, outcome.initiator.as_str(), close_code_label(outcome.code)])
+            .inc();
+        match outcome.reason {
+            EndReason::IdleTimeout => m.ws_idle_timeouts.with_label_values(&[pool]).inc(),
+            EndReason::HeartbeatFailure => m.ws_heartbeat_failures.with_label_values(&[pool]).inc(),
+            EndReason::Drained => m.ws_drained.with_label_values(&[pool, &backend.id]).inc(),
+            _ => {}
+        }
+        tracing::info!(
+            target: "berth::access",
+            kind = "websocket",
+            client = %peer,
+            listener = %listener,
+            pool,
+            backend = %backend.id,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            bytes_client_to_backend = outcome.client_to_backend.bytes,
+            bytes_backend_to_client = outcome.backend_to_client.bytes,
+            messages_client_to_backend = outcome.client_to_backend.messages,
+            messages_backend_to_client = outcome.backend_to_client.messages,
+            close_code = close_code_label(outcome.code),
+            initiator = outcome.initiator.as_str(),
+            "websocket closed"
+        );
+    });
+    client_resp
+}
+
+fn fail(shared: &Shared, pool: &str, backend: &Backend, err: ProxyError) -> Response<ProxyBody> {
+    shared
+        .metrics
+        .ws_upgrades
+        .with_label_values(&[pool, &backend.id, err.upgrade_result()])
+        .inc();
+    tracing::warn!(pool, backend = %backend.id, error = %err, "websocket upgrade failed");
+    err.response()
+}
+
+/// Connects to a backend chosen by the pool; on failure, once more to
+/// another one.
+async fn connect_with_retry(pool: &Pool) -> Result<(Arc<Backend>, TcpStream), ProxyError> {
+    let mut tried: Vec<Arc<Backend>> = Vec::new();
+    let mut last = ProxyError::NoBackend(pool.config.name.clone());
+    for _ in 0..2 {
+        let Some(backend) = pool.pick(&tried.iter().collect::<Vec<_>>()) else {
+            break;
+        };
+        match connect(&backend.address, pool.config.connect_timeout).await {
+            Ok(stream) => return Ok((backend, stream)),
+            Err(reason) => {
+                tracing::debug!(backend = %backend.id, %reason, "backend connect failed");
+                last = ProxyError::Connect {
+                    backend: backend.id.clone(),
+                    reason,
+                };
+                tried.push(backend);
+            }
+        }
+    }
+    Err(last)
+}
+
+/// A TCP connection to `address` (hostnames resolved now), with Nagle off.
+pub async fn connect(address: &str, timeout: Duration) -> Result<TcpStream, String> {
+    match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no connection within {}", humantime::format_duration(timeout))),
+    }
+}
+
+/// Resolves when berth wants this connection closed: its backend drained
+/// (1012) or berth shutting down (1001). Closes are spread across the
+/// window: each connection takes the next slot of `window / live` and adds
+/// jitter within its slot, so the closes land evenly, not all at once.
+fn stop_signal(shared: &Arc<Shared>, backend: &Arc<Backend>, drain_window: Duration) -> StopSignal {
+    let shared = Arc::clone(shared);
+    let backend = Arc::clone(backend);
+    Box::pin(async move {
+        let (reason, window, live, ticket) = tokio::select! {
+            _ = backend.drain.cancelled() => (
+                StopReason::Drain,
+                drain_window,
+                backend.live_connections(),
+                backend.next_drain_ticket(),
+            ),
+            _ = shared.shutdown.cancelled() => (
+                StopReason::Shutdown,
+                shared.shutdown_window,
+                shared.ws_live.load(Ordering::Relaxed),
+                shared.next_shutdown_ticket(),
+            ),
+        };
+        let live = live.max(1);
+        let slot = ticket % live;
+        let jitter: f64 = rand::random();
+        let delay = window.mul_f64((slot as f64 + jitter) / live as f64);
+        tokio::time::sleep(delay).await;
+        reason
+    })
+}

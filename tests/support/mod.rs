@@ -1,0 +1,429 @@
+//! Test harness: real backends on 127.0.0.1:0 and a real proxy, started in
+//! process; clients are real (tokio-tungstenite, hyper, raw TCP).
+//!
+//! The raw-frame helpers here are written independently of berth's own
+//! frame code, so tests do not check berth against itself.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth::app::App;
+use berth::config::Config;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::Message;
+
+pub const CERT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/certs/example.crt");
+pub const KEY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/certs/example.key");
+
+/// A running proxy.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Starts berth with `toml`; the listener named "public" is `addr`, one
+    /// named "tls" is `tls_addr`. `{CERT}`/`{KEY}` are replaced by the test
+    /// certificate paths.
+    pub async fn start(toml: &str) -> Proxy {
+        let text = toml.replace("{CERT}", CERT).replace("{KEY}", KEY);
+        let config = Config::from_toml_str(&text, "test.toml").unwrap_or_else(|e| panic!("{e}"));
+        let app = App::bind(config).await.expect("bind");
+        let addr = app.listener_addr("public").expect("listener named public");
+        let tls_addr = app.listener_addr("tls");
+        let admin = app.admin_addr();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run(async {
+            let _ = rx.await;
+        }));
+        Proxy {
+            addr,
+            tls_addr,
+            admin,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    /// Triggers shutdown and waits for `run` to return.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), &mut self.task).await;
+    }
+}
+
+/// A minimal config: a plain listener "public", a TLS listener "tls", one
+/// pool "main" with the given backends, plus extra pool keys.
+pub fn config_for(backends: &[SocketAddr], pool_extra: &str) -> String {
+    let mut s = String::from(
+        r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:0"
+
+[[listeners]]
+name = "tls"
+bind = "127.0.0.1:0"
+tls = { cert = "{CERT}", key = "{KEY}" }
+
+[admin]
+bind = "127.0.0.1:0"
+
+[[routes]]
+pool = "main"
+
+[pools.main]
+balance = "round_robin"
+connect_timeout = "1s"
+"#,
+    );
+    s.push_str(pool_extra);
+    s.push('\n');
+    for (i, b) in backends.iter().enumerate() {
+        s.push_str(&format!(
+            "[[pools.main.backends]]\nid = \"b{}\"\naddress = \"{}\"\n\n",
+            i + 1,
+            b
+        ));
+    }
+    s
+}
+
+/// A tokio-tungstenite echo backend that answers the text "whoami" with its
+/// id, picks "superchat" when the client offers it as a subprotocol, and
+/// counts connections and Pong frames it receives.
+pub struct WsBackend {
+    pub addr: SocketAddr,
+    pub id: String,
+    pub connections: Arc<AtomicUsize>,
+    pub pongs_seen: Arc<AtomicUsize>,
+    pub closes_seen: Arc<std::sync::Mutex<Vec<u16>>>,
+    pub task: JoinHandle<()>,
+}
+
+impl WsBackend {
+    pub async fn start(id: &str) -> WsBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let pongs_seen = Arc::new(AtomicUsize::new(0));
+        let closes_seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, p, cl, name) = (connections.clone(), pongs_seen.clone(), closes_seen.clone(), id.to_string());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let (c, p, cl, name) = (c.clone(), p.clone(), cl.clone(), name.clone());
+                tokio::spawn(async move {
+                    let cb = |req: &Request, mut resp: Response| {
+                        let offered = req
+                            .headers()
+                            .get("sec-websocket-protocol")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("");
+                        if offered.split(',').any(|p| p.trim() == "superchat") {
+                            resp.headers_mut().insert("sec-websocket-protocol", "superchat".parse().unwrap());
+                        }
+                        if let Some(xff) = req.headers().get("x-forwarded-for") {
+                            resp.headers_mut().insert("x-seen-xff", xff.clone());
+                        }
+                        Ok(resp)
+                    };
+                    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                        .max_message_size(Some(64 << 20))
+                        .max_frame_size(Some(64 << 20));
+                    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async_with_config(stream, cb, Some(config)).await else {
+                        return;
+                    };
+                    c.fetch_add(1, Ordering::SeqCst);
+                    while let Some(msg) = ws.next().await {
+                        let Ok(msg) = msg else { break };
+                        match msg {
+                            Message::Text(t) if t.as_str() == "whoami" => {
+                                if ws.send(Message::text(name.clone())).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Message::Text(_) | Message::Binary(_) => {
+                                if ws.send(msg).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Message::Pong(_) => {
+                                p.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Message::Close(frame) => {
+                                cl.lock().unwrap().push(frame.map_or(1005, |f| u16::from(f.code)));
+                            }
+                            _ => {}
+                        }
+                    }
+                });
+            }
+        });
+        WsBackend {
+            addr,
+            id: id.to_string(),
+            connections,
+            pongs_seen,
+            closes_seen,
+            task,
+        }
+    }
+}
+
+/// A raw TCP backend that answers every request with `response` (bytes as
+/// given) and then holds the connection open until the peer closes it.
+pub async fn raw_backend(response: &'static [u8]) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if !response.is_empty() {
+                    let _ = s.write_all(response).await;
+                }
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// An HTTP backend (hyper) for plain-request tests:
+/// - `/echo` returns a JSON-ish dump of method, path and headers;
+/// - `/upload` streams the request body back;
+/// - `/sse` sends one event, then waits for `release` before the second.
+pub async fn http_backend(id: &'static str, release: Arc<tokio::sync::Notify>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let release = release.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let release = release.clone();
+                    async move {
+                        let resp: hyper::Response<http_body_util::combinators::BoxBody<Bytes, Infallible>> =
+                            match req.uri().path() {
+                                "/upload" => {
+                                    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                                    hyper::Response::new(Full::new(body).boxed())
+                                }
+                                "/sse" => {
+                                    let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, Infallible>>(4);
+                                    tokio::spawn(async move {
+                                        let _ = tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"data: first\n\n")))).await;
+                                        release.notified().await;
+                                        let _ = tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"data: second\n\n")))).await;
+                                    });
+                                    let body = http_body_util::StreamBody::new(tokio_stream_from(rx));
+                                    let mut r = hyper::Response::new(BodyExt::boxed(body));
+                                    r.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+                                    r
+                                }
+                                _ => {
+                                    let mut text = format!("backend={id}\nmethod={}\npath={}\n", req.method(), req.uri());
+                                    for (k, v) in req.headers() {
+                                        text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
+                                    }
+                                    let mut r = hyper::Response::new(Full::new(Bytes::from(text)).boxed());
+                                    r.headers_mut().insert("x-backend", id.parse().unwrap());
+                                    r.headers_mut().insert("keep-alive", "timeout=5".parse().unwrap());
+                                    r
+                                }
+                            };
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Adapts an mpsc receiver into a stream without another dependency.
+fn tokio_stream_from<T: Send + 'static>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
+}
+
+/// A rustls client config that trusts the test certificate.
+pub fn tls_client_config() -> Arc<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(CERT).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(cfg)
+}
+
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// Connects a tokio-tungstenite client over ws:// (or wss:// when `tls`).
+pub async fn ws_connect(addr: SocketAddr, tls: bool, path: &str) -> Ws {
+    try_ws_connect(addr, tls, path, &[]).await.unwrap().0
+}
+
+pub async fn try_ws_connect(
+    addr: SocketAddr,
+    tls: bool,
+    path: &str,
+    extra_headers: &[(&str, &str)],
+) -> Result<(Ws, tokio_tungstenite::tungstenite::handshake::client::Response), tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = if tls {
+        format!("wss://localhost:{}{}", addr.port(), path)
+    } else {
+        format!("ws://127.0.0.1:{}{}", addr.port(), path)
+    };
+    let mut req = url.into_client_request().unwrap();
+    for (k, v) in extra_headers {
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20));
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let connector = tls.then(|| tokio_tungstenite::Connector::Rustls(tls_client_config()));
+    tokio_tungstenite::client_async_tls_with_config(req, stream, Some(config), connector).await
+}
+
+/// Asks the backend behind a connection who it is.
+pub async fn whoami(ws: &mut Ws) -> String {
+    ws.send(Message::text("whoami")).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return t.to_string(),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no whoami answer: {other:?}"),
+        }
+    }
+}
+
+/// Sends a raw HTTP/1.1 request head and returns the response head.
+pub async fn raw_request(addr: SocketAddr, head: &str) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(1)) => got.push(buf[0]),
+            _ => break,
+        }
+    }
+    (s, String::from_utf8_lossy(&got).into_owned())
+}
+
+/// A valid upgrade request head for `path`.
+pub fn upgrade_head(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    )
+}
+
+/// Encodes a client frame (always masked, key fixed per call).
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let key = [0x11, 0x22, 0x33, 0x44];
+    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= 0xFFFF {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&key);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    out
+}
+
+/// Reads one whole unmasked frame from a raw stream: (fin, opcode, payload).
+pub async fn read_frame(s: &mut TcpStream) -> Option<(bool, u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h).await.ok()?;
+    let mut len = u64::from(h[1] & 0x7F);
+    if len == 126 {
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).await.ok()?;
+        len = u64::from(u16::from_be_bytes(b));
+    } else if len == 127 {
+        let mut b = [0u8; 8];
+        s.read_exact(&mut b).await.ok()?;
+        len = u64::from_be_bytes(b);
+    }
+    let mask = if h[1] & 0x80 != 0 {
+        let mut m = [0u8; 4];
+        s.read_exact(&mut m).await.ok()?;
+        Some(m)
+    } else {
+        None
+    };
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload).await.ok()?;
+    if let Some(m) = mask {
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= m[i % 4];
+        }
+    }
+    Some((h[0] & 0x80 != 0, h[0] & 0x0F, payload))
+}
+
+/// Reads frames until a Close; returns its code (1005 when it has none).
+pub async fn read_until_close(s: &mut TcpStream) -> Option<u16> {
+    loop {
+        let (_, op, payload) = read_frame(s).await?;
+        if op == 0x8 {
+            return Some(if payload.len() >= 2 { u16::from_be_bytes([payload[0], payload[1]]) } else { 1005 });
+        }
+    }
+}
+
+/// Opens a raw WebSocket through the proxy (handshake done, 101 checked).
+pub async fn raw_ws(addr: SocketAddr) -> TcpStream {
+    let (s, head) = raw_request(addr, &upgrade_head("/", "")).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "expected 101, got {head}");
+    s
+}
