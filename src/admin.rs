@@ -74,7 +74,9 @@ fn pools_json(shared: &Shared) -> serde_json::Value {
     let mut names: Vec<&String> = runtime.pools.keys().collect();
     names.sort();
     for name in names {
-        let Some(pool) = runtime.pools.get(name) else { continue };
+        let Some(pool) = runtime.pools.get(name) else {
+            continue;
+        };
         let backends: Vec<serde_json::Value> = pool
             .backends
             .iter()

@@ -77,11 +77,13 @@ impl App {
         let config = Arc::new(config);
         let mut listeners = Vec::new();
         for lc in &config.listeners {
-            let listener = TcpListener::bind(lc.bind).await.map_err(|source| AppError::Bind {
-                name: lc.name.clone(),
-                addr: lc.bind,
-                source,
-            })?;
+            let listener = TcpListener::bind(lc.bind)
+                .await
+                .map_err(|source| AppError::Bind {
+                    name: lc.name.clone(),
+                    addr: lc.bind,
+                    source,
+                })?;
             let addr = listener.local_addr().map_err(|source| AppError::Bind {
                 name: lc.name.clone(),
                 addr: lc.bind,
@@ -95,16 +97,21 @@ impl App {
                     .map(|t| TlsAcceptor::from(Arc::clone(&t.server_config))),
                 handshake_timeout: lc.handshake_timeout,
             };
-            metrics.connections_active.with_label_values(&[&lc.name]).set(0);
+            metrics
+                .connections_active
+                .with_label_values(&[&lc.name])
+                .set(0);
             listeners.push((Arc::new(spec), listener, addr));
         }
         let admin = match &config.admin {
             Some(ac) => {
-                let l = TcpListener::bind(ac.bind).await.map_err(|source| AppError::Bind {
-                    name: "admin".into(),
-                    addr: ac.bind,
-                    source,
-                })?;
+                let l = TcpListener::bind(ac.bind)
+                    .await
+                    .map_err(|source| AppError::Bind {
+                        name: "admin".into(),
+                        addr: ac.bind,
+                        source,
+                    })?;
                 let addr = l.local_addr().map_err(|source| AppError::Bind {
                     name: "admin".into(),
                     addr: ac.bind,
@@ -166,7 +173,11 @@ impl App {
         let mut loops = Vec::new();
         for (spec, listener, addr) in self.listeners {
             tracing::info!(listener = %spec.name, %addr, tls = spec.tls.is_some(), "listening");
-            loops.push(tokio::spawn(accept_loop(listener, spec, Arc::clone(&shared))));
+            loops.push(tokio::spawn(accept_loop(
+                listener,
+                spec,
+                Arc::clone(&shared),
+            )));
         }
         let admin_task = self.admin.map(|(listener, addr)| {
             tracing::info!(%addr, "admin API listening");
@@ -193,8 +204,14 @@ impl App {
             .max()
             .unwrap_or(Duration::from_secs(5));
         let deadline = shared.shutdown_window + close_timeout + Duration::from_secs(1);
-        if tokio::time::timeout(deadline, shared.tracker.wait()).await.is_err() {
-            tracing::warn!(remaining = shared.tracker.len(), "drain deadline passed; exiting with connections open");
+        if tokio::time::timeout(deadline, shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = shared.tracker.len(),
+                "drain deadline passed; exiting with connections open"
+            );
         }
         if let Some(task) = admin_task {
             task.abort();

@@ -31,7 +31,11 @@ pub enum ClientStream {
 }
 
 impl AsyncRead for ClientStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -40,7 +44,11 @@ impl AsyncRead for ClientStream {
 }
 
 impl AsyncWrite for ClientStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -82,7 +90,9 @@ pub async fn accept_loop(listener: TcpListener, spec: Arc<ListenerSpec>, shared:
                 let _ = stream.set_nodelay(true);
                 let spec = Arc::clone(&spec);
                 let shared2 = Arc::clone(&shared);
-                shared.tracker.spawn(serve_connection(stream, peer, spec, shared2));
+                shared
+                    .tracker
+                    .spawn(serve_connection(stream, peer, spec, shared2));
             }
             Err(e) => {
                 tracing::warn!(listener = %spec.name, error = %e, "accept failed; backing off");
@@ -92,7 +102,12 @@ pub async fn accept_loop(listener: TcpListener, spec: Arc<ListenerSpec>, shared:
     }
 }
 
-async fn serve_connection(tcp: TcpStream, peer: SocketAddr, spec: Arc<ListenerSpec>, shared: Arc<Shared>) {
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    spec: Arc<ListenerSpec>,
+    shared: Arc<Shared>,
+) {
     let gauge = shared
         .metrics
         .connections_active
@@ -147,7 +162,8 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, spec: Arc<ListenerSp
         tls: spec.tls.is_some(),
     });
     let shared_svc = Arc::clone(&shared);
-    let service = service_fn(move |req| proxy::serve(req, Arc::clone(&info), Arc::clone(&shared_svc)));
+    let service =
+        service_fn(move |req| proxy::serve(req, Arc::clone(&info), Arc::clone(&shared_svc)));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(spec.handshake_timeout)

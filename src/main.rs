@@ -10,7 +10,11 @@ use berth::config::{Config, ConfigError};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "berth", version, about = "A WebSocket-aware, TLS-terminating reverse proxy and sticky load balancer")]
+#[command(
+    name = "berth",
+    version,
+    about = "A WebSocket-aware, TLS-terminating reverse proxy and sticky load balancer"
+)]
 struct Cli {
     /// Log format: human-readable text or one JSON object per line.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -76,7 +80,9 @@ fn main() -> ExitCode {
             };
             exit_code(runtime().and_then(|rt| rt.block_on(run(config))))
         }
-        Command::Demo { bind } => exit_code(runtime().and_then(|rt| rt.block_on(berth::demo::run(bind, shutdown_signal())))),
+        Command::Demo { bind } => exit_code(
+            runtime().and_then(|rt| rt.block_on(berth::demo::run(bind, shutdown_signal()))),
+        ),
     }
 }
 
@@ -93,10 +99,16 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     // BERTH_WORKERS pins the worker count (the benchmarks use 1).
-    if let Some(n) = std::env::var("BERTH_WORKERS").ok().and_then(|v| v.parse().ok()) {
+    if let Some(n) = std::env::var("BERTH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         builder.worker_threads(n);
     }
-    builder.enable_all().build().context("cannot start the tokio runtime")
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
@@ -129,7 +141,10 @@ async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}
@@ -153,7 +168,9 @@ fn init_logging(format: LogFormat, level: Option<&str>) {
         Some(l) => EnvFilter::try_new(l).unwrap_or_else(|_| EnvFilter::new("info")),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

@@ -61,13 +61,23 @@ pub struct Metrics {
     pub build_info: IntGauge,
 }
 
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, MetricsError> {
+fn counter(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, MetricsError> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(c.clone()))?;
     Ok(c)
 }
 
-fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, MetricsError> {
+fn gauge(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntGaugeVec, MetricsError> {
     let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(g.clone()))?;
     Ok(g)
@@ -80,7 +90,10 @@ fn histogram(
     labels: &[&str],
     buckets: &[f64],
 ) -> Result<HistogramVec, MetricsError> {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)?;
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )?;
     r.register(Box::new(h.clone()))?;
     Ok(h)
 }
@@ -89,35 +102,144 @@ impl Metrics {
     pub fn new() -> Result<Metrics, MetricsError> {
         let r = Registry::new();
         let m = Metrics {
-            connections_active: gauge(&r, "berth_connections_active", "Client connections open, per listener.", &["listener"])?,
-            ws_connections_active: gauge(&r, "berth_websocket_connections_active", "Live upgraded WebSocket connections.", &["pool", "backend"])?,
-            ws_upgrades: counter(&r, "berth_websocket_upgrades_total", "WebSocket upgrade attempts by result.", &["pool", "backend", "result"])?,
-            ws_duration: histogram(&r, "berth_websocket_connection_duration_seconds", "Lifetime of finished WebSocket connections.", &["pool", "backend"], DURATION_BUCKETS)?,
-            ws_messages: counter(&r, "berth_websocket_messages_total", "Complete WebSocket data messages relayed.", &["pool", "direction"])?,
-            ws_frames: counter(&r, "berth_websocket_frames_total", "WebSocket frames relayed, by opcode.", &["pool", "direction", "opcode"])?,
-            ws_bytes: counter(&r, "berth_websocket_bytes_total", "WebSocket bytes relayed (frame headers included).", &["pool", "backend", "direction"])?,
-            ws_closes: counter(&r, "berth_websocket_closes_total", "WebSocket connection ends by initiator and close code.", &["pool", "initiator", "code"])?,
-            ws_idle_timeouts: counter(&r, "berth_websocket_idle_timeouts_total", "Connections closed by berth after idle_timeout.", &["pool"])?,
-            ws_heartbeat_failures: counter(&r, "berth_websocket_heartbeat_failures_total", "Clients that did not answer berth's ping within pong_timeout.", &["pool"])?,
-            ws_drained: counter(&r, "berth_websocket_drained_total", "Connections closed with 1012 because their backend was drained or removed.", &["pool", "backend"])?,
-            affinity: counter(&r, "berth_affinity_total", "Affinity decisions by mode and result.", &["pool", "mode", "result"])?,
-            backend_up: gauge(&r, "berth_backend_up", "1 when the backend takes new connections, else 0.", &["pool", "backend"])?,
-            backend_state: gauge(&r, "berth_backend_state", "Backend state: 1 for the current state, 0 for the others.", &["pool", "backend", "state"])?,
-            health_checks: counter(&r, "berth_health_checks_total", "Active health checks by result.", &["pool", "backend", "result"])?,
-            http_requests: counter(&r, "berth_http_requests_total", "Plain HTTP requests proxied, by status class.", &["pool", "backend", "status_class"])?,
-            http_duration: histogram(&r, "berth_http_request_duration_seconds", "Time to the response head of proxied HTTP requests.", &["pool"], LATENCY_BUCKETS)?,
-            tls_handshakes: counter(&r, "berth_tls_handshakes_total", "TLS handshakes on listeners by result.", &["listener", "result"])?,
-            tls_duration: histogram(&r, "berth_tls_handshake_duration_seconds", "Duration of successful TLS handshakes.", &["listener"], LATENCY_BUCKETS)?,
-            config_reloads: counter(&r, "berth_config_reloads_total", "Configuration reloads by result.", &["result"])?,
+            connections_active: gauge(
+                &r,
+                "berth_connections_active",
+                "Client connections open, per listener.",
+                &["listener"],
+            )?,
+            ws_connections_active: gauge(
+                &r,
+                "berth_websocket_connections_active",
+                "Live upgraded WebSocket connections.",
+                &["pool", "backend"],
+            )?,
+            ws_upgrades: counter(
+                &r,
+                "berth_websocket_upgrades_total",
+                "WebSocket upgrade attempts by result.",
+                &["pool", "backend", "result"],
+            )?,
+            ws_duration: histogram(
+                &r,
+                "berth_websocket_connection_duration_seconds",
+                "Lifetime of finished WebSocket connections.",
+                &["pool", "backend"],
+                DURATION_BUCKETS,
+            )?,
+            ws_messages: counter(
+                &r,
+                "berth_websocket_messages_total",
+                "Complete WebSocket data messages relayed.",
+                &["pool", "direction"],
+            )?,
+            ws_frames: counter(
+                &r,
+                "berth_websocket_frames_total",
+                "WebSocket frames relayed, by opcode.",
+                &["pool", "direction", "opcode"],
+            )?,
+            ws_bytes: counter(
+                &r,
+                "berth_websocket_bytes_total",
+                "WebSocket bytes relayed (frame headers included).",
+                &["pool", "backend", "direction"],
+            )?,
+            ws_closes: counter(
+                &r,
+                "berth_websocket_closes_total",
+                "WebSocket connection ends by initiator and close code.",
+                &["pool", "initiator", "code"],
+            )?,
+            ws_idle_timeouts: counter(
+                &r,
+                "berth_websocket_idle_timeouts_total",
+                "Connections closed by berth after idle_timeout.",
+                &["pool"],
+            )?,
+            ws_heartbeat_failures: counter(
+                &r,
+                "berth_websocket_heartbeat_failures_total",
+                "Clients that did not answer berth's ping within pong_timeout.",
+                &["pool"],
+            )?,
+            ws_drained: counter(
+                &r,
+                "berth_websocket_drained_total",
+                "Connections closed with 1012 because their backend was drained or removed.",
+                &["pool", "backend"],
+            )?,
+            affinity: counter(
+                &r,
+                "berth_affinity_total",
+                "Affinity decisions by mode and result.",
+                &["pool", "mode", "result"],
+            )?,
+            backend_up: gauge(
+                &r,
+                "berth_backend_up",
+                "1 when the backend takes new connections, else 0.",
+                &["pool", "backend"],
+            )?,
+            backend_state: gauge(
+                &r,
+                "berth_backend_state",
+                "Backend state: 1 for the current state, 0 for the others.",
+                &["pool", "backend", "state"],
+            )?,
+            health_checks: counter(
+                &r,
+                "berth_health_checks_total",
+                "Active health checks by result.",
+                &["pool", "backend", "result"],
+            )?,
+            http_requests: counter(
+                &r,
+                "berth_http_requests_total",
+                "Plain HTTP requests proxied, by status class.",
+                &["pool", "backend", "status_class"],
+            )?,
+            http_duration: histogram(
+                &r,
+                "berth_http_request_duration_seconds",
+                "Time to the response head of proxied HTTP requests.",
+                &["pool"],
+                LATENCY_BUCKETS,
+            )?,
+            tls_handshakes: counter(
+                &r,
+                "berth_tls_handshakes_total",
+                "TLS handshakes on listeners by result.",
+                &["listener", "result"],
+            )?,
+            tls_duration: histogram(
+                &r,
+                "berth_tls_handshake_duration_seconds",
+                "Duration of successful TLS handshakes.",
+                &["listener"],
+                LATENCY_BUCKETS,
+            )?,
+            config_reloads: counter(
+                &r,
+                "berth_config_reloads_total",
+                "Configuration reloads by result.",
+                &["result"],
+            )?,
             config_last_reload_success: {
-                let g = Gauge::new("berth_config_last_reload_success_timestamp_seconds", "Unix time of the last successful config load.")?;
+                let g = Gauge::new(
+                    "berth_config_last_reload_success_timestamp_seconds",
+                    "Unix time of the last successful config load.",
+                )?;
                 r.register(Box::new(g.clone()))?;
                 g
             },
             build_info: {
                 let g = IntGauge::with_opts(
-                    Opts::new("berth_build_info", "Always 1; labelled with the berth version.")
-                        .const_label("version", env!("CARGO_PKG_VERSION")),
+                    Opts::new(
+                        "berth_build_info",
+                        "Always 1; labelled with the berth version.",
+                    )
+                    .const_label("version", env!("CARGO_PKG_VERSION")),
                 )?;
                 r.register(Box::new(g.clone()))?;
                 g.set(1);
@@ -126,8 +248,9 @@ impl Metrics {
             registry: r,
         };
         #[cfg(target_os = "linux")]
-        m.registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        m.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         Ok(m)
     }
 
@@ -144,7 +267,8 @@ impl Metrics {
         let dir = |direction: &str| DirCounters {
             bytes: self.ws_bytes.with_label_values(&[pool, backend, direction]),
             messages: self.ws_messages.with_label_values(&[pool, direction]),
-            frames: OPCODE_LABELS.map(|op| self.ws_frames.with_label_values(&[pool, direction, op])),
+            frames: OPCODE_LABELS
+                .map(|op| self.ws_frames.with_label_values(&[pool, direction, op])),
         };
         RelayCounters {
             client_to_backend: dir(CLIENT_TO_BACKEND),

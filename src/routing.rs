@@ -23,8 +23,13 @@ impl Runtime {
             .pools
             .values()
             .map(|pc| {
-                let old = previous.and_then(|p| p.pools.get(&pc.name)).map(|p| p.as_ref());
-                (pc.name.clone(), Arc::new(Pool::new(pc.clone(), metrics, old)))
+                let old = previous
+                    .and_then(|p| p.pools.get(&pc.name))
+                    .map(|p| p.as_ref());
+                (
+                    pc.name.clone(),
+                    Arc::new(Pool::new(pc.clone(), metrics, old)),
+                )
             })
             .collect();
         Runtime { config, pools }
@@ -37,7 +42,8 @@ impl Runtime {
             .routes
             .iter()
             .find(|r| {
-                r.host.as_deref().is_none_or(|h| Some(h) == host) && path.starts_with(&r.path_prefix)
+                r.host.as_deref().is_none_or(|h| Some(h) == host)
+                    && path.starts_with(&r.path_prefix)
             })
             .and_then(|r| self.pools.get(&r.pool))
     }

@@ -84,11 +84,13 @@ pub fn server_config_from_der(
             source,
         })?;
     let certified = rustls::sign::CertifiedKey::new(chain, signing_key);
-    certified.keys_match().map_err(|source| TlsError::Mismatch {
-        cert: cert_name.to_string(),
-        key: key_name.to_string(),
-        source,
-    })?;
+    certified
+        .keys_match()
+        .map_err(|source| TlsError::Mismatch {
+            cert: cert_name.to_string(),
+            key: key_name.to_string(),
+            source,
+        })?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|source| TlsError::BadKey {
@@ -96,9 +98,9 @@ pub fn server_config_from_der(
             source,
         })?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
-            Arc::new(certified),
-        )));
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(Arc::new(
+            certified,
+        ))));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     // Session resumption: stateful cache for TLS 1.2 and 1.3 (tickets are the
     // rustls default for 1.3 via the cache as well).

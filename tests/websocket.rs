@@ -44,30 +44,51 @@ async fn round_robin_spreads_connections_across_backends() {
         let mut ws = ws_connect(proxy.addr, false, "/").await;
         seen.insert(whoami(&mut ws).await);
     }
-    assert_eq!(seen, HashSet::from(["b1".to_string(), "b2".into(), "b3".into()]));
+    assert_eq!(
+        seen,
+        HashSet::from(["b1".to_string(), "b2".into(), "b3".into()])
+    );
     proxy.shutdown().await;
 }
 
 #[tokio::test]
 async fn wrong_version_gets_426_with_supported_version() {
     let (_b, proxy) = three_backends().await;
-    let head = upgrade_head("/", "").replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8");
+    let head =
+        upgrade_head("/", "").replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8");
     let (_s, resp) = raw_request(proxy.addr, &head).await;
     assert!(resp.starts_with("HTTP/1.1 426"), "{resp}");
-    assert!(resp.to_ascii_lowercase().contains("sec-websocket-version: 13"), "{resp}");
+    assert!(
+        resp.to_ascii_lowercase()
+            .contains("sec-websocket-version: 13"),
+        "{resp}"
+    );
     proxy.shutdown().await;
 }
 
 #[tokio::test]
 async fn bad_or_missing_key_gets_400() {
     let (backends, proxy) = three_backends().await;
-    for key_line in ["Sec-WebSocket-Key: c2hvcnQ=", "Sec-WebSocket-Key: not base64 at all!!!!!!!", ""] {
-        let head = upgrade_head("/", "").replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", &if key_line.is_empty() { String::new() } else { format!("{key_line}\r\n") });
+    for key_line in [
+        "Sec-WebSocket-Key: c2hvcnQ=",
+        "Sec-WebSocket-Key: not base64 at all!!!!!!!",
+        "",
+    ] {
+        let head = upgrade_head("/", "").replace(
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+            &if key_line.is_empty() {
+                String::new()
+            } else {
+                format!("{key_line}\r\n")
+            },
+        );
         let (_s, resp) = raw_request(proxy.addr, &head).await;
         assert!(resp.starts_with("HTTP/1.1 400"), "{key_line}: {resp}");
     }
     // Nothing reached a backend.
-    assert!(backends.iter().all(|b| b.connections.load(std::sync::atomic::Ordering::SeqCst) == 0));
+    assert!(backends
+        .iter()
+        .all(|b| b.connections.load(std::sync::atomic::Ordering::SeqCst) == 0));
     proxy.shutdown().await;
 }
 
@@ -90,7 +111,10 @@ async fn wrong_accept_from_backend_gives_502() {
     let (_s, resp) = raw_request(proxy.addr, &upgrade_head("/", "")).await;
     assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
     // A missing accept header is refused the same way.
-    let (addr2, _t2) = raw_backend(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").await;
+    let (addr2, _t2) = raw_backend(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
     let proxy2 = Proxy::start(&config_for(&[addr2], "")).await;
     let (_s, resp) = raw_request(proxy2.addr, &upgrade_head("/", "")).await;
     assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
@@ -100,11 +124,17 @@ async fn wrong_accept_from_backend_gives_502() {
 
 #[tokio::test]
 async fn non_101_answer_is_passed_through_unchanged() {
-    let (addr, _t) = raw_backend(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 11\r\nX-Reason: no-token\r\n\r\nnot allowed").await;
+    let (addr, _t) = raw_backend(
+        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 11\r\nX-Reason: no-token\r\n\r\nnot allowed",
+    )
+    .await;
     let proxy = Proxy::start(&config_for(&[addr], "")).await;
     let (mut s, resp) = raw_request(proxy.addr, &upgrade_head("/", "")).await;
     assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
-    assert!(resp.to_ascii_lowercase().contains("x-reason: no-token"), "{resp}");
+    assert!(
+        resp.to_ascii_lowercase().contains("x-reason: no-token"),
+        "{resp}"
+    );
     let mut body = [0u8; 11];
     s.read_exact(&mut body).await.unwrap();
     assert_eq!(&body, b"not allowed");
@@ -114,9 +144,14 @@ async fn non_101_answer_is_passed_through_unchanged() {
 #[tokio::test]
 async fn subprotocol_and_backend_headers_pass_through() {
     let (_b, proxy) = three_backends().await;
-    let (mut ws, resp) = try_ws_connect(proxy.tls_addr.unwrap(), true, "/", &[("sec-websocket-protocol", "chat, superchat")])
-        .await
-        .unwrap();
+    let (mut ws, resp) = try_ws_connect(
+        proxy.tls_addr.unwrap(),
+        true,
+        "/",
+        &[("sec-websocket-protocol", "chat, superchat")],
+    )
+    .await
+    .unwrap();
     assert_eq!(resp.headers()["sec-websocket-protocol"], "superchat");
     // The backend saw X-Forwarded-For with the client address.
     assert_eq!(resp.headers()["x-seen-xff"], "127.0.0.1");
@@ -130,9 +165,15 @@ async fn sixteen_mib_messages_arrive_intact_both_ways() {
     let (_b, proxy) = three_backends().await;
     for (addr, tls) in [(proxy.addr, false), (proxy.tls_addr.unwrap(), true)] {
         let mut ws = ws_connect(addr, tls, "/").await;
-        let big: Vec<u8> = (0..16 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        let big: Vec<u8> = (0..16 * 1024 * 1024u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect();
         ws.send(Message::binary(big.clone())).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(60), ws.next()).await.unwrap().unwrap().unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(60), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(got.into_data().as_ref(), big.as_slice());
     }
     proxy.shutdown().await;
@@ -157,7 +198,10 @@ async fn fragmented_message_with_interleaved_ping_arrives_intact() {
     let mut got_pong = false;
     let mut got_text = None;
     while got_text.is_none() || !got_pong {
-        let (fin, op, payload) = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut s)).await.unwrap().unwrap();
+        let (fin, op, payload) = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut s))
+            .await
+            .unwrap()
+            .unwrap();
         match op {
             0xA => {
                 assert_eq!(payload, b"are you there");
@@ -178,16 +222,26 @@ async fn fragmented_message_with_interleaved_ping_arrives_intact() {
 async fn client_half_close_is_propagated_and_replies_still_arrive() {
     let (backends, proxy) = three_backends().await;
     let mut s = raw_ws(proxy.addr).await;
-    s.write_all(&client_frame(true, 0x1, b"before FIN")).await.unwrap();
+    s.write_all(&client_frame(true, 0x1, b"before FIN"))
+        .await
+        .unwrap();
     // Half-close: no Close frame, just FIN on our write side.
     s.shutdown().await.unwrap();
-    let (_, op, payload) = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut s)).await.unwrap().unwrap();
+    let (_, op, payload) = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut s))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((op, payload.as_slice()), (0x1, &b"before FIN"[..]));
     // The backend was told the client went away (1001) and its Close reply
     // reaches the client, then the connection ends.
-    let code = tokio::time::timeout(Duration::from_secs(5), read_until_close(&mut s)).await.unwrap();
+    let code = tokio::time::timeout(Duration::from_secs(5), read_until_close(&mut s))
+        .await
+        .unwrap();
     assert_eq!(code, Some(1001));
-    let seen: Vec<u16> = backends.iter().flat_map(|b| b.closes_seen.lock().unwrap().clone()).collect();
+    let seen: Vec<u16> = backends
+        .iter()
+        .flat_map(|b| b.closes_seen.lock().unwrap().clone())
+        .collect();
     assert_eq!(seen, vec![1001]);
     proxy.shutdown().await;
 }
@@ -195,7 +249,10 @@ async fn client_half_close_is_propagated_and_replies_still_arrive() {
 #[tokio::test]
 async fn no_route_gets_404() {
     let b = WsBackend::start("b1").await;
-    let toml = config_for(&[b.addr], "").replace("[[routes]]\npool = \"main\"", "[[routes]]\npath_prefix = \"/ws\"\npool = \"main\"");
+    let toml = config_for(&[b.addr], "").replace(
+        "[[routes]]\npool = \"main\"",
+        "[[routes]]\npath_prefix = \"/ws\"\npool = \"main\"",
+    );
     let proxy = Proxy::start(&toml).await;
     let (_s, resp) = raw_request(proxy.addr, &upgrade_head("/other", "")).await;
     assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
@@ -247,9 +304,14 @@ async fn garbage_on_one_connection_does_not_affect_others() {
     let mut bad = raw_ws(proxy.addr).await;
     bad.write_all(&[0x81, 0x02, b'h', b'i']).await.unwrap();
     // The unmasked frame is a protocol error: Close 1002.
-    let code = tokio::time::timeout(Duration::from_secs(5), read_until_close(&mut bad)).await.unwrap();
+    let code = tokio::time::timeout(Duration::from_secs(5), read_until_close(&mut bad))
+        .await
+        .unwrap();
     assert_eq!(code, Some(1002));
     good.send(Message::text("still here")).await.unwrap();
-    assert_eq!(good.next().await.unwrap().unwrap(), Message::text("still here"));
+    assert_eq!(
+        good.next().await.unwrap().unwrap(),
+        Message::text("still here")
+    );
     proxy.shutdown().await;
 }

@@ -15,8 +15,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::{Balance, PoolConfig};
-use crate::proxy::ProxyBody;
 use crate::metrics::Metrics;
+use crate::proxy::ProxyBody;
 
 /// A pool's backends and its balancing state.
 pub struct Pool {

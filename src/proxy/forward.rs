@@ -12,7 +12,11 @@ use super::{ConnInfo, ProxyBody, ProxyError};
 use crate::app::Shared;
 use crate::metrics::status_class;
 
-pub async fn handle(req: Request<Incoming>, conn: &ConnInfo, shared: &Shared) -> Response<ProxyBody> {
+pub async fn handle(
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    shared: &Shared,
+) -> Response<ProxyBody> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -28,7 +32,12 @@ pub async fn handle(req: Request<Incoming>, conn: &ConnInfo, shared: &Shared) ->
 
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    add_forwarded(&mut parts.headers, conn.peer.ip(), conn.tls, host.as_deref());
+    add_forwarded(
+        &mut parts.headers,
+        conn.peer.ip(),
+        conn.tls,
+        host.as_deref(),
+    );
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -65,7 +74,8 @@ pub async fn handle(req: Request<Incoming>, conn: &ConnInfo, shared: &Shared) ->
         *out.uri_mut() = uri;
         *out.headers_mut() = parts.headers.clone();
         let guard = backend.track_request();
-        let result = tokio::time::timeout(pool.config.response_timeout, pool.http.request(out)).await;
+        let result =
+            tokio::time::timeout(pool.config.response_timeout, pool.http.request(out)).await;
         drop(guard);
         match result {
             Ok(Ok(resp)) => {
@@ -113,7 +123,11 @@ pub async fn handle(req: Request<Incoming>, conn: &ConnInfo, shared: &Shared) ->
     shared
         .metrics
         .http_requests
-        .with_label_values(&[&pool.config.name, backend, status_class(resp.status().as_u16())])
+        .with_label_values(&[
+            &pool.config.name,
+            backend,
+            status_class(resp.status().as_u16()),
+        ])
         .inc();
     tracing::warn!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %method, path = %path, status = resp.status().as_u16(), pool = %pool.config.name, backend, error = %last_err, "request failed");
     resp

@@ -39,10 +39,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// `X-Forwarded-Proto` and `X-Forwarded-Host`.
 pub fn add_forwarded(headers: &mut HeaderMap, client_ip: IpAddr, tls: bool, host: Option<&str>) {
     let ip = client_ip.to_string();
-    let xff = match headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-    {
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
         _ => ip,
     };
@@ -87,7 +84,10 @@ mod tests {
     #[test]
     fn strips_listed_and_standard_hop_headers() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-app", HeaderValue::from_static("stays"));
@@ -100,7 +100,12 @@ mod tests {
     fn forwarded_for_appends() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
-        add_forwarded(&mut h, "127.0.0.1".parse().unwrap(), true, Some("chat.example.com"));
+        add_forwarded(
+            &mut h,
+            "127.0.0.1".parse().unwrap(),
+            true,
+            Some("chat.example.com"),
+        );
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "chat.example.com");
@@ -108,7 +113,10 @@ mod tests {
 
     #[test]
     fn host_port_is_ignored() {
-        assert_eq!(host_without_port("Chat.Example.com:8443"), "chat.example.com");
+        assert_eq!(
+            host_without_port("Chat.Example.com:8443"),
+            "chat.example.com"
+        );
         assert_eq!(host_without_port("[::1]:8080"), "[::1]");
         assert_eq!(host_without_port("localhost"), "localhost");
     }

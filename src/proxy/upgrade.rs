@@ -22,7 +22,11 @@ use crate::metrics::close_code_label;
 use crate::ws::handshake::{accept_matches, validate, HandshakeError};
 use crate::ws::relay::{relay, EndReason, RelayConfig, StopReason, StopSignal};
 
-pub async fn handle(mut req: Request<Incoming>, conn: &ConnInfo, shared: &Arc<Shared>) -> Response<ProxyBody> {
+pub async fn handle(
+    mut req: Request<Incoming>,
+    conn: &ConnInfo,
+    shared: &Arc<Shared>,
+) -> Response<ProxyBody> {
     let count = |pool: &str, backend: &str, result: &str| {
         shared
             .metrics
@@ -52,7 +56,10 @@ pub async fn handle(mut req: Request<Incoming>, conn: &ConnInfo, shared: &Arc<Sh
     let host = request_host(&req);
     let runtime = shared.live.load();
     let Some(pool) = runtime
-        .route(host.as_deref().map(host_without_port).as_deref(), req.uri().path())
+        .route(
+            host.as_deref().map(host_without_port).as_deref(),
+            req.uri().path(),
+        )
         .cloned()
     else {
         count("", "", "no_route");
@@ -121,7 +128,14 @@ pub async fn handle(mut req: Request<Incoming>, conn: &ConnInfo, shared: &Arc<Sh
     let mut resp = match tokio::time::timeout(pool.config.response_timeout, exchange).await {
         Ok(Ok(resp)) => resp,
         Ok(Err(err)) => return fail(shared, &pool_name, &backend, err),
-        Err(_) => return fail(shared, &pool_name, &backend, ProxyError::ResponseTimeout(backend.id.clone())),
+        Err(_) => {
+            return fail(
+                shared,
+                &pool_name,
+                &backend,
+                ProxyError::ResponseTimeout(backend.id.clone()),
+            )
+        }
     };
 
     // 6. Anything but 101 goes back to the client unchanged.
@@ -132,17 +146,35 @@ pub async fn handle(mut req: Request<Incoming>, conn: &ConnInfo, shared: &Arc<Sh
     }
     if !accept_matches(resp.headers(), &key) {
         // The backend connection is dropped with `resp`.
-        return fail(shared, &pool_name, &backend, ProxyError::BadAccept(backend.id.clone()));
+        return fail(
+            shared,
+            &pool_name,
+            &backend,
+            ProxyError::BadAccept(backend.id.clone()),
+        );
     }
     let backend_io = match hyper::upgrade::on(&mut resp).await {
         Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => (parts.io.into_inner(), parts.read_buf),
             Err(_) => {
-                return fail(shared, &pool_name, &backend, ProxyError::BadAccept(backend.id.clone()))
+                return fail(
+                    shared,
+                    &pool_name,
+                    &backend,
+                    ProxyError::BadAccept(backend.id.clone()),
+                )
             }
         },
         Err(source) => {
-            return fail(shared, &pool_name, &backend, ProxyError::Backend { backend: backend.id.clone(), source })
+            return fail(
+                shared,
+                &pool_name,
+                &backend,
+                ProxyError::Backend {
+                    backend: backend.id.clone(),
+                    source,
+                },
+            )
         }
     };
     count(&pool_name, &backend.id, "ok");
@@ -150,7 +182,8 @@ pub async fn handle(mut req: Request<Incoming>, conn: &ConnInfo, shared: &Arc<Sh
     // 7. The client gets the backend's 101 (subprotocol, extensions and
     //    cookies included), and the relay starts once hyper hands over the
     //    client's socket.
-    let mut client_resp = Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+    let mut client_resp =
+        Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
     *client_resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let mut out_headers = resp.headers().clone();
     strip_hop_by_hop(&mut out_headers);
@@ -202,7 +235,11 @@ pub async fn handle(mut req: Request<Incoming>, conn: &ConnInfo, shared: &Arc<Sh
             .with_label_values(&[pool, &backend.id])
             .observe(elapsed.as_secs_f64());
         m.ws_closes
-            .with_label_values(&[pool, outcome.initiator.as_str(), close_code_label(outcome.code)])
+            .with_label_values(&[
+                pool,
+                outcome.initiator.as_str(),
+                close_code_label(outcome.code),
+            ])
             .inc();
         match outcome.reason {
             EndReason::IdleTimeout => m.ws_idle_timeouts.with_label_values(&[pool]).inc(),
@@ -272,7 +309,10 @@ pub async fn connect(address: &str, timeout: Duration) -> Result<TcpStream, Stri
             Ok(stream)
         }
         Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no connection within {}", humantime::format_duration(timeout))),
+        Err(_) => Err(format!(
+            "no connection within {}",
+            humantime::format_duration(timeout)
+        )),
     }
 }
 

@@ -224,9 +224,15 @@ mod tests {
     #[test]
     fn parses_each_length_form() {
         let h = parse_header(&[0x81, 0x05]).unwrap().unwrap();
-        assert_eq!((h.fin, h.opcode, h.payload_len, h.header_len), (true, 1, 5, 2));
+        assert_eq!(
+            (h.fin, h.opcode, h.payload_len, h.header_len),
+            (true, 1, 5, 2)
+        );
         let h = parse_header(&[0x02, 126, 0x01, 0x00]).unwrap().unwrap();
-        assert_eq!((h.fin, h.opcode, h.payload_len, h.header_len), (false, 2, 256, 4));
+        assert_eq!(
+            (h.fin, h.opcode, h.payload_len, h.header_len),
+            (false, 2, 256, 4)
+        );
         let h = parse_header(&[0x82, 0xFF, 0, 0, 0, 0, 0, 1, 0, 0, 9, 8, 7, 6])
             .unwrap()
             .unwrap();
@@ -243,8 +249,14 @@ mod tests {
 
     #[test]
     fn control_frame_rules() {
-        assert_eq!(parse_header(&[0x89, 126, 0, 126]), Err(FrameError::ControlTooLong(126)));
-        assert_eq!(parse_header(&[0x09, 0x00]), Err(FrameError::FragmentedControl));
+        assert_eq!(
+            parse_header(&[0x89, 126, 0, 126]),
+            Err(FrameError::ControlTooLong(126))
+        );
+        assert_eq!(
+            parse_header(&[0x09, 0x00]),
+            Err(FrameError::FragmentedControl)
+        );
         let mut bad = [0x82, 127, 0x80, 0, 0, 0, 0, 0, 0, 0];
         assert_eq!(parse_header(&bad), Err(FrameError::LengthOverflow));
         bad[2] = 0;
@@ -253,7 +265,11 @@ mod tests {
 
     #[test]
     fn header_hint_matches_parse() {
-        for frame in [&[0x81u8, 0x05][..], &[0x82, 0xFE, 1, 0, 1, 2, 3, 4], &[0x82, 127, 0, 0, 0, 0, 0, 0, 1, 0]] {
+        for frame in [
+            &[0x81u8, 0x05][..],
+            &[0x82, 0xFE, 1, 0, 1, 2, 3, 4],
+            &[0x82, 127, 0, 0, 0, 0, 0, 0, 1, 0],
+        ] {
             let h = parse_header(frame).unwrap().unwrap();
             assert_eq!(header_len_hint(frame), Some(h.header_len));
         }

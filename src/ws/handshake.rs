@@ -118,14 +118,23 @@ mod tests {
     #[test]
     fn rfc_sample_accept_key() {
         // The example from RFC 6455 §1.3.
-        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     #[test]
     fn classify_requires_both_headers() {
         assert_eq!(classify(&request(&[])), UpgradeKind::None);
-        assert_eq!(classify(&request(&[("upgrade", "websocket")])), UpgradeKind::None);
-        let ws = request(&[("connection", "keep-alive, Upgrade"), ("upgrade", "WebSocket")]);
+        assert_eq!(
+            classify(&request(&[("upgrade", "websocket")])),
+            UpgradeKind::None
+        );
+        let ws = request(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "WebSocket"),
+        ]);
         assert_eq!(classify(&ws), UpgradeKind::WebSocket);
         let h2c = request(&[("connection", "upgrade"), ("upgrade", "h2c")]);
         assert_eq!(classify(&h2c), UpgradeKind::Unsupported);
@@ -145,9 +154,15 @@ mod tests {
         assert_eq!(validate(r.headers()), Err(HandshakeError::BadVersion));
         let r = request(&[("sec-websocket-version", "13")]);
         assert_eq!(validate(r.headers()), Err(HandshakeError::MissingKey));
-        let r = request(&[("sec-websocket-version", "13"), ("sec-websocket-key", "c2hvcnQ=")]);
+        let r = request(&[
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "c2hvcnQ="),
+        ]);
         assert_eq!(validate(r.headers()), Err(HandshakeError::BadKey));
-        let r = request(&[("sec-websocket-version", "13"), ("sec-websocket-key", "!!!notbase64!!!!!!!!!!==")]);
+        let r = request(&[
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "!!!notbase64!!!!!!!!!!=="),
+        ]);
         assert_eq!(validate(r.headers()), Err(HandshakeError::BadKey));
         let r = request(&[("sec-websocket-version", "13"), ("sec-websocket-key", key)]);
         assert_eq!(validate(r.headers()), Ok(key));

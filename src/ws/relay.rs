@@ -135,7 +135,15 @@ pub struct RelayCounters {
 }
 
 /// Label values for `opcode`, in [`opcode_index`] order.
-pub const OPCODE_LABELS: [&str; 7] = ["continuation", "text", "binary", "close", "ping", "pong", "other"];
+pub const OPCODE_LABELS: [&str; 7] = [
+    "continuation",
+    "text",
+    "binary",
+    "close",
+    "ping",
+    "pong",
+    "other",
+];
 
 /// Maps an opcode to its slot in [`OPCODE_LABELS`].
 pub fn opcode_index(op: u8) -> usize {
@@ -737,10 +745,13 @@ where
     }
 
     fn finish(&mut self) -> RelayOutcome {
-        self.up.flush_counters(self.counters.map(|c| &c.client_to_backend));
-        self.down.flush_counters(self.counters.map(|c| &c.backend_to_client));
+        self.up
+            .flush_counters(self.counters.map(|c| &c.client_to_backend));
+        self.down
+            .flush_counters(self.counters.map(|c| &c.backend_to_client));
         let (initiator, code, reason) =
-            self.outcome.unwrap_or((Initiator::Proxy, None, EndReason::Peer));
+            self.outcome
+                .unwrap_or((Initiator::Proxy, None, EndReason::Peer));
         RelayOutcome {
             client_to_backend: self.up.p.stats,
             backend_to_client: self.down.p.stats,
@@ -823,11 +834,13 @@ where
     }
     // 4. The source is done: pass the half-close on once all is written.
     if dir.eof {
-        if dir.want_shutdown && !dir.shut && dir.p.inject.is_none() {
-            if let Poll::Ready(_) = Pin::new(&mut *dst).poll_shutdown(cx) {
-                dir.shut = true;
-                progress = true;
-            }
+        if dir.want_shutdown
+            && !dir.shut
+            && dir.p.inject.is_none()
+            && Pin::new(&mut *dst).poll_shutdown(cx).is_ready()
+        {
+            dir.shut = true;
+            progress = true;
         }
         return (events, progress);
     }
@@ -881,7 +894,9 @@ fn inject_now<W: AsyncWrite + Unpin>(
     let Some(frame) = p.inject.take() else { return };
     let bytes = frame.as_bytes();
     out.emit(cx, bytes);
-    if bytes.first().is_some_and(|b| b & 0x0F == opcode::PING) && matches!(ping, PingState::Queued(_)) {
+    if bytes.first().is_some_and(|b| b & 0x0F == opcode::PING)
+        && matches!(ping, PingState::Queued(_))
+    {
         events.ping_written = true;
     }
     if p.discard_after_inject {

@@ -126,10 +126,17 @@ impl WsBackend {
         let connections = Arc::new(AtomicUsize::new(0));
         let pongs_seen = Arc::new(AtomicUsize::new(0));
         let closes_seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (c, p, cl, name) = (connections.clone(), pongs_seen.clone(), closes_seen.clone(), id.to_string());
+        let (c, p, cl, name) = (
+            connections.clone(),
+            pongs_seen.clone(),
+            closes_seen.clone(),
+            id.to_string(),
+        );
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let (c, p, cl, name) = (c.clone(), p.clone(), cl.clone(), name.clone());
                 tokio::spawn(async move {
                     let cb = |req: &Request, mut resp: Response| {
@@ -139,17 +146,22 @@ impl WsBackend {
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or("");
                         if offered.split(',').any(|p| p.trim() == "superchat") {
-                            resp.headers_mut().insert("sec-websocket-protocol", "superchat".parse().unwrap());
+                            resp.headers_mut()
+                                .insert("sec-websocket-protocol", "superchat".parse().unwrap());
                         }
                         if let Some(xff) = req.headers().get("x-forwarded-for") {
                             resp.headers_mut().insert("x-seen-xff", xff.clone());
                         }
                         Ok(resp)
                     };
-                    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-                        .max_message_size(Some(64 << 20))
-                        .max_frame_size(Some(64 << 20));
-                    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async_with_config(stream, cb, Some(config)).await else {
+                    let config =
+                        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                            .max_message_size(Some(64 << 20))
+                            .max_frame_size(Some(64 << 20));
+                    let Ok(mut ws) =
+                        tokio_tungstenite::accept_hdr_async_with_config(stream, cb, Some(config))
+                            .await
+                    else {
                         return;
                     };
                     c.fetch_add(1, Ordering::SeqCst);
@@ -170,7 +182,9 @@ impl WsBackend {
                                 p.fetch_add(1, Ordering::SeqCst);
                             }
                             Message::Close(frame) => {
-                                cl.lock().unwrap().push(frame.map_or(1005, |f| u16::from(f.code)));
+                                cl.lock()
+                                    .unwrap()
+                                    .push(frame.map_or(1005, |f| u16::from(f.code)));
                             }
                             _ => {}
                         }
@@ -196,7 +210,9 @@ pub async fn raw_backend(response: &'static [u8]) -> (SocketAddr, JoinHandle<()>
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
                 let mut got = Vec::new();
@@ -225,41 +241,70 @@ pub async fn http_backend(id: &'static str, release: Arc<tokio::sync::Notify>) -
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let release = release.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let release = release.clone();
                     async move {
-                        let resp: hyper::Response<http_body_util::combinators::BoxBody<Bytes, Infallible>> =
-                            match req.uri().path() {
-                                "/upload" => {
-                                    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                                    hyper::Response::new(Full::new(body).boxed())
+                        let resp: hyper::Response<
+                            http_body_util::combinators::BoxBody<Bytes, Infallible>,
+                        > = match req.uri().path() {
+                            "/upload" => {
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                hyper::Response::new(Full::new(body).boxed())
+                            }
+                            "/sse" => {
+                                let (tx, rx) = tokio::sync::mpsc::channel::<
+                                    Result<hyper::body::Frame<Bytes>, Infallible>,
+                                >(4);
+                                tokio::spawn(async move {
+                                    let _ = tx
+                                        .send(Ok(hyper::body::Frame::data(Bytes::from_static(
+                                            b"data: first\n\n",
+                                        ))))
+                                        .await;
+                                    release.notified().await;
+                                    let _ = tx
+                                        .send(Ok(hyper::body::Frame::data(Bytes::from_static(
+                                            b"data: second\n\n",
+                                        ))))
+                                        .await;
+                                });
+                                let body = http_body_util::StreamBody::new(tokio_stream_from(rx));
+                                let mut r = hyper::Response::new(BodyExt::boxed(body));
+                                r.headers_mut()
+                                    .insert("content-type", "text/event-stream".parse().unwrap());
+                                r
+                            }
+                            _ => {
+                                let mut text = format!(
+                                    "backend={id}\nmethod={}\npath={}\n",
+                                    req.method(),
+                                    req.uri()
+                                );
+                                for (k, v) in req.headers() {
+                                    text.push_str(&format!(
+                                        "{}: {}\n",
+                                        k,
+                                        v.to_str().unwrap_or("?")
+                                    ));
                                 }
-                                "/sse" => {
-                                    let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, Infallible>>(4);
-                                    tokio::spawn(async move {
-                                        let _ = tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"data: first\n\n")))).await;
-                                        release.notified().await;
-                                        let _ = tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"data: second\n\n")))).await;
-                                    });
-                                    let body = http_body_util::StreamBody::new(tokio_stream_from(rx));
-                                    let mut r = hyper::Response::new(BodyExt::boxed(body));
-                                    r.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
-                                    r
-                                }
-                                _ => {
-                                    let mut text = format!("backend={id}\nmethod={}\npath={}\n", req.method(), req.uri());
-                                    for (k, v) in req.headers() {
-                                        text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
-                                    }
-                                    let mut r = hyper::Response::new(Full::new(Bytes::from(text)).boxed());
-                                    r.headers_mut().insert("x-backend", id.parse().unwrap());
-                                    r.headers_mut().insert("keep-alive", "timeout=5".parse().unwrap());
-                                    r
-                                }
-                            };
+                                let mut r =
+                                    hyper::Response::new(Full::new(Bytes::from(text)).boxed());
+                                r.headers_mut().insert("x-backend", id.parse().unwrap());
+                                r.headers_mut()
+                                    .insert("keep-alive", "timeout=5".parse().unwrap());
+                                r
+                            }
+                        };
                         Ok::<_, Infallible>(resp)
                     }
                 });
@@ -273,7 +318,9 @@ pub async fn http_backend(id: &'static str, release: Arc<tokio::sync::Notify>) -
 }
 
 /// Adapts an mpsc receiver into a stream without another dependency.
-fn tokio_stream_from<T: Send + 'static>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+fn tokio_stream_from<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
 }
 
@@ -284,11 +331,13 @@ pub fn tls_client_config() -> Arc<rustls::ClientConfig> {
     for cert in rustls_pki_types::CertificateDer::pem_file_iter(CERT).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(cfg)
 }
@@ -305,7 +354,13 @@ pub async fn try_ws_connect(
     tls: bool,
     path: &str,
     extra_headers: &[(&str, &str)],
-) -> Result<(Ws, tokio_tungstenite::tungstenite::handshake::client::Response), tokio_tungstenite::tungstenite::Error> {
+) -> Result<
+    (
+        Ws,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let url = if tls {
         format!("wss://localhost:{}{}", addr.port(), path)
@@ -416,7 +471,11 @@ pub async fn read_until_close(s: &mut TcpStream) -> Option<u16> {
     loop {
         let (_, op, payload) = read_frame(s).await?;
         if op == 0x8 {
-            return Some(if payload.len() >= 2 { u16::from_be_bytes([payload[0], payload[1]]) } else { 1005 });
+            return Some(if payload.len() >= 2 {
+                u16::from_be_bytes([payload[0], payload[1]])
+            } else {
+                1005
+            });
         }
     }
 }

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it. Installs what a fresh machine lacks
+# (Debian packages), then runs formatting, lints, unit and integration tests,
+# and the benchmark smoke test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+# promtool and the Prometheus server (the metrics tests scrape berth for real).
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "==> installing: ${need_apt[*]}"
+    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+# The Debian package starts a Prometheus service on :9090 where systemd runs;
+# the tests start their own on a free port, so that one is not needed.
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --all-targets -- -D warnings
+echo "==> cargo test"
+cargo test --all-targets 2>&1 | tee target/test-output.txt
+# A plain summary line that CI reads across test binaries.
+passed=$(grep -Eo 'test result: [a-z]+\. [0-9]+ passed' target/test-output.txt | awk '{s+=$4} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
+echo "${passed} passed, ${failed} failed"

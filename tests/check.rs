@@ -1,0 +1,161 @@
+//! `berth check` and `berth run` on broken configs: the real binary, real
+//! files, exact messages with file, line and key, exit code 2.
+
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_berth");
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+fn check(path: &str) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(["check", "--config", path])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const GOOD: &str = r#"[[listeners]]
+name = "public"
+bind = "127.0.0.1:0"
+
+[[routes]]
+pool = "chat"
+
+[pools.chat]
+connect_timeout = "3s"
+
+[[pools.chat.backends]]
+id = "chat-1"
+address = "127.0.0.1:9001"
+
+[[pools.chat.backends]]
+id = "chat-2"
+address = "127.0.0.1:9002"
+"#;
+
+#[test]
+fn shipped_example_config_is_valid() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new(BIN)
+        .current_dir(root)
+        .args(["check", "--config", "config/berth.toml"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn good_config_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "good.toml", GOOD);
+    let (code, err) = check(&path);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn each_broken_config_names_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, String, &str)] = &[
+        (
+            "bad_address",
+            GOOD.replace("address = \"127.0.0.1:9002\"", "address = \"10.0.0.1\""),
+            ":17: pools.chat.backends[1].address: invalid socket address \"10.0.0.1\"",
+        ),
+        (
+            "unknown_key",
+            GOOD.replace("connect_timeout", "conect_timeout"),
+            ":9: pools.chat.conect_timeout: unknown field `conect_timeout`",
+        ),
+        (
+            "bad_duration",
+            GOOD.replace("\"3s\"", "\"3 fortnights\""),
+            ":9: pools.chat.connect_timeout: invalid duration \"3 fortnights\"",
+        ),
+        (
+            "unknown_pool",
+            GOOD.replace("pool = \"chat\"", "pool = \"chats\""),
+            ":6: routes[0].pool: unknown pool \"chats\" (defined pools: chat)",
+        ),
+        (
+            "duplicate_id",
+            GOOD.replace("id = \"chat-2\"", "id = \"chat-1\""),
+            ":16: pools.chat.backends[1].id: duplicate backend id \"chat-1\"",
+        ),
+        (
+            "missing_cert",
+            GOOD.replace("bind = \"127.0.0.1:0\"", "bind = \"127.0.0.1:0\"\ntls = { cert = \"/nonexistent/x.crt\", key = \"/nonexistent/x.key\" }"),
+            ":4: listeners[0].tls.cert: /nonexistent/x.crt",
+        ),
+        (
+            "public_admin_without_token",
+            format!("{GOOD}\n[admin]\nbind = \"0.0.0.0:9900\"\n"),
+            "admin.token: admin API on a non-loopback address requires [admin] token",
+        ),
+    ];
+    for (name, text, expected) in cases {
+        let path = write(dir.path(), &format!("{name}.toml"), text);
+        let (code, err) = check(&path);
+        assert_eq!(code, 2, "{name}: {err}");
+        let expected_line = format!("{path}{expected}");
+        assert!(
+            err.contains(&expected_line) || (!expected.starts_with(':') && err.contains(expected)),
+            "{name}: expected {expected_line:?} in:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn several_problems_are_reported_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = GOOD
+        .replace("address = \"127.0.0.1:9001\"", "address = \"nope\"")
+        .replace("\"3s\"", "\"soon\"")
+        .replace("pool = \"chat\"", "pool = \"missing\"");
+    let path = write(dir.path(), "many.toml", &text);
+    let (code, err) = check(&path);
+    assert_eq!(code, 2);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(lines[0].contains(":6: routes[0].pool"), "{err}");
+    assert!(lines[1].contains(":9: pools.chat.connect_timeout"), "{err}");
+    assert!(
+        lines[2].contains(":13: pools.chat.backends[0].address"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_refuses_an_invalid_config_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    // The listener's port is taken by us: if run bound anything before
+    // validating, the error would be about the port, not the config.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let text = GOOD
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+        .replace("\"3s\"", "\"later\"");
+    let path = write(dir.path(), "run.toml", &text);
+    let out = Command::new(BIN)
+        .args(["run", "--config", &path])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pools.chat.connect_timeout: invalid duration"),
+        "{err}"
+    );
+}
