@@ -1,4 +1,6 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz` and `/admin/pools`.
+//! The admin listener: `GET /metrics`, `/healthz`, `/readyz`,
+//! `/admin/pools`, and `POST /admin/reload`,
+//! `/admin/pools/{pool}/backends/{id}/drain` and `.../undrain`.
 //! A plain `match` on method and path; it never shares a socket with client
 //! traffic.
 
@@ -31,7 +33,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let shared = Arc::clone(&shared);
-                async move { Ok::<_, Infallible>(route(req, &shared)) }
+                async move { Ok::<_, Infallible>(route(req, &shared).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -42,7 +44,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-fn route(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody> {
+async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<ProxyBody> {
+    if req.method() == Method::POST {
+        return mutate(req, shared).await;
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
             let mut resp = Response::new(full(Bytes::from(shared.metrics.render())));
@@ -68,6 +73,83 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody> {
     }
 }
 
+/// POST routes: reload, drain, undrain. They require the bearer token when
+/// `[admin] token` is set (`check` refuses a non-loopback admin bind
+/// without one).
+async fn mutate(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<ProxyBody> {
+    let token = shared
+        .live
+        .load()
+        .config
+        .admin
+        .as_ref()
+        .and_then(|a| a.token.clone());
+    if let Some(token) = token {
+        let presented = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let ok = presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes()));
+        if !ok {
+            let mut resp =
+                text_response(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+            return resp;
+        }
+    }
+    let path = req.uri().path().to_string();
+    if path == "/admin/reload" {
+        return match crate::reload::reload(shared).await {
+            Ok(summary) => json_response(
+                StatusCode::OK,
+                &serde_json::json!({ "result": "success", "changes": summary }),
+            ),
+            Err(e) => text_response(StatusCode::UNPROCESSABLE_ENTITY, &format!("{e}\n")),
+        };
+    }
+    // /admin/pools/{pool}/backends/{id}/drain | undrain
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if let ["admin", "pools", pool, "backends", id, action @ ("drain" | "undrain")] =
+        parts.as_slice()
+    {
+        let runtime = shared.live.load();
+        let Some(backend) = runtime.pools.get(*pool).and_then(|p| p.find(id)) else {
+            return text_response(
+                StatusCode::NOT_FOUND,
+                &format!("no backend {id:?} in pool {pool:?}\n"),
+            );
+        };
+        let changed = if *action == "drain" {
+            backend.start_drain()
+        } else {
+            backend.undrain()
+        };
+        return json_response(
+            StatusCode::OK,
+            &serde_json::json!({
+                "pool": pool,
+                "backend": id,
+                "state": backend.state().as_str(),
+                "changed": changed,
+                "live_connections": backend.live_connections(),
+            }),
+        );
+    }
+    text_response(StatusCode::NOT_FOUND, "not found\n")
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 fn pools_json(shared: &Shared) -> serde_json::Value {
     let runtime = shared.live.load();
     let mut pools = serde_json::Map::new();
@@ -87,7 +169,7 @@ fn pools_json(shared: &Shared) -> serde_json::Value {
                     "state": b.state().as_str(),
                     "healthy": b.state() != crate::balancer::BackendState::Down,
                     "live_connections": b.live_connections(),
-                    "weight": b.weight,
+                    "weight": b.weight(),
                 })
             })
             .collect();

@@ -12,17 +12,16 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::listener::{accept_loop, ListenerSpec};
+use crate::listener::{accept_loop, BoundListener, ListenerSpec};
 use crate::metrics::{Metrics, MetricsError};
 use crate::routing::Runtime;
 
@@ -48,6 +47,12 @@ pub struct Shared {
     pub shutdown_window: Duration,
     /// Every connection and relay task, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Accept loops (listeners come and go with reloads).
+    pub accept_loops: TaskTracker,
+    /// Listeners accepting now.
+    pub listeners: Mutex<Vec<RunningListener>>,
+    /// One reload at a time.
+    pub reload_lock: tokio::sync::Mutex<()>,
     /// Live WebSocket connections across all pools.
     pub ws_live: AtomicU64,
     shutdown_ticket: AtomicU64,
@@ -64,9 +69,16 @@ impl Shared {
     }
 }
 
+/// A listener that is accepting: its spec and addresses.
+pub struct RunningListener {
+    pub spec: Arc<ListenerSpec>,
+    pub bind: SocketAddr,
+    pub addr: SocketAddr,
+}
+
 pub struct App {
     shared: Arc<Shared>,
-    listeners: Vec<(Arc<ListenerSpec>, TcpListener, SocketAddr)>,
+    pending: Vec<BoundListener>,
     admin: Option<(TcpListener, SocketAddr)>,
 }
 
@@ -75,48 +87,28 @@ impl App {
     pub async fn bind(config: Config) -> Result<App, AppError> {
         let metrics = Metrics::new()?;
         let config = Arc::new(config);
-        let mut listeners = Vec::new();
+        let mut pending = Vec::new();
         for lc in &config.listeners {
-            let listener = TcpListener::bind(lc.bind)
-                .await
-                .map_err(|source| AppError::Bind {
-                    name: lc.name.clone(),
-                    addr: lc.bind,
-                    source,
-                })?;
-            let addr = listener.local_addr().map_err(|source| AppError::Bind {
+            let bound = BoundListener::bind(lc).map_err(|source| AppError::Bind {
                 name: lc.name.clone(),
                 addr: lc.bind,
                 source,
             })?;
-            let spec = ListenerSpec {
-                name: Arc::from(lc.name.as_str()),
-                tls: lc
-                    .tls
-                    .as_ref()
-                    .map(|t| TlsAcceptor::from(Arc::clone(&t.server_config))),
-                handshake_timeout: lc.handshake_timeout,
-            };
             metrics
                 .connections_active
                 .with_label_values(&[&lc.name])
                 .set(0);
-            listeners.push((Arc::new(spec), listener, addr));
+            pending.push(bound);
         }
         let admin = match &config.admin {
             Some(ac) => {
-                let l = TcpListener::bind(ac.bind)
-                    .await
-                    .map_err(|source| AppError::Bind {
-                        name: "admin".into(),
-                        addr: ac.bind,
-                        source,
-                    })?;
-                let addr = l.local_addr().map_err(|source| AppError::Bind {
+                let bind_err = |source| AppError::Bind {
                     name: "admin".into(),
                     addr: ac.bind,
                     source,
-                })?;
+                };
+                let l = TcpListener::bind(ac.bind).await.map_err(bind_err)?;
+                let addr = l.local_addr().map_err(bind_err)?;
                 Some((l, addr))
             }
             None => None,
@@ -131,31 +123,34 @@ impl App {
             shutdown: CancellationToken::new(),
             shutdown_window: config.shutdown_window,
             tracker: TaskTracker::new(),
+            accept_loops: TaskTracker::new(),
+            listeners: Mutex::new(Vec::new()),
             ws_live: AtomicU64::new(0),
             shutdown_ticket: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             config_path: config.source.clone(),
+            reload_lock: tokio::sync::Mutex::new(()),
         });
         Ok(App {
             shared,
-            listeners,
+            pending,
             admin,
         })
     }
 
     /// The address a listener is bound to, by name.
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners
+        self.pending
             .iter()
-            .find(|(spec, _, _)| &*spec.name == name)
-            .map(|(_, _, addr)| *addr)
+            .find(|b| &*b.spec.name == name)
+            .map(|b| b.addr)
     }
 
     /// Every listener's name and bound address.
     pub fn listener_addrs(&self) -> HashMap<String, SocketAddr> {
-        self.listeners
+        self.pending
             .iter()
-            .map(|(spec, _, addr)| (spec.name.to_string(), *addr))
+            .map(|b| (b.spec.name.to_string(), b.addr))
             .collect()
     }
 
@@ -170,14 +165,8 @@ impl App {
     /// Serves until `shutdown` resolves, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let shared = self.shared;
-        let mut loops = Vec::new();
-        for (spec, listener, addr) in self.listeners {
-            tracing::info!(listener = %spec.name, %addr, tls = spec.tls.is_some(), "listening");
-            loops.push(tokio::spawn(accept_loop(
-                listener,
-                spec,
-                Arc::clone(&shared),
-            )));
+        for bound in self.pending {
+            shared.start_listener(bound);
         }
         let admin_task = self.admin.map(|(listener, addr)| {
             tracing::info!(%addr, "admin API listening");
@@ -190,9 +179,8 @@ impl App {
         let live = shared.ws_live.load(Ordering::Relaxed);
         tracing::info!(websocket_connections = live, window = ?shared.shutdown_window, "shutting down");
         shared.shutdown.cancel();
-        for l in loops {
-            let _ = l.await;
-        }
+        shared.accept_loops.close();
+        shared.accept_loops.wait().await;
         shared.tracker.close();
         let close_timeout = shared
             .live
@@ -217,6 +205,38 @@ impl App {
             task.abort();
         }
         tracing::info!("stopped");
+    }
+}
+
+impl Shared {
+    /// Starts accepting on a bound listener and records it.
+    pub fn start_listener(self: &Arc<Self>, bound: BoundListener) {
+        let settings = bound.spec.settings.load();
+        tracing::info!(listener = %bound.spec.name, addr = %bound.addr, tls = settings.tls.is_some(), "listening");
+        drop(settings);
+        let entry = RunningListener {
+            spec: Arc::clone(&bound.spec),
+            bind: bound.bind,
+            addr: bound.addr,
+        };
+        self.accept_loops
+            .spawn(accept_loop(bound.socket, bound.spec, Arc::clone(self)));
+        match self.listeners.lock() {
+            Ok(mut l) => l.push(entry),
+            Err(poisoned) => poisoned.into_inner().push(entry),
+        }
+    }
+
+    /// The listeners currently accepting, by name and address.
+    pub fn listener_addrs(&self) -> HashMap<String, SocketAddr> {
+        let guard = match self.listeners.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        guard
+            .iter()
+            .map(|l| (l.spec.name.to_string(), l.addr))
+            .collect()
     }
 }
 

@@ -10,6 +10,7 @@
 //! - `ws`: handshake checks, the frame-header parser and the frame-aware relay.
 //! - `balancer`: pools, backends and backend choice.
 //! - `routing`: the live routing table swapped on reload.
+//! - `reload`: read, validate, diff and swap a new config.
 //! - `metrics`: metric names and the registry.
 //! - `admin`: `/metrics`, `/healthz`, `/readyz`, `/admin/pools`.
 //! - `demo`: `berth demo`, three in-process backends behind a TLS listener.
@@ -24,6 +25,7 @@ pub mod demo;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod tls;
 pub mod ws;

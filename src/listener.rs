@@ -13,14 +13,17 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
 use crate::app::Shared;
+use crate::config::ListenerConfig;
 use crate::proxy::{self, ConnInfo};
 
 /// A client connection, plain or TLS. The TLS state is boxed so that plain
@@ -73,16 +76,68 @@ impl AsyncWrite for ClientStream {
 /// What a listener's connections need to know.
 pub struct ListenerSpec {
     pub name: Arc<str>,
+    /// TLS and timeouts; swapped on reload without touching the socket.
+    pub settings: ArcSwap<ListenerSettings>,
+    /// Cancelled when a reload removes or rebinds this listener.
+    pub stop: CancellationToken,
+}
+
+/// The reloadable part of a listener.
+pub struct ListenerSettings {
     pub tls: Option<TlsAcceptor>,
     pub handshake_timeout: Duration,
 }
 
-/// Accepts until shutdown. Accept errors (EMFILE and the like) back off
-/// briefly instead of ending the loop.
+impl ListenerSettings {
+    pub fn from_config(config: &ListenerConfig) -> ListenerSettings {
+        ListenerSettings {
+            tls: config
+                .tls
+                .as_ref()
+                .map(|t| TlsAcceptor::from(Arc::clone(&t.server_config))),
+            handshake_timeout: config.handshake_timeout,
+        }
+    }
+}
+
+/// A bound listener socket and its spec.
+pub struct BoundListener {
+    pub spec: Arc<ListenerSpec>,
+    pub socket: TcpListener,
+    /// The configured bind address (port 0 stays 0 here).
+    pub bind: SocketAddr,
+    /// The address actually bound.
+    pub addr: SocketAddr,
+}
+
+impl BoundListener {
+    /// Binds a listener (synchronously, so reloads can bind before swapping).
+    pub fn bind(config: &ListenerConfig) -> std::io::Result<BoundListener> {
+        let std_listener = std::net::TcpListener::bind(config.bind)?;
+        std_listener.set_nonblocking(true)?;
+        let socket = TcpListener::from_std(std_listener)?;
+        let addr = socket.local_addr()?;
+        Ok(BoundListener {
+            spec: Arc::new(ListenerSpec {
+                name: Arc::from(config.name.as_str()),
+                settings: ArcSwap::from_pointee(ListenerSettings::from_config(config)),
+                stop: CancellationToken::new(),
+            }),
+            socket,
+            bind: config.bind,
+            addr,
+        })
+    }
+}
+
+/// Accepts until shutdown or until the listener is stopped by a reload.
+/// Accept errors (EMFILE and the like) back off briefly instead of ending
+/// the loop.
 pub async fn accept_loop(listener: TcpListener, spec: Arc<ListenerSpec>, shared: Arc<Shared>) {
     loop {
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => break,
+            _ = spec.stop.cancelled() => break,
             r = listener.accept() => r,
         };
         match accepted {
@@ -121,11 +176,13 @@ async fn serve_connection(
     }
     let _dec = Dec(gauge);
 
-    let stream = match &spec.tls {
+    let settings = spec.settings.load_full();
+    let stream = match &settings.tls {
         None => ClientStream::Plain(tcp),
         Some(acceptor) => {
             let started = Instant::now();
-            let result = tokio::time::timeout(spec.handshake_timeout, acceptor.accept(tcp)).await;
+            let result =
+                tokio::time::timeout(settings.handshake_timeout, acceptor.accept(tcp)).await;
             let label = match &result {
                 Ok(Ok(_)) => "ok",
                 Ok(Err(_)) => "error",
@@ -159,14 +216,14 @@ async fn serve_connection(
     let info = Arc::new(ConnInfo {
         peer,
         listener: Arc::clone(&spec.name),
-        tls: spec.tls.is_some(),
+        tls: settings.tls.is_some(),
     });
     let shared_svc = Arc::clone(&shared);
     let service =
         service_fn(move |req| proxy::serve(req, Arc::clone(&info), Arc::clone(&shared_svc)));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(spec.handshake_timeout)
+        .header_read_timeout(settings.handshake_timeout)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);

@@ -114,6 +114,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 async fn run(config: Config) -> anyhow::Result<()> {
     raise_fd_limit();
     let app = App::bind(config).await.context("cannot start")?;
+    let shared = app.shared();
+    // SIGHUP re-reads the config file; a bad file is logged and ignored.
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let _ = berth::reload::reload(&shared).await;
+        }
+    });
     app.run(shutdown_signal()).await;
     Ok(())
 }

@@ -4,8 +4,8 @@
 //! holds a [`ConnectionGuard`] while it is live; dropping the guard gives the
 //! slot back and moves the gauge.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 use prometheus::IntGauge;
 use tokio_util::sync::CancellationToken;
@@ -52,15 +52,16 @@ pub struct Backend {
     pub pool: String,
     pub id: String,
     pub address: String,
-    pub weight: u32,
+    weight: AtomicU32,
     live_ws: AtomicU64,
     inflight_http: AtomicU64,
     state: AtomicU8,
     /// Hands out drain slots so closes spread across the drain window.
     drain_ticket: AtomicU64,
     /// Cancelled when the backend is drained or removed: its WebSocket
-    /// connections then close with 1012 across the pool's drain window.
-    pub drain: CancellationToken,
+    /// connections then close with 1012 across the pool's drain window. An
+    /// undrain puts a fresh token in place for new connections.
+    drain: Mutex<CancellationToken>,
     /// Counter handles for the relay, resolved once.
     pub counters: RelayCounters,
     live_gauge: IntGauge,
@@ -84,12 +85,12 @@ impl Backend {
             pool: pool.to_string(),
             id: config.id.clone(),
             address: config.address.clone(),
-            weight: config.weight.max(1),
+            weight: AtomicU32::new(config.weight.max(1)),
             live_ws: AtomicU64::new(0),
             inflight_http: AtomicU64::new(0),
             state: AtomicU8::new(BackendState::Up.as_u8()),
             drain_ticket: AtomicU64::new(0),
-            drain: CancellationToken::new(),
+            drain: Mutex::new(CancellationToken::new()),
             counters: metrics.relay_counters(pool, &config.id),
             live_gauge: metrics
                 .ws_connections_active
@@ -140,6 +141,52 @@ impl Backend {
                 s.as_str(),
             ]);
         }
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub fn set_weight(&self, weight: u32) {
+        self.weight.store(weight.max(1), Ordering::Relaxed);
+    }
+
+    /// The token a new connection watches for this backend's drain.
+    pub fn drain_token(&self) -> CancellationToken {
+        match self.drain.lock() {
+            Ok(t) => t.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Starts draining: no new connections; live WebSockets get Close 1012
+    /// spread over the pool's drain window. Returns false if already draining.
+    pub fn start_drain(&self) -> bool {
+        let was = self.set_state(BackendState::Draining);
+        self.drain_token().cancel();
+        if was {
+            tracing::info!(pool = %self.pool, backend = %self.id, live = self.live_connections(), "backend draining");
+        }
+        was
+    }
+
+    /// Returns a drained backend to service (connections already told to
+    /// close still close).
+    pub fn undrain(&self) -> bool {
+        let mut guard = match self.drain.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if guard.is_cancelled() {
+            *guard = CancellationToken::new();
+        }
+        drop(guard);
+        self.drain_ticket.store(0, Ordering::Relaxed);
+        let changed = self.set_state(BackendState::Up);
+        if changed {
+            tracing::info!(pool = %self.pool, backend = %self.id, "backend back in service");
+        }
+        changed
     }
 
     /// The next slot in this backend's drain schedule.

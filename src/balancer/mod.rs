@@ -46,14 +46,19 @@ impl Pool {
             .backends
             .iter()
             .map(|b| {
-                previous
+                match previous
                     .and_then(|p| p.find(&b.id))
-                    .filter(|old| old.address == b.address && old.weight == b.weight.max(1))
-                    .cloned()
-                    .unwrap_or_else(|| Backend::new(&config.name, b, metrics))
+                    .filter(|old| old.address == b.address)
+                {
+                    Some(old) => {
+                        old.set_weight(b.weight);
+                        Arc::clone(old)
+                    }
+                    None => Backend::new(&config.name, b, metrics),
+                }
             })
             .collect();
-        let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+        let weights: Vec<u32> = backends.iter().map(|b| b.weight()).collect();
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
@@ -98,8 +103,8 @@ impl Pool {
                     best = match best {
                         // load/weight < best_load/best_weight, without division.
                         Some(cur)
-                            if u128::from(b.load()) * u128::from(cur.weight)
-                                >= u128::from(cur.load()) * u128::from(b.weight) =>
+                            if u128::from(b.load()) * u128::from(cur.weight())
+                                >= u128::from(cur.load()) * u128::from(b.weight()) =>
                         {
                             Some(cur)
                         }

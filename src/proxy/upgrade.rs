@@ -323,9 +323,10 @@ pub async fn connect(address: &str, timeout: Duration) -> Result<TcpStream, Stri
 fn stop_signal(shared: &Arc<Shared>, backend: &Arc<Backend>, drain_window: Duration) -> StopSignal {
     let shared = Arc::clone(shared);
     let backend = Arc::clone(backend);
+    let drain = backend.drain_token();
     Box::pin(async move {
         let (reason, window, live, ticket) = tokio::select! {
-            _ = backend.drain.cancelled() => (
+            _ = drain.cancelled() => (
                 StopReason::Drain,
                 drain_window,
                 backend.live_connections(),

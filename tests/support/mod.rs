@@ -61,6 +61,26 @@ impl Proxy {
         }
     }
 
+    /// Starts berth from a config file (so that reloads re-read it).
+    pub async fn start_file(path: &std::path::Path) -> Proxy {
+        let config = Config::load(path).unwrap_or_else(|e| panic!("{e}"));
+        let app = App::bind(config).await.expect("bind");
+        let addr = app.listener_addr("public").expect("listener named public");
+        let tls_addr = app.listener_addr("tls");
+        let admin = app.admin_addr();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run(async {
+            let _ = rx.await;
+        }));
+        Proxy {
+            addr,
+            tls_addr,
+            admin,
+            stop: Some(tx),
+            task,
+        }
+    }
+
     /// Triggers shutdown and waits for `run` to return.
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.stop.take() {
@@ -168,6 +188,8 @@ impl WsBackend {
                     while let Some(msg) = ws.next().await {
                         let Ok(msg) = msg else { break };
                         match msg {
+                            // Vanish without a Close frame (a crash, as the proxy sees it).
+                            Message::Text(t) if t.as_str() == "die" => return,
                             Message::Text(t) if t.as_str() == "whoami" => {
                                 if ws.send(Message::text(name.clone())).await.is_err() {
                                     break;
@@ -436,7 +458,7 @@ pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Reads one whole unmasked frame from a raw stream: (fin, opcode, payload).
-pub async fn read_frame(s: &mut TcpStream) -> Option<(bool, u8, Vec<u8>)> {
+pub async fn read_frame<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<(bool, u8, Vec<u8>)> {
     let mut h = [0u8; 2];
     s.read_exact(&mut h).await.ok()?;
     let mut len = u64::from(h[1] & 0x7F);
@@ -467,7 +489,7 @@ pub async fn read_frame(s: &mut TcpStream) -> Option<(bool, u8, Vec<u8>)> {
 }
 
 /// Reads frames until a Close; returns its code (1005 when it has none).
-pub async fn read_until_close(s: &mut TcpStream) -> Option<u16> {
+pub async fn read_until_close<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<u16> {
     loop {
         let (_, op, payload) = read_frame(s).await?;
         if op == 0x8 {
@@ -484,5 +506,68 @@ pub async fn read_until_close(s: &mut TcpStream) -> Option<u16> {
 pub async fn raw_ws(addr: SocketAddr) -> TcpStream {
     let (s, head) = raw_request(addr, &upgrade_head("/", "")).await;
     assert!(head.starts_with("HTTP/1.1 101"), "expected 101, got {head}");
+    s
+}
+
+/// Sends a request to the admin API and returns (status, body).
+pub async fn admin_request(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(admin).await.unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    (status, body)
+}
+
+/// Reads the next Close from a tokio-tungstenite client, answering nothing
+/// else; returns its code, or None if the stream ended without one.
+pub async fn next_close(ws: &mut Ws) -> Option<u16> {
+    while let Some(msg) = ws.next().await {
+        match msg {
+            Ok(Message::Close(frame)) => return Some(frame.map_or(1005, |f| u16::from(f.code))),
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// Opens a raw WebSocket through the proxy's TLS listener.
+pub async fn raw_wss(addr: SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(tls_client_config());
+    let mut s = connector
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    s.write_all(upgrade_head("/", "").as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).await.unwrap();
+        got.push(b[0]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
     s
 }

@@ -1,0 +1,484 @@
+//! Connection lifecycle: idle timeouts, heartbeats, backend failure, drains
+//! spread over a window, reloads and shutdown. Real clients and backends.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn idle_timeout_closes_both_sides_with_1001() {
+    let b = WsBackend::start("b1").await;
+    let proxy = Proxy::start(&config_for(
+        &[b.addr],
+        "idle_timeout = \"600ms\"\nclose_timeout = \"1s\"",
+    ))
+    .await;
+    let mut ws = ws_connect(proxy.addr, false, "/").await;
+    // Traffic keeps it alive...
+    for _ in 0..4 {
+        ws.send(Message::text("x")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("x"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // ...silence ends it.
+    let started = Instant::now();
+    let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Message::Close(Some(frame)) = msg else {
+        panic!("expected Close, got {msg:?}")
+    };
+    assert_eq!(u16::from(frame.code), 1001);
+    assert_eq!(frame.reason.as_str(), "idle timeout");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    // The backend got a (masked, so tungstenite accepted it) Close 1001 too.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while b.closes_seen.lock().unwrap().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*b.closes_seen.lock().unwrap(), vec![1001]);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn heartbeat_finds_a_dead_client_and_spares_a_live_one() {
+    let b = WsBackend::start("b1").await;
+    let proxy = Proxy::start(&config_for(
+        &[b.addr],
+        "ping_interval = \"150ms\"\npong_timeout = \"300ms\"\nclose_timeout = \"1s\"",
+    ))
+    .await;
+    // A live client: tokio-tungstenite answers pings while it reads.
+    let mut live = ws_connect(proxy.addr, false, "/").await;
+    // A dead one: a raw socket that reads nothing and answers nothing.
+    let mut dead = raw_ws(proxy.addr).await;
+    let started = Instant::now();
+    let reader = tokio::spawn(async move {
+        let mut pings = 0;
+        let mut buf = [0u8; 64];
+        // Read until berth drops us; don't answer.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), dead.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return (pings, true),
+                Ok(Ok(n)) => pings += buf[..n].iter().filter(|b| **b == 0x89).count(),
+                Err(_) => return (pings, false),
+            }
+        }
+    });
+    // Keep the live one reading for many intervals.
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        let _ = tokio::time::timeout(Duration::from_millis(100), live.next()).await;
+    }
+    let (pings, dropped) = reader.await.unwrap();
+    assert!(dropped, "the dead client was not dropped");
+    assert!(pings >= 1, "berth never pinged");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    live.send(Message::text("still alive")).await.unwrap();
+    loop {
+        match live.next().await.unwrap().unwrap() {
+            Message::Text(t) => {
+                assert_eq!(t.as_str(), "still alive");
+                break;
+            }
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // berth consumed the live client's pongs; the backend saw none.
+    assert_eq!(b.pongs_seen.load(Ordering::SeqCst), 0);
+    // The dead client's backend connection was closed with 1001.
+    assert!(b.closes_seen.lock().unwrap().contains(&1001));
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn backend_that_vanishes_gives_the_client_1014() {
+    // Raw clients read the code off the wire: tokio-tungstenite 0.26 turns a
+    // received 1014 into 1002 ("Protocol violation") before the app sees it.
+    let b = WsBackend::start("b1").await;
+    let proxy = Proxy::start(&config_for(&[b.addr], "")).await;
+    let mut plain = raw_ws(proxy.addr).await;
+    plain
+        .write_all(&client_frame(true, 0x1, b"die"))
+        .await
+        .unwrap();
+    let code = tokio::time::timeout(Duration::from_secs(5), read_until_close(&mut plain))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1014));
+    let mut tls = raw_wss(proxy.tls_addr.unwrap()).await;
+    tls.write_all(&client_frame(true, 0x1, b"die"))
+        .await
+        .unwrap();
+    let code = tokio::time::timeout(Duration::from_secs(5), read_until_close(&mut tls))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1014));
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn drained_backend_closes_its_clients_with_1012_spread_over_the_window() {
+    let b1 = WsBackend::start("b1").await;
+    let b2 = WsBackend::start("b2").await;
+    let proxy = Proxy::start(&config_for(&[b1.addr, b2.addr], "drain_window = \"3s\"")).await;
+    const PER_BACKEND: usize = 300;
+    let mut on_b1 = Vec::new();
+    let mut on_b2 = Vec::new();
+    while on_b1.len() < PER_BACKEND || on_b2.len() < PER_BACKEND {
+        let mut ws = ws_connect(proxy.addr, false, "/").await;
+        match whoami(&mut ws).await.as_str() {
+            "b1" if on_b1.len() < PER_BACKEND => on_b1.push(ws),
+            "b2" if on_b2.len() < PER_BACKEND => on_b2.push(ws),
+            _ => {}
+        }
+    }
+    let started = Instant::now();
+    let waiters: Vec<_> = on_b1
+        .into_iter()
+        .map(|mut ws| tokio::spawn(async move { (next_close(&mut ws).await, started.elapsed()) }))
+        .collect();
+    let (status, body) = admin_request(
+        proxy.admin.unwrap(),
+        "POST",
+        "/admin/pools/main/backends/b1/drain",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"state\":\"draining\""), "{body}");
+    let mut times = Vec::new();
+    for w in waiters {
+        let (code, at) = w.await.unwrap();
+        assert_eq!(code, Some(1012));
+        times.push(at);
+    }
+    // Spread: every close inside the window (plus slack), and no tenth of
+    // the window holds more than a fair share (30) plus a margin.
+    let window = Duration::from_secs(3);
+    let mut tenths = [0usize; 10];
+    for t in &times {
+        assert!(*t < window + Duration::from_millis(700), "close at {t:?}");
+        let idx = ((t.as_secs_f64() / window.as_secs_f64()) * 10.0) as usize;
+        tenths[idx.min(9)] += 1;
+    }
+    let fair = PER_BACKEND / 10;
+    assert!(
+        tenths.iter().all(|&n| n <= fair + fair / 2),
+        "closes per tenth: {tenths:?}"
+    );
+    // Clients on b2 saw nothing and keep echoing; new clients avoid b1.
+    for ws in on_b2.iter_mut().take(20) {
+        ws.send(Message::text("ok?")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("ok?"));
+    }
+    for _ in 0..4 {
+        let mut ws = ws_connect(proxy.addr, false, "/").await;
+        assert_eq!(whoami(&mut ws).await, "b2");
+    }
+    let (_, pools) = admin_request(proxy.admin.unwrap(), "GET", "/admin/pools", None).await;
+    assert!(pools.contains("\"draining\""), "{pools}");
+    // Undrain puts it back.
+    let (status, _) = admin_request(
+        proxy.admin.unwrap(),
+        "POST",
+        "/admin/pools/main/backends/b1/undrain",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut seen_b1 = false;
+    for _ in 0..6 {
+        let mut ws = ws_connect(proxy.addr, false, "/").await;
+        seen_b1 |= whoami(&mut ws).await == "b1";
+    }
+    assert!(seen_b1);
+    proxy.shutdown().await;
+}
+
+fn write_config(path: &std::path::Path, backends: &[std::net::SocketAddr], extra: &str) {
+    std::fs::write(
+        path,
+        config_for(backends, extra)
+            .replace("{CERT}", CERT)
+            .replace("{KEY}", KEY),
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn reload_removes_a_backend_with_1012_and_keeps_the_others() {
+    let b1 = WsBackend::start("b1").await;
+    let b2 = WsBackend::start("b2").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("berth.toml");
+    write_config(&path, &[b1.addr, b2.addr], "drain_window = \"500ms\"");
+    let proxy = Proxy::start_file(&path).await;
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let mut ws = ws_connect(proxy.addr, false, "/").await;
+        let id = whoami(&mut ws).await;
+        clients.push((id, ws));
+    }
+    // An invalid file is rejected and nothing changes.
+    std::fs::write(
+        &path,
+        "[[listeners]]\nname = \"public\"\nbind = \"nowhere\"\n",
+    )
+    .unwrap();
+    let (status, body) = admin_request(proxy.admin.unwrap(), "POST", "/admin/reload", None).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body.contains("berth.toml:3: listeners[0].bind: invalid socket address \"nowhere\""),
+        "{body}"
+    );
+    for (_, ws) in clients.iter_mut() {
+        ws.send(Message::text("still")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("still"));
+    }
+    // Remove b2 (b1 keeps its entry; "b1" is the first id in config_for).
+    write_config(&path, &[b1.addr], "drain_window = \"500ms\"");
+    let (status, body) = admin_request(proxy.admin.unwrap(), "POST", "/admin/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    for (id, ws) in clients.iter_mut() {
+        if id == "b2" {
+            assert_eq!(
+                tokio::time::timeout(Duration::from_secs(3), next_close(ws))
+                    .await
+                    .unwrap(),
+                Some(1012)
+            );
+        } else {
+            ws.send(Message::text("untouched")).await.unwrap();
+            assert_eq!(
+                ws.next().await.unwrap().unwrap(),
+                Message::text("untouched")
+            );
+        }
+    }
+    for _ in 0..4 {
+        let mut ws = ws_connect(proxy.addr, false, "/").await;
+        assert_eq!(whoami(&mut ws).await, "b1");
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn listeners_keep_accepting_during_reloads() {
+    let b1 = WsBackend::start("b1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("berth.toml");
+    write_config(&path, &[b1.addr], "");
+    let proxy = Proxy::start_file(&path).await;
+    let addr = proxy.addr;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let loop_task = tokio::spawn(async move {
+        let (mut ok, mut failed) = (0, 0);
+        while !stop2.load(Ordering::SeqCst) {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(mut s) => {
+                    let req = "GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+                    let mut buf = [0u8; 12];
+                    if s.write_all(req.as_bytes()).await.is_ok()
+                        && s.read_exact(&mut buf).await.is_ok()
+                        && &buf == b"HTTP/1.1 101"
+                    {
+                        ok += 1;
+                    } else {
+                        failed += 1;
+                    }
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        (ok, failed)
+    });
+    for i in 0..10 {
+        write_config(
+            &path,
+            &[b1.addr],
+            &format!("idle_timeout = \"{}s\"", 10 + i % 2),
+        );
+        let (status, body) =
+            admin_request(proxy.admin.unwrap(), "POST", "/admin/reload", None).await;
+        assert_eq!(status, 200, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (ok, failed) = loop_task.await.unwrap();
+    assert!(ok > 10, "only {ok} connections got through");
+    assert_eq!(failed, 0, "{failed} connections failed during reloads");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn sigterm_sends_1001_to_every_client_and_exits_zero() {
+    let b1 = WsBackend::start("b1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("berth.toml");
+    // A fixed port is needed to reach a separate process: probe a free one.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let toml = config_for(&[b1.addr], "close_timeout = \"1s\"")
+        .replacen(
+            "bind = \"127.0.0.1:0\"",
+            &format!("bind = \"127.0.0.1:{port}\""),
+            1,
+        )
+        .replace("{CERT}", CERT)
+        .replace("{KEY}", KEY);
+    std::fs::write(&path, format!("shutdown_window = \"1s\"\n{toml}")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "berth did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(ws_connect(addr, false, "/").await);
+    }
+    let waiters: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| tokio::spawn(async move { next_close(&mut ws).await }))
+        .collect();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    for w in waiters {
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(5), w)
+                .await
+                .unwrap()
+                .unwrap(),
+            Some(1001)
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "berth did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+/// A backend that answers the handshake itself and then sends one 8 MiB
+/// binary message as 64 fragments, pausing between them.
+async fn fragmenting_backend() -> std::net::SocketAddr {
+    use base64::Engine as _;
+    use sha1::Digest as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let key = head
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("sec-websocket-key: ")
+                    .or_else(|| l.strip_prefix("Sec-WebSocket-Key: "))
+            })
+            .unwrap()
+            .trim()
+            .to_string();
+        let mut sha = sha1::Sha1::new();
+        sha.update(key.as_bytes());
+        sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+        let accept = base64::engine::general_purpose::STANDARD.encode(sha.finalize());
+        let resp = format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
+        s.write_all(resp.as_bytes()).await.unwrap();
+        let chunk = 128 * 1024;
+        for i in 0..64u32 {
+            let opcode = if i == 0 { 0x2 } else { 0x0 };
+            let fin = if i == 63 { 0x80 } else { 0 };
+            let mut frame = vec![fin | opcode, 127];
+            frame.extend_from_slice(&(chunk as u64).to_be_bytes());
+            frame.extend((0..chunk).map(|k| ((i as usize * chunk + k) % 253) as u8));
+            s.write_all(&frame).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(8)).await;
+        }
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    });
+    addr
+}
+
+#[tokio::test]
+async fn ping_injected_inside_a_fragmented_8mib_message_leaves_it_intact() {
+    let backend = fragmenting_backend().await;
+    let proxy = Proxy::start(&config_for(
+        &[backend],
+        "ping_interval = \"20ms\"\npong_timeout = \"30s\"",
+    ))
+    .await;
+    let mut s = raw_ws(proxy.addr).await;
+    let mut message = Vec::new();
+    let mut pings_inside = 0;
+    loop {
+        let (fin, op, payload) = tokio::time::timeout(Duration::from_secs(20), read_frame(&mut s))
+            .await
+            .unwrap()
+            .unwrap();
+        match op {
+            0x9 => {
+                if !message.is_empty() {
+                    pings_inside += 1;
+                }
+                s.write_all(&client_frame(true, 0xA, &payload))
+                    .await
+                    .unwrap();
+            }
+            0x2 | 0x0 => {
+                message.extend_from_slice(&payload);
+                if fin {
+                    break;
+                }
+            }
+            other => panic!("unexpected opcode {other}"),
+        }
+    }
+    assert_eq!(message.len(), 8 * 1024 * 1024);
+    assert!(
+        message
+            .iter()
+            .enumerate()
+            .all(|(k, b)| *b == (k % 253) as u8),
+        "payload corrupted"
+    );
+    assert!(pings_inside >= 1, "no ping landed between fragments");
+    proxy.shutdown().await;
+}
