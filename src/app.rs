@@ -168,6 +168,9 @@ impl App {
         for bound in self.pending {
             shared.start_listener(bound);
         }
+        for pool in shared.live.load().pools.values() {
+            crate::balancer::health::start(pool, &shared.metrics, &shared.shutdown);
+        }
         let admin_task = self.admin.map(|(listener, addr)| {
             tracing::info!(%addr, "admin API listening");
             tokio::spawn(crate::admin::serve(listener, Arc::clone(&shared)))

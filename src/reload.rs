@@ -172,7 +172,14 @@ pub fn apply(shared: &Arc<Shared>, mut config: Config) -> Result<ReloadSummary, 
             }
         }
     }
-    shared.live.store(Arc::new(runtime));
+    let runtime = Arc::new(runtime);
+    shared.live.store(Arc::clone(&runtime));
+    for pool in old.pools.values() {
+        pool.stop.cancel();
+    }
+    for pool in runtime.pools.values() {
+        crate::balancer::health::start(pool, &shared.metrics, &shared.shutdown);
+    }
     for (backend, window, close_timeout) in removed {
         summary
             .backends_removed

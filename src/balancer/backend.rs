@@ -4,8 +4,10 @@
 //! holds a [`ConnectionGuard`] while it is live; dropping the guard gives the
 //! slot back and moves the gauge.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use prometheus::IntGauge;
 use tokio_util::sync::CancellationToken;
@@ -30,22 +32,6 @@ impl BackendState {
             BackendState::Draining => "draining",
         }
     }
-
-    fn from_u8(v: u8) -> BackendState {
-        match v {
-            1 => BackendState::Down,
-            2 => BackendState::Draining,
-            _ => BackendState::Up,
-        }
-    }
-
-    fn as_u8(self) -> u8 {
-        match self {
-            BackendState::Up => 0,
-            BackendState::Down => 1,
-            BackendState::Draining => 2,
-        }
-    }
 }
 
 pub struct Backend {
@@ -53,9 +39,20 @@ pub struct Backend {
     pub id: String,
     pub address: String,
     weight: AtomicU32,
+    /// Cap on live WebSockets (`u64::MAX` when unlimited).
+    max_connections: AtomicU64,
     live_ws: AtomicU64,
     inflight_http: AtomicU64,
-    state: AtomicU8,
+    /// Health as the checks see it (active and passive).
+    healthy: AtomicBool,
+    /// Drained by an operator or removed by a reload.
+    draining: AtomicBool,
+    /// Consecutive successful / failed observations.
+    ok_streak: AtomicU32,
+    fail_streak: AtomicU32,
+    /// When the backend last went down (ms on the process clock), for the
+    /// passive-only retry window.
+    down_since_ms: AtomicU64,
     /// Hands out drain slots so closes spread across the drain window.
     drain_ticket: AtomicU64,
     /// Cancelled when the backend is drained or removed: its WebSocket
@@ -86,9 +83,14 @@ impl Backend {
             id: config.id.clone(),
             address: config.address.clone(),
             weight: AtomicU32::new(config.weight.max(1)),
+            max_connections: AtomicU64::new(config.max_connections.unwrap_or(u64::MAX)),
             live_ws: AtomicU64::new(0),
             inflight_http: AtomicU64::new(0),
-            state: AtomicU8::new(BackendState::Up.as_u8()),
+            healthy: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            ok_streak: AtomicU32::new(0),
+            fail_streak: AtomicU32::new(0),
+            down_since_ms: AtomicU64::new(0),
             drain_ticket: AtomicU64::new(0),
             drain: Mutex::new(CancellationToken::new()),
             counters: metrics.relay_counters(pool, &config.id),
@@ -102,17 +104,100 @@ impl Backend {
     }
 
     pub fn state(&self) -> BackendState {
-        BackendState::from_u8(self.state.load(Ordering::Acquire))
+        if self.draining.load(Ordering::Acquire) {
+            BackendState::Draining
+        } else if self.healthy.load(Ordering::Acquire) {
+            BackendState::Up
+        } else {
+            BackendState::Down
+        }
     }
 
-    /// Sets the state; returns true when it changed.
+    /// Forces a state (tests and operator actions). Returns true when the
+    /// visible state changed.
     pub fn set_state(&self, state: BackendState) -> bool {
-        let old = self.state.swap(state.as_u8(), Ordering::AcqRel);
-        let changed = old != state.as_u8();
-        if changed {
-            self.publish_state(state);
+        let before = self.state();
+        match state {
+            BackendState::Up => {
+                self.draining.store(false, Ordering::Release);
+                self.healthy.store(true, Ordering::Release);
+            }
+            BackendState::Down => {
+                self.healthy.store(false, Ordering::Release);
+                self.down_since_ms.store(clock_ms(), Ordering::Relaxed);
+            }
+            BackendState::Draining => self.draining.store(true, Ordering::Release),
         }
-        changed
+        let after = self.state();
+        if after != before {
+            self.publish_state(after);
+        }
+        after != before
+    }
+
+    /// Records one health observation (an active check, or a connect or
+    /// handshake outcome on the data path). `rise` consecutive successes
+    /// bring a down backend up; `fall` consecutive failures take an up one
+    /// down. Returns true when health flipped; the flip is logged once, with
+    /// the reason.
+    pub fn observe(&self, ok: bool, rise: u32, fall: u32, reason: &str) -> bool {
+        let flipped = if ok {
+            self.fail_streak.store(0, Ordering::Relaxed);
+            let streak = self
+                .ok_streak
+                .fetch_add(1, Ordering::Relaxed)
+                .saturating_add(1);
+            streak >= rise && !self.healthy.swap(true, Ordering::AcqRel)
+        } else {
+            self.ok_streak.store(0, Ordering::Relaxed);
+            let streak = self
+                .fail_streak
+                .fetch_add(1, Ordering::Relaxed)
+                .saturating_add(1);
+            let went_down = streak >= fall && self.healthy.swap(false, Ordering::AcqRel);
+            if went_down {
+                self.down_since_ms.store(clock_ms(), Ordering::Relaxed);
+            }
+            went_down
+        };
+        if flipped {
+            if ok {
+                tracing::info!(pool = %self.pool, backend = %self.id, reason, "backend down -> up");
+            } else {
+                tracing::warn!(pool = %self.pool, backend = %self.id, reason, "backend up -> down");
+            }
+            self.publish_state(self.state());
+        }
+        flipped
+    }
+
+    /// For pools without active checks: a backend that went down passively
+    /// is tried again once `retry_after` has passed since it went down.
+    pub fn passive_retry_due(&self, retry_after: std::time::Duration) -> bool {
+        !self.healthy.load(Ordering::Acquire)
+            && clock_ms().saturating_sub(self.down_since_ms.load(Ordering::Relaxed))
+                >= u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Brings a passively-down backend back on probation (one failure in a
+    /// row takes it down again only after `fall` failures, as usual).
+    pub fn passive_retry(&self) {
+        if !self.healthy.swap(true, Ordering::AcqRel) {
+            self.ok_streak.store(0, Ordering::Relaxed);
+            self.fail_streak.store(0, Ordering::Relaxed);
+            tracing::info!(pool = %self.pool, backend = %self.id, reason = "passive retry window elapsed", "backend down -> up");
+            self.publish_state(self.state());
+        }
+    }
+
+    /// True when the backend is at its `max_connections` cap.
+    pub fn is_full(&self) -> bool {
+        self.live_ws.load(Ordering::Relaxed) >= self.max_connections.load(Ordering::Relaxed)
+    }
+
+    pub fn set_max_connections(&self, max: Option<u64>) {
+        self.max_connections
+            .store(max.unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     fn publish_state(&self, state: BackendState) {
@@ -182,11 +267,12 @@ impl Backend {
         }
         drop(guard);
         self.drain_ticket.store(0, Ordering::Relaxed);
-        let changed = self.set_state(BackendState::Up);
-        if changed {
+        let was_draining = self.draining.swap(false, Ordering::AcqRel);
+        if was_draining {
             tracing::info!(pool = %self.pool, backend = %self.id, "backend back in service");
+            self.publish_state(self.state());
         }
-        changed
+        was_draining
     }
 
     /// The next slot in this backend's drain schedule.
@@ -223,6 +309,13 @@ impl Backend {
             kind: GuardKind::Request,
         }
     }
+}
+
+/// Milliseconds since the first call: a monotonic clock that fits an atomic.
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 enum GuardKind {

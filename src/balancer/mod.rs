@@ -4,9 +4,11 @@
 //! (a failed connect is retried once elsewhere) and ones that are not up.
 
 mod backend;
+pub mod health;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use backend::{Backend, BackendState, ConnectionGuard};
 
@@ -18,6 +20,14 @@ use crate::config::{Balance, PoolConfig};
 use crate::metrics::Metrics;
 use crate::proxy::ProxyBody;
 
+/// Consecutive data-path failures that take a backend down in a pool
+/// without active health checks.
+pub const PASSIVE_FALL: u32 = 3;
+
+/// How long a passively-down backend rests before it is tried again (pools
+/// without active checks only; with them, the checks bring it back).
+pub const PASSIVE_RETRY: Duration = Duration::from_secs(10);
+
 /// A pool's backends and its balancing state.
 pub struct Pool {
     pub config: PoolConfig,
@@ -27,6 +37,8 @@ pub struct Pool {
     /// Smooth weighted round-robin order (indexes into `backends`).
     schedule: Vec<usize>,
     cursor: AtomicUsize,
+    /// Cancelled when a reload replaces this pool (stops its health checks).
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for Pool {
@@ -52,6 +64,7 @@ impl Pool {
                 {
                     Some(old) => {
                         old.set_weight(b.weight);
+                        old.set_max_connections(b.max_connections);
                         Arc::clone(old)
                     }
                     None => Backend::new(&config.name, b, metrics),
@@ -69,6 +82,7 @@ impl Pool {
             config,
             backends,
             cursor: AtomicUsize::new(0),
+            stop: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -76,11 +90,37 @@ impl Pool {
         self.backends.iter().find(|b| b.id == id)
     }
 
+    /// Whether a backend may take a new connection: up and not full. In a
+    /// pool without active checks, a backend that went down passively gets
+    /// another chance after [`PASSIVE_RETRY`].
+    pub fn eligible(&self, b: &Backend) -> bool {
+        match b.state() {
+            BackendState::Up => !b.is_full(),
+            BackendState::Down
+                if self.config.health.is_none() && b.passive_retry_due(PASSIVE_RETRY) =>
+            {
+                b.passive_retry();
+                !b.is_full()
+            }
+            _ => false,
+        }
+    }
+
+    /// Records a data-path outcome for a backend (passive health check):
+    /// failed connects and refused handshakes count against it.
+    pub fn observe(&self, b: &Backend, ok: bool, reason: &str) {
+        let (rise, fall) = self
+            .config
+            .health
+            .as_ref()
+            .map_or((1, PASSIVE_FALL), |h| (h.rise, h.fall));
+        b.observe(ok, rise, fall, reason);
+    }
+
     /// Picks a backend for a new connection, never one in `exclude`.
     pub fn pick(&self, exclude: &[&Arc<Backend>]) -> Option<Arc<Backend>> {
-        let eligible = |b: &Arc<Backend>| {
-            b.state() == BackendState::Up && !exclude.iter().any(|e| Arc::ptr_eq(e, b))
-        };
+        let eligible =
+            |b: &Arc<Backend>| self.eligible(b) && !exclude.iter().any(|e| Arc::ptr_eq(e, b));
         match self.config.balance {
             Balance::RoundRobin => {
                 let len = self.schedule.len();
@@ -159,6 +199,8 @@ mod tests {
             pong_timeout: Duration::from_secs(1),
             close_timeout: Duration::from_secs(1),
             drain_window: Duration::from_secs(1),
+            affinity: crate::config::Affinity::None,
+            health: None,
             backends: weights
                 .iter()
                 .enumerate()
@@ -166,6 +208,7 @@ mod tests {
                     id: format!("b{i}"),
                     address: format!("127.0.0.1:{}", 9000 + i),
                     weight: w,
+                    max_connections: None,
                 })
                 .collect(),
         };

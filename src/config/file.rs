@@ -11,6 +11,8 @@
 
 use std::collections::BTreeMap;
 
+use std::path::PathBuf;
+
 use serde::Deserialize;
 
 /// The whole file.
@@ -85,8 +87,46 @@ pub struct FilePool {
     pub pong_timeout: Option<String>,
     pub close_timeout: Option<String>,
     pub drain_window: Option<String>,
+    /// `cookie`, `hash` or `none` (default).
+    pub affinity: Option<String>,
+    pub cookie: Option<FileCookie>,
+    pub hash: Option<FileHash>,
+    pub health: Option<FileHealth>,
     #[serde(default)]
     pub backends: Vec<FileBackend>,
+}
+
+/// `[pools.NAME.cookie]`: the signed affinity cookie.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCookie {
+    pub name: Option<String>,
+    pub secret: Option<String>,
+    pub secret_file: Option<PathBuf>,
+    pub max_age: Option<String>,
+    pub path: Option<String>,
+    pub domain: Option<String>,
+    pub same_site: Option<String>,
+}
+
+/// `[pools.NAME.hash]`: consistent-hash affinity.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHash {
+    pub key: Option<String>,
+    pub bounded_load: Option<f64>,
+    pub trusted_proxies: Option<Vec<String>>,
+}
+
+/// `[pools.NAME.health]`: active HTTP health checks.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHealth {
+    pub path: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub rise: Option<i64>,
+    pub fall: Option<i64>,
 }
 
 /// One `[[pools.NAME.backends]]` entry.
@@ -99,4 +139,6 @@ pub struct FileBackend {
     pub address: Option<String>,
     /// Default 1; signed so that a negative weight gets a range message.
     pub weight: Option<i64>,
+    /// Optional cap on live upgraded connections.
+    pub max_connections: Option<i64>,
 }

@@ -90,7 +90,80 @@ pub struct PoolConfig {
     pub pong_timeout: Duration,
     pub close_timeout: Duration,
     pub drain_window: Duration,
+    pub affinity: Affinity,
+    /// Active health checks; `None` means passive checks only.
+    pub health: Option<HealthConfig>,
     pub backends: Vec<BackendConfig>,
+}
+
+/// How a pool keeps a client on one backend.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Affinity {
+    None,
+    Cookie(CookieConfig),
+    Hash(HashConfig),
+}
+
+impl Affinity {
+    /// The `mode` label of `berth_affinity_total`.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Affinity::None => "none",
+            Affinity::Cookie(_) => "cookie",
+            Affinity::Hash(_) => "hash",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SameSite {
+    Lax,
+    Strict,
+    None,
+}
+
+#[derive(Clone, PartialEq)]
+pub struct CookieConfig {
+    pub name: String,
+    /// At least 32 bytes.
+    pub secret: Vec<u8>,
+    pub max_age: Option<Duration>,
+    pub path: String,
+    pub domain: Option<String>,
+    pub same_site: SameSite,
+}
+
+impl std::fmt::Debug for CookieConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        f.debug_struct("CookieConfig")
+            .field("name", &self.name)
+            .field("max_age", &self.max_age)
+            .field("path", &self.path)
+            .field("domain", &self.domain)
+            .field("same_site", &self.same_site)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HashConfig {
+    /// `client_ip`, `header:NAME`, `cookie:NAME` or `query:NAME` (checked).
+    pub key: String,
+    /// No backend takes more than this many times the average live
+    /// connections (consistent hashing with bounded loads); > 1.0.
+    pub bounded_load: Option<f64>,
+    /// CIDRs whose `X-Forwarded-For` is believed for `client_ip` (checked).
+    pub trusted_proxies: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,6 +172,8 @@ pub struct BackendConfig {
     /// `host:port` as written; hostnames are resolved at connect time.
     pub address: String,
     pub weight: u32,
+    /// Cap on live upgraded connections; `None` is unlimited.
+    pub max_connections: Option<u64>,
 }
 
 /// One thing wrong with a config file.

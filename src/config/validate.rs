@@ -14,11 +14,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::file::{FileAdmin, FileBackend, FileConfig, FileListener, FilePool, FileRoute, FileTls};
+use super::file::{
+    FileAdmin, FileBackend, FileConfig, FileCookie, FileHash, FileHealth, FileListener, FilePool,
+    FileRoute, FileTls,
+};
 use super::locate::{line_at, render_path, Locator, Seg};
 use super::{
-    AdminConfig, BackendConfig, Balance, Config, ListenerConfig, PoolConfig, Problem, RouteConfig,
-    TlsConfig,
+    AdminConfig, Affinity, BackendConfig, Balance, Config, CookieConfig, HashConfig, HealthConfig,
+    ListenerConfig, PoolConfig, Problem, RouteConfig, SameSite, TlsConfig,
 };
 use crate::tls::TlsError;
 
@@ -540,6 +543,8 @@ impl Checker<'_> {
             pong_timeout,
             close_timeout,
             drain_window,
+            affinity: self.affinity(name, raw),
+            health: self.health(name, raw.health.as_ref()),
             backends,
         }
     }
@@ -599,12 +604,286 @@ impl Checker<'_> {
         if !(id_ok && address_ok) {
             return None;
         }
+        let max_connections = match raw.max_connections {
+            None => Some(None),
+            Some(n) if n >= 1 => Some(u64::try_from(n).ok()),
+            Some(n) => {
+                self.push(
+                    &path(base, &[Seg::Key("max_connections")]),
+                    format!("max_connections must be at least 1, got {n} (omit it for no cap)"),
+                );
+                None
+            }
+        };
+
+        if !(id_ok && address_ok) {
+            return None;
+        }
         Some(BackendConfig {
             id: id?.to_string(),
             address: address?.to_string(),
             weight: weight?,
+            max_connections: max_connections?,
         })
     }
+
+    /// `affinity` with its `cookie` / `hash` tables.
+    fn affinity(&mut self, name: &str, raw: &FilePool) -> Affinity {
+        let base = [Seg::Key("pools"), Seg::Key(name)];
+        let key = |k: &'static str| path(&base, &[Seg::Key(k)]);
+        let mode = raw.affinity.as_deref().unwrap_or("none");
+        if !matches!(mode, "none" | "cookie" | "hash") {
+            self.push(
+                &key("affinity"),
+                format!("affinity must be \"cookie\", \"hash\" or \"none\", got {mode:?}"),
+            );
+            return Affinity::None;
+        }
+        if raw.cookie.is_some() && mode != "cookie" {
+            self.push(
+                &key("cookie"),
+                format!("a [pools.{name}.cookie] table is set but affinity is {mode:?} (set affinity = \"cookie\" or remove the table)"),
+            );
+        }
+        if raw.hash.is_some() && mode != "hash" {
+            self.push(
+                &key("hash"),
+                format!("a [pools.{name}.hash] table is set but affinity is {mode:?} (set affinity = \"hash\" or remove the table)"),
+            );
+        }
+        match mode {
+            "cookie" => self
+                .cookie(name, raw.cookie.as_ref())
+                .map_or(Affinity::None, Affinity::Cookie),
+            "hash" => self
+                .hash(name, raw.hash.as_ref())
+                .map_or(Affinity::None, Affinity::Hash),
+            _ => Affinity::None,
+        }
+    }
+
+    fn cookie(&mut self, pool: &str, raw: Option<&FileCookie>) -> Option<CookieConfig> {
+        let base = [Seg::Key("pools"), Seg::Key(pool), Seg::Key("cookie")];
+        let key = |k: &'static str| path(&base, &[Seg::Key(k)]);
+        let Some(raw) = raw else {
+            self.push(
+                &[Seg::Key("pools"), Seg::Key(pool), Seg::Key("affinity")],
+                format!("cookie affinity needs a [pools.{pool}.cookie] table with a secret (secret = \"...\" or secret_file = \"...\")"),
+            );
+            return None;
+        };
+        let secret = match (&raw.secret, &raw.secret_file) {
+            (Some(_), Some(_)) => {
+                self.push(
+                    &key("secret_file"),
+                    "set either secret or secret_file, not both",
+                );
+                None
+            }
+            (None, None) => {
+                self.push(
+                    &key("secret"),
+                    "cookie affinity requires secret (at least 32 bytes) or secret_file",
+                );
+                None
+            }
+            (Some(s), None) => Some(s.as_bytes().to_vec()),
+            (None, Some(file)) => match std::fs::read(file) {
+                Ok(mut bytes) => {
+                    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                        bytes.pop();
+                    }
+                    Some(bytes)
+                }
+                Err(e) => {
+                    self.push(
+                        &key("secret_file"),
+                        format!("{}: cannot read secret file: {e}", file.display()),
+                    );
+                    None
+                }
+            },
+        };
+        let secret = match secret {
+            Some(s) if s.len() >= 32 => Some(s),
+            Some(s) => {
+                let at = if raw.secret.is_some() {
+                    key("secret")
+                } else {
+                    key("secret_file")
+                };
+                self.push(&at, format!("cookie secret is {} bytes; use at least 32 random bytes (e.g. openssl rand -base64 32)", s.len()));
+                None
+            }
+            None => None,
+        };
+        let name = raw.name.clone().unwrap_or_else(|| format!("berth_{pool}"));
+        let name_ok = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !name_ok {
+            self.push(
+                &key("name"),
+                format!("invalid cookie name {name:?} (use letters, digits and -_.)"),
+            );
+        }
+        let max_age = self.optional_duration(&key("max_age"), raw.max_age.as_deref());
+        let cookie_path = raw.path.clone().unwrap_or_else(|| "/".to_string());
+        if !cookie_path.starts_with('/')
+            || cookie_path
+                .bytes()
+                .any(|b| b == b';' || b.is_ascii_control())
+        {
+            self.push(
+                &key("path"),
+                format!(
+                    "cookie path must start with \"/\" and contain no ';', got {cookie_path:?}"
+                ),
+            );
+        }
+        if let Some(d) = &raw.domain {
+            if d.is_empty()
+                || d.bytes()
+                    .any(|b| !(b.is_ascii_alphanumeric() || b == b'.' || b == b'-'))
+            {
+                self.push(&key("domain"), format!("invalid cookie domain {d:?}"));
+            }
+        }
+        let same_site = match raw.same_site.as_deref() {
+            None | Some("Lax") => SameSite::Lax,
+            Some("Strict") => SameSite::Strict,
+            Some("None") => SameSite::None,
+            Some(other) => {
+                self.push(
+                    &key("same_site"),
+                    format!("same_site must be \"Lax\", \"Strict\" or \"None\", got {other:?}"),
+                );
+                SameSite::Lax
+            }
+        };
+        Some(CookieConfig {
+            name,
+            secret: secret?,
+            max_age,
+            path: cookie_path,
+            domain: raw.domain.clone(),
+            same_site,
+        })
+    }
+
+    fn hash(&mut self, pool: &str, raw: Option<&FileHash>) -> Option<HashConfig> {
+        let base = [Seg::Key("pools"), Seg::Key(pool), Seg::Key("hash")];
+        let key = |k: &'static str| path(&base, &[Seg::Key(k)]);
+        let Some(raw) = raw else {
+            self.push(
+                &[Seg::Key("pools"), Seg::Key(pool), Seg::Key("affinity")],
+                format!("hash affinity needs a [pools.{pool}.hash] table with key = \"client_ip\" (or header:NAME, cookie:NAME, query:NAME)"),
+            );
+            return None;
+        };
+        let hash_key = self.required(&key("key"), raw.key.as_deref(), "key = \"client_ip\"");
+        let key_ok = match hash_key {
+            Some("client_ip") => true,
+            Some(k) => match k.split_once(':') {
+                Some(("header", h)) => http::HeaderName::from_bytes(h.as_bytes()).is_ok(),
+                Some(("cookie" | "query", n)) => !n.is_empty(),
+                _ => false,
+            },
+            None => false,
+        };
+        if hash_key.is_some() && !key_ok {
+            self.push(
+                &key("key"),
+                format!("invalid hash key {:?} (use \"client_ip\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\")", hash_key.unwrap_or_default()),
+            );
+        }
+        let bounded_ok = match raw.bounded_load {
+            Some(c) if !(c.is_finite() && c > 1.0) => {
+                self.push(
+                    &key("bounded_load"),
+                    format!("bounded_load must be a number greater than 1.0 (e.g. 1.25), got {c}"),
+                );
+                false
+            }
+            _ => true,
+        };
+        let mut proxies_ok = true;
+        for (i, cidr) in raw.trusted_proxies.iter().flatten().enumerate() {
+            if !valid_cidr(cidr) {
+                proxies_ok = false;
+                self.push(
+                    &path(&base, &[Seg::Key("trusted_proxies"), Seg::Index(i)]),
+                    format!("invalid CIDR {cidr:?} (expected e.g. \"10.0.0.0/8\" or \"::1/128\")"),
+                );
+            }
+        }
+        if !(key_ok && bounded_ok && proxies_ok) {
+            return None;
+        }
+        Some(HashConfig {
+            key: hash_key?.to_string(),
+            bounded_load: raw.bounded_load,
+            trusted_proxies: raw.trusted_proxies.clone().unwrap_or_default(),
+        })
+    }
+
+    fn health(&mut self, pool: &str, raw: Option<&FileHealth>) -> Option<HealthConfig> {
+        let raw = raw?;
+        let base = [Seg::Key("pools"), Seg::Key(pool), Seg::Key("health")];
+        let key = |k: &'static str| path(&base, &[Seg::Key(k)]);
+        let check_path = raw.path.clone().unwrap_or_else(|| "/healthz".to_string());
+        if !check_path.starts_with('/') {
+            self.push(
+                &key("path"),
+                format!("health check path must start with \"/\", got {check_path:?}"),
+            );
+        }
+        let interval = self.duration(
+            &key("interval"),
+            raw.interval.as_deref(),
+            Duration::from_secs(5),
+            Zero::Rejected,
+        );
+        let timeout = self.duration(
+            &key("timeout"),
+            raw.timeout.as_deref(),
+            Duration::from_secs(2),
+            Zero::Rejected,
+        );
+        let mut count = |k: &'static str, v: Option<i64>, default: u32| -> u32 {
+            match v {
+                None => default,
+                Some(n) if (1..=100).contains(&n) => n as u32,
+                Some(n) => {
+                    self.push(&key(k), format!("{k} must be between 1 and 100, got {n}"));
+                    default
+                }
+            }
+        };
+        let rise = count("rise", raw.rise, 2);
+        let fall = count("fall", raw.fall, 3);
+        Some(HealthConfig {
+            path: check_path,
+            interval,
+            timeout,
+            rise,
+            fall,
+        })
+    }
+}
+
+/// `a.b.c.d/n` or `v6/n`; a bare address counts as a single host.
+fn valid_cidr(text: &str) -> bool {
+    let (ip, len) = match text.split_once('/') {
+        Some((ip, len)) => (ip, Some(len)),
+        None => (text, None),
+    };
+    let Ok(ip) = ip.parse::<IpAddr>() else {
+        return false;
+    };
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    len.is_none_or(|l| l.parse::<u8>().is_ok_and(|n| n <= max))
 }
 
 /// Whether two listen addresses would fight over the same socket. Port 0
@@ -786,10 +1065,13 @@ address = "127.0.0.1:9001"
                 pong_timeout: Duration::from_secs(10),
                 close_timeout: Duration::from_secs(5),
                 drain_window: Duration::from_secs(30),
+                affinity: Affinity::None,
+                health: None,
                 backends: vec![BackendConfig {
                     id: "chat-1".into(),
                     address: "127.0.0.1:9001".into(),
                     weight: 1,
+                    max_connections: None,
                 }],
             }
         );
@@ -850,7 +1132,7 @@ address = "127.0.0.1:9001"
         assert_eq!(
             errors(&text),
             "berth.toml:13: pools.chat.backends[0].adress: unknown field `adress`, \
-             expected one of `id`, `address`, `weight`"
+             expected one of `id`, `address`, `weight`, `max_connections`"
         );
         let text = BASE.replace(
             "bind = \"127.0.0.1:8080\"",

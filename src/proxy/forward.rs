@@ -97,6 +97,7 @@ pub async fn handle(
                 return Response::from_parts(rparts, rbody.boxed_unsync());
             }
             Ok(Err(e)) if e.is_connect() => {
+                pool.observe(&backend, false, &format!("connect failed: {e}"));
                 last_err = ProxyError::Connect {
                     backend: backend.id.clone(),
                     reason: e.to_string(),

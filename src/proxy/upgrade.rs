@@ -290,6 +290,7 @@ async fn connect_with_retry(pool: &Pool) -> Result<(Arc<Backend>, TcpStream), Pr
             Ok(stream) => return Ok((backend, stream)),
             Err(reason) => {
                 tracing::debug!(backend = %backend.id, %reason, "backend connect failed");
+                pool.observe(&backend, false, &format!("connect failed: {reason}"));
                 last = ProxyError::Connect {
                     backend: backend.id.clone(),
                     reason,

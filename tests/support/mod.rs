@@ -571,3 +571,93 @@ pub async fn raw_wss(addr: SocketAddr) -> tokio_rustls::client::TlsStream<TcpStr
     );
     s
 }
+
+/// An HTTP backend whose `/healthz` answers 200 or 503 as `healthy` says,
+/// counting each kind of answer; every other path answers with its id.
+pub struct HealthBackend {
+    pub addr: SocketAddr,
+    pub healthy: Arc<std::sync::atomic::AtomicBool>,
+    pub ok_served: Arc<AtomicUsize>,
+    pub fail_served: Arc<AtomicUsize>,
+}
+
+impl HealthBackend {
+    pub async fn start(id: &'static str) -> HealthBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let ok_served = Arc::new(AtomicUsize::new(0));
+        let fail_served = Arc::new(AtomicUsize::new(0));
+        let (h, okc, failc) = (healthy.clone(), ok_served.clone(), fail_served.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (h, okc, failc) = (h.clone(), okc.clone(), failc.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (h, okc, failc) = (h.clone(), okc.clone(), failc.clone());
+                        async move {
+                            let (status, body) = if req.uri().path() == "/healthz" {
+                                if h.load(Ordering::SeqCst) {
+                                    okc.fetch_add(1, Ordering::SeqCst);
+                                    (200, "ok")
+                                } else {
+                                    failc.fetch_add(1, Ordering::SeqCst);
+                                    (503, "sick")
+                                }
+                            } else {
+                                (200, id)
+                            };
+                            let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
+                            *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, Infallible>(r)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        HealthBackend {
+            addr,
+            healthy,
+            ok_served,
+            fail_served,
+        }
+    }
+}
+
+/// GET `path` on a plain listener; returns (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri(path)
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The state of one backend as `/admin/pools` reports it.
+pub async fn backend_state(admin: SocketAddr, id: &str) -> String {
+    let (_, body) = admin_request(admin, "GET", "/admin/pools", None).await;
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for pool in json["pools"].as_object().unwrap().values() {
+        for b in pool["backends"].as_array().unwrap() {
+            if b["id"] == id {
+                return b["state"].as_str().unwrap().to_string();
+            }
+        }
+    }
+    panic!("no backend {id} in {body}");
+}
