@@ -347,7 +347,11 @@ async fn sigterm_sends_1001_to_every_client_and_exits_zero() {
         )
         .replace("{CERT}", CERT)
         .replace("{KEY}", KEY);
-    std::fs::write(&path, format!("shutdown_window = \"1s\"\n{toml}")).unwrap();
+    std::fs::write(
+        &path,
+        toml.replace("shutdown_window = \"500ms\"", "shutdown_window = \"1s\""),
+    )
+    .unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
         .args(["run", "--config", path.to_str().unwrap()])
         .stdout(std::process::Stdio::null())

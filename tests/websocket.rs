@@ -315,3 +315,29 @@ async fn garbage_on_one_connection_does_not_affect_others() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn origins_outside_allowed_origins_get_403() {
+    let b = WsBackend::start("b1").await;
+    let proxy = Proxy::start(&config_for(
+        &[b.addr],
+        "allowed_origins = [\"https://chat.example.com\"]",
+    ))
+    .await;
+    let (_s, resp) = raw_request(
+        proxy.addr,
+        &upgrade_head("/", "Origin: https://evil.example.net\r\n"),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    let (_s, resp) = raw_request(
+        proxy.addr,
+        &upgrade_head("/", "Origin: https://Chat.Example.com\r\n"),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 101"), "{resp}");
+    // Non-browser clients send no Origin and are let through.
+    let (_s, resp) = raw_request(proxy.addr, &upgrade_head("/", "")).await;
+    assert!(resp.starts_with("HTTP/1.1 101"), "{resp}");
+    proxy.shutdown().await;
+}

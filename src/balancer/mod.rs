@@ -199,6 +199,7 @@ mod tests {
             pong_timeout: Duration::from_secs(1),
             close_timeout: Duration::from_secs(1),
             drain_window: Duration::from_secs(1),
+            allowed_origins: Vec::new(),
             affinity: crate::config::Affinity::None,
             health: None,
             backends: weights

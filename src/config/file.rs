@@ -87,6 +87,8 @@ pub struct FilePool {
     pub pong_timeout: Option<String>,
     pub close_timeout: Option<String>,
     pub drain_window: Option<String>,
+    /// Origins allowed to open WebSockets (absent: any).
+    pub allowed_origins: Option<Vec<String>>,
     /// `cookie`, `hash` or `none` (default).
     pub affinity: Option<String>,
     pub cookie: Option<FileCookie>,

@@ -90,6 +90,10 @@ pub struct PoolConfig {
     pub pong_timeout: Duration,
     pub close_timeout: Duration,
     pub drain_window: Duration,
+    /// Browser origins allowed to open WebSockets, lower-cased
+    /// (`scheme://host[:port]`); empty means any. A handshake without an
+    /// `Origin` header (a non-browser client) is not affected.
+    pub allowed_origins: Vec<String>,
     pub affinity: Affinity,
     /// Active health checks; `None` means passive checks only.
     pub health: Option<HealthConfig>,

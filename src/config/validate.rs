@@ -543,6 +543,7 @@ impl Checker<'_> {
             pong_timeout,
             close_timeout,
             drain_window,
+            allowed_origins: self.origins(name, raw.allowed_origins.as_deref()),
             affinity: self.affinity(name, raw),
             health: self.health(name, raw.health.as_ref()),
             backends,
@@ -625,6 +626,25 @@ impl Checker<'_> {
             weight: weight?,
             max_connections: max_connections?,
         })
+    }
+
+    /// `allowed_origins`: each `scheme://host[:port]`, no path.
+    fn origins(&mut self, pool: &str, raw: Option<&[String]>) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, origin) in raw.unwrap_or_default().iter().enumerate() {
+            let ok = origin.split_once("://").is_some_and(|(scheme, rest)| {
+                matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.contains('/')
+            });
+            if ok {
+                out.push(origin.to_ascii_lowercase());
+            } else {
+                self.push(
+                    &[Seg::Key("pools"), Seg::Key(pool), Seg::Key("allowed_origins"), Seg::Index(i)],
+                    format!("invalid origin {origin:?} (expected scheme://host[:port], e.g. \"https://chat.example.com\")"),
+                );
+            }
+        }
+        out
     }
 
     /// `affinity` with its `cookie` / `hash` tables.
@@ -1065,6 +1085,7 @@ address = "127.0.0.1:9001"
                 pong_timeout: Duration::from_secs(10),
                 close_timeout: Duration::from_secs(5),
                 drain_window: Duration::from_secs(30),
+                allowed_origins: Vec::new(),
                 affinity: Affinity::None,
                 health: None,
                 backends: vec![BackendConfig {

@@ -67,6 +67,10 @@ pub async fn handle(
     };
     drop(runtime);
     let pool_name = pool.config.name.clone();
+    if !origin_allowed(&pool.config.allowed_origins, req.headers()) {
+        count(&pool_name, "", "origin_rejected");
+        return text_response(StatusCode::FORBIDDEN, "origin not allowed\n");
+    }
 
     // 3. The request the backend sees: end-to-end headers kept, the upgrade
     //    headers restated, X-Forwarded-* added.
@@ -265,6 +269,22 @@ pub async fn handle(
         );
     });
     client_resp
+}
+
+/// A handshake whose `Origin` is not listed is refused (cross-site
+/// WebSocket hijacking); one without `Origin` comes from a non-browser
+/// client and is let through.
+fn origin_allowed(allowed: &[String], headers: &http::HeaderMap) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    match headers.get(http::header::ORIGIN).map(|v| v.to_str()) {
+        None => true,
+        Some(Ok(origin)) => allowed
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(origin.trim())),
+        Some(Err(_)) => false,
+    }
 }
 
 fn fail(shared: &Shared, pool: &str, backend: &Backend, err: ProxyError) -> Response<ProxyBody> {

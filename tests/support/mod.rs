@@ -95,6 +95,8 @@ impl Proxy {
 pub fn config_for(backends: &[SocketAddr], pool_extra: &str) -> String {
     let mut s = String::from(
         r#"
+shutdown_window = "500ms"
+
 [[listeners]]
 name = "public"
 bind = "127.0.0.1:0"
