@@ -8,7 +8,8 @@
 //! - `listener`: accept loop and per-connection TLS + HTTP/1.1 serving.
 //! - `proxy`: the request service: plain HTTP forwarding and WebSocket upgrades.
 //! - `ws`: handshake checks, the frame-header parser and the frame-aware relay.
-//! - `balancer`: pools, backends and backend choice.
+//! - `affinity`: pure sticky-routing functions (signed cookies, rendezvous hashing).
+//! - `balancer`: pools, backends, backend choice, health checks, affinity at run time.
 //! - `routing`: the live routing table swapped on reload.
 //! - `reload`: read, validate, diff and swap a new config.
 //! - `metrics`: metric names and the registry.
@@ -18,6 +19,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod admin;
+pub mod affinity;
 pub mod app;
 pub mod balancer;
 pub mod config;

@@ -325,6 +325,29 @@ mod tests {
     }
 
     #[test]
+    fn dashboard_queries_only_metrics_that_exist() {
+        let dashboard = include_str!("../config/grafana/berth-dashboard.json");
+        let source = include_str!("metrics.rs");
+        let mut names = 0;
+        for (i, _) in dashboard.match_indices("berth_") {
+            let name: String = dashboard[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            let family = name.trim_end_matches("_bucket");
+            if family == "berth_" || family.starts_with("berth-") {
+                continue;
+            }
+            names += 1;
+            assert!(
+                source.contains(&format!("\"{family}\"")),
+                "dashboard uses unknown metric {family}"
+            );
+        }
+        assert!(names > 10);
+    }
+
+    #[test]
     fn registry_renders_every_family_name_with_prefix() {
         let m = Metrics::new().unwrap();
         m.relay_counters("chat", "chat-1");

@@ -100,6 +100,26 @@ fn each_broken_config_names_file_line_and_key() {
             ":4: listeners[0].tls.cert: /nonexistent/x.crt",
         ),
         (
+            "short_cookie_secret",
+            GOOD.replace("connect_timeout = \"3s\"", "affinity = \"cookie\"\n\n[pools.chat.cookie]\nsecret = \"too short\""),
+            ":12: pools.chat.cookie.secret: cookie secret is 9 bytes; use at least 32 random bytes",
+        ),
+        (
+            "bad_hash_key",
+            GOOD.replace("connect_timeout = \"3s\"", "affinity = \"hash\"\n\n[pools.chat.hash]\nkey = \"ip\"\nbounded_load = 0.5"),
+            ":12: pools.chat.hash.key: invalid hash key \"ip\"",
+        ),
+        (
+            "bad_bounded_load",
+            GOOD.replace("connect_timeout = \"3s\"", "affinity = \"hash\"\n\n[pools.chat.hash]\nkey = \"client_ip\"\nbounded_load = 0.5"),
+            ":13: pools.chat.hash.bounded_load: bounded_load must be a number greater than 1.0",
+        ),
+        (
+            "bad_health_rise",
+            GOOD.replace("connect_timeout = \"3s\"", "connect_timeout = \"3s\"\n\n[pools.chat.health]\nrise = 0"),
+            ":12: pools.chat.health.rise: rise must be between 1 and 100, got 0",
+        ),
+        (
             "public_admin_without_token",
             format!("{GOOD}\n[admin]\nbind = \"0.0.0.0:9900\"\n"),
             "admin.token: admin API on a non-loopback address requires [admin] token",

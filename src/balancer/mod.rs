@@ -5,12 +5,14 @@
 
 mod backend;
 pub mod health;
+pub mod sticky;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use backend::{Backend, BackendState, ConnectionGuard};
+pub use sticky::{Choice, RequestFacts, Sticky};
 
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -34,6 +36,8 @@ pub struct Pool {
     /// Pooled HTTP/1.1 client for plain requests to this pool's backends.
     pub http: Client<HttpConnector, ProxyBody>,
     pub backends: Vec<Arc<Backend>>,
+    /// Affinity, ready to apply.
+    pub sticky: Sticky,
     /// Smooth weighted round-robin order (indexes into `backends`).
     schedule: Vec<usize>,
     cursor: AtomicUsize,
@@ -77,6 +81,7 @@ impl Pool {
         connector.set_nodelay(true);
         let http = Client::builder(TokioExecutor::new()).build(connector);
         Pool {
+            sticky: Sticky::from_config(&config.affinity),
             http,
             schedule: smooth_schedule(&weights),
             config,

@@ -9,7 +9,10 @@ use hyper::body::{Body, Incoming};
 
 use super::headers::{add_forwarded, host_without_port, request_host, strip_hop_by_hop};
 use super::{ConnInfo, ProxyBody, ProxyError};
+use std::sync::Arc;
+
 use crate::app::Shared;
+use crate::balancer::RequestFacts;
 use crate::metrics::status_class;
 
 pub async fn handle(
@@ -32,6 +35,11 @@ pub async fn handle(
 
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    let facts_headers = parts.headers.clone();
+    // berth's own affinity cookie is not the application's business.
+    if let Some(name) = pool.sticky.cookie_name() {
+        crate::affinity::strip_cookie(&mut parts.headers, name);
+    }
     add_forwarded(
         &mut parts.headers,
         conn.peer.ip(),
@@ -52,9 +60,16 @@ pub async fn handle(
 
     let mut last_err = ProxyError::NoBackend(pool.config.name.clone());
     for _ in 0..attempts {
-        let Some(backend) = pool.pick(&tried.iter().collect::<Vec<_>>()) else {
+        let facts = RequestFacts {
+            headers: &facts_headers,
+            uri: &parts.uri,
+            peer: conn.peer.ip(),
+            tls: conn.tls,
+        };
+        let Some(choice) = pool.choose(&facts, &tried) else {
             break;
         };
+        let backend = Arc::clone(&choice.backend);
         let uri: Uri = match format!("http://{}{}", backend.address, path_and_query).parse() {
             Ok(u) => u,
             Err(_) => {
@@ -81,6 +96,24 @@ pub async fn handle(
             Ok(Ok(resp)) => {
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
+                if let Some(cookie) = choice
+                    .set_cookie
+                    .as_deref()
+                    .and_then(|c| http::HeaderValue::from_str(c).ok())
+                {
+                    rparts.headers.append(http::header::SET_COOKIE, cookie);
+                }
+                if let Some(result) = choice.result {
+                    shared
+                        .metrics
+                        .affinity
+                        .with_label_values(&[
+                            &pool.config.name,
+                            pool.config.affinity.mode(),
+                            result,
+                        ])
+                        .inc();
+                }
                 let status = rparts.status.as_u16();
                 let elapsed = started.elapsed();
                 shared

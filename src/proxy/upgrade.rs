@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use super::headers::{add_forwarded, host_without_port, request_host, strip_hop_by_hop};
 use super::{text_response, ConnInfo, ProxyBody, ProxyError};
 use crate::app::Shared;
-use crate::balancer::{Backend, Pool};
+use crate::balancer::{Backend, Choice, Pool, RequestFacts};
 use crate::listener::ClientStream;
 use crate::metrics::close_code_label;
 use crate::ws::handshake::{accept_matches, validate, HandshakeError};
@@ -77,6 +77,10 @@ pub async fn handle(
     let client_upgrade = hyper::upgrade::on(&mut req);
     let mut headers = req.headers().clone();
     strip_hop_by_hop(&mut headers);
+    // berth's own affinity cookie is not the application's business.
+    if let Some(name) = pool.sticky.cookie_name() {
+        crate::affinity::strip_cookie(&mut headers, name);
+    }
     headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
     add_forwarded(&mut headers, conn.peer.ip(), conn.tls, host.as_deref());
@@ -86,8 +90,14 @@ pub async fn handle(
         .map_or("/", |pq| pq.as_str())
         .to_string();
 
-    // 4. Connect, retrying once on another backend.
-    let (backend, stream) = match connect_with_retry(&pool).await {
+    // 4. Choose (affinity first) and connect, retrying once on another backend.
+    let facts = RequestFacts {
+        headers: req.headers(),
+        uri: req.uri(),
+        peer: conn.peer.ip(),
+        tls: conn.tls,
+    };
+    let (choice, stream) = match connect_with_retry(&pool, &facts).await {
         Ok(pair) => pair,
         Err(err) => {
             let backend = match &err {
@@ -99,6 +109,15 @@ pub async fn handle(
             return err.response();
         }
     };
+
+    let backend = Arc::clone(&choice.backend);
+    if let Some(result) = choice.result {
+        shared
+            .metrics
+            .affinity
+            .with_label_values(&[&pool_name, pool.config.affinity.mode(), result])
+            .inc();
+    }
 
     // 5. Send the handshake and wait for the backend's answer.
     let mut out = Request::new(Empty::<bytes::Bytes>::new());
@@ -193,6 +212,13 @@ pub async fn handle(
     strip_hop_by_hop(&mut out_headers);
     out_headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     out_headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    if let Some(cookie) = choice
+        .set_cookie
+        .as_deref()
+        .and_then(|c| HeaderValue::from_str(c).ok())
+    {
+        out_headers.append(http::header::SET_COOKIE, cookie);
+    }
     *client_resp.headers_mut() = out_headers;
 
     let guard = backend.track_websocket();
@@ -299,15 +325,19 @@ fn fail(shared: &Shared, pool: &str, backend: &Backend, err: ProxyError) -> Resp
 
 /// Connects to a backend chosen by the pool; on failure, once more to
 /// another one.
-async fn connect_with_retry(pool: &Pool) -> Result<(Arc<Backend>, TcpStream), ProxyError> {
+async fn connect_with_retry(
+    pool: &Pool,
+    facts: &RequestFacts<'_>,
+) -> Result<(Choice, TcpStream), ProxyError> {
     let mut tried: Vec<Arc<Backend>> = Vec::new();
     let mut last = ProxyError::NoBackend(pool.config.name.clone());
     for _ in 0..2 {
-        let Some(backend) = pool.pick(&tried.iter().collect::<Vec<_>>()) else {
+        let Some(choice) = pool.choose(facts, &tried) else {
             break;
         };
+        let backend = Arc::clone(&choice.backend);
         match connect(&backend.address, pool.config.connect_timeout).await {
-            Ok(stream) => return Ok((backend, stream)),
+            Ok(stream) => return Ok((choice, stream)),
             Err(reason) => {
                 tracing::debug!(backend = %backend.id, %reason, "backend connect failed");
                 pool.observe(&backend, false, &format!("connect failed: {reason}"));

@@ -174,6 +174,14 @@ impl WsBackend {
                         if let Some(xff) = req.headers().get("x-forwarded-for") {
                             resp.headers_mut().insert("x-seen-xff", xff.clone());
                         }
+                        let cookies: Vec<&str> = req
+                            .headers()
+                            .get_all("cookie")
+                            .iter()
+                            .filter_map(|v| v.to_str().ok())
+                            .collect();
+                        resp.headers_mut()
+                            .insert("x-seen-cookie", cookies.join(" | ").parse().unwrap());
                         Ok(resp)
                     };
                     let config =
