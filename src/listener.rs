@@ -163,18 +163,19 @@ async fn serve_connection(
     spec: Arc<ListenerSpec>,
     shared: Arc<Shared>,
 ) {
-    let gauge = shared
+    // The gauge goes up now and down when the last holder of the
+    // connection's `ConnInfo` lets go: this task, or the relay after an upgrade.
+    let open_gauge = shared
         .metrics
         .connections_active
         .with_label_values(&[&spec.name]);
-    gauge.inc();
-    struct Dec(prometheus::IntGauge);
-    impl Drop for Dec {
-        fn drop(&mut self) {
-            self.0.dec();
-        }
-    }
-    let _dec = Dec(gauge);
+    open_gauge.inc();
+    let mut info = ConnInfo {
+        peer,
+        listener: Arc::clone(&spec.name),
+        tls: false,
+        open_gauge,
+    };
 
     let settings = spec.settings.load_full();
     let stream = match &settings.tls {
@@ -213,11 +214,8 @@ async fn serve_connection(
             }
         }
     };
-    let info = Arc::new(ConnInfo {
-        peer,
-        listener: Arc::clone(&spec.name),
-        tls: settings.tls.is_some(),
-    });
+    info.tls = settings.tls.is_some();
+    let info = Arc::new(info);
     let shared_svc = Arc::clone(&shared);
     let service =
         service_fn(move |req| proxy::serve(req, Arc::clone(&info), Arc::clone(&shared_svc)));

@@ -188,11 +188,14 @@ async fn via_hash(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str
     whoami(&mut ws).await
 }
 
+/// Builds request `i` of a hash test: (path, headers).
+type KeyedRequest = fn(usize) -> (String, Vec<(String, String)>);
+
 #[tokio::test]
 async fn hash_routes_by_each_key_kind() {
     let backends = three().await;
     let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let cases: &[(&str, fn(usize) -> (String, Vec<(String, String)>))] = &[
+    let cases: &[(&str, KeyedRequest)] = &[
         ("header:X-User-Id", |i| {
             ("/".into(), vec![("x-user-id".into(), format!("user-{i}"))])
         }),

@@ -26,12 +26,22 @@ use crate::ws::handshake::{classify, UpgradeKind};
 /// Bodies berth sends: a backend's streamed body or a short text of its own.
 pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
-/// Facts about the client connection a request arrived on.
+/// Facts about the client connection a request arrived on. It lives as
+/// long as the connection does, upgraded ones included (the relay task holds
+/// it), so dropping it is what lowers `berth_connections_active`.
 #[derive(Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub listener: Arc<str>,
     pub tls: bool,
+    /// Lowers the listener's open-connections gauge when dropped.
+    pub open_gauge: prometheus::IntGauge,
+}
+
+impl Drop for ConnInfo {
+    fn drop(&mut self) {
+        self.open_gauge.dec();
+    }
 }
 
 /// Which party a failure is attributed to.

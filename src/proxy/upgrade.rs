@@ -24,7 +24,7 @@ use crate::ws::relay::{relay, EndReason, RelayConfig, StopReason, StopSignal};
 
 pub async fn handle(
     mut req: Request<Incoming>,
-    conn: &ConnInfo,
+    conn: &Arc<ConnInfo>,
     shared: &Arc<Shared>,
 ) -> Response<ProxyBody> {
     let count = |pool: &str, backend: &str, result: &str| {
@@ -230,13 +230,13 @@ pub async fn handle(
     };
     let stop = stop_signal(shared, &backend, pool.config.drain_window);
     let shared2 = Arc::clone(shared);
-    let peer = conn.peer;
-    let listener = conn.listener.clone();
+    // The relay keeps the client connection's info (and its gauge) alive.
+    let conn = Arc::clone(conn);
     shared.tracker.spawn(async move {
         let upgraded = match client_upgrade.await {
             Ok(u) => u,
             Err(e) => {
-                tracing::debug!(client = %peer, error = %e, "client upgrade did not complete");
+                tracing::debug!(client = %conn.peer, error = %e, "client upgrade did not complete");
                 return;
             }
         };
@@ -280,8 +280,8 @@ pub async fn handle(
         tracing::info!(
             target: "berth::access",
             kind = "websocket",
-            client = %peer,
-            listener = %listener,
+            client = %conn.peer,
+            listener = %conn.listener,
             pool,
             backend = %backend.id,
             duration_ms = elapsed.as_secs_f64() * 1000.0,

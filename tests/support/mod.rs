@@ -161,6 +161,7 @@ impl WsBackend {
                 };
                 let (c, p, cl, name) = (c.clone(), p.clone(), cl.clone(), name.clone());
                 tokio::spawn(async move {
+                    #[allow(clippy::result_large_err)] // tungstenite's callback signature
                     let cb = |req: &Request, mut resp: Response| {
                         let offered = req
                             .headers()
@@ -201,12 +202,14 @@ impl WsBackend {
                             // Vanish without a Close frame (a crash, as the proxy sees it).
                             Message::Text(t) if t.as_str() == "die" => return,
                             Message::Text(t) if t.as_str() == "whoami" => {
-                                if ws.send(Message::text(name.clone())).await.is_err() {
+                                let sent = ws.send(Message::text(name.clone())).await;
+                                if sent.is_err() {
                                     break;
                                 }
                             }
                             Message::Text(_) | Message::Binary(_) => {
-                                if ws.send(msg).await.is_err() {
+                                let sent = ws.send(msg).await;
+                                if sent.is_err() {
                                     break;
                                 }
                             }
