@@ -489,3 +489,158 @@ async fn ping_injected_inside_a_fragmented_8mib_message_leaves_it_intact() {
     assert!(pings_inside >= 1, "no ping landed between fragments");
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn second_signal_exits_at_once_and_readyz_turns_503_while_draining() {
+    let b1 = WsBackend::start("b1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("berth.toml");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // A long shutdown window: without the second signal, berth would wait.
+    let toml = config_for(&[b1.addr], "close_timeout = \"30s\"")
+        .replace("shutdown_window = \"500ms\"", "shutdown_window = \"60s\"")
+        .replacen(
+            "bind = \"127.0.0.1:0\"",
+            &format!("bind = \"127.0.0.1:{port}\""),
+            1,
+        )
+        .replace(
+            "[admin]\nbind = \"127.0.0.1:0\"",
+            &format!("[admin]\nbind = \"127.0.0.1:{admin_port}\""),
+        )
+        .replace("{CERT}", CERT)
+        .replace("{KEY}", KEY);
+    std::fs::write(&path, toml).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(admin).await.is_err()
+        || tokio::net::TcpStream::connect(addr).await.is_err()
+    {
+        assert!(Instant::now() < deadline, "berth did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(admin_request(admin, "GET", "/readyz", None).await.0, 200);
+    // Hold connections so the drain has something to wait for.
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        clients.push(ws_connect(addr, false, "/").await);
+    }
+    let pid = child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    // Draining: not ready, still alive.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _) = admin_request(admin, "GET", "/readyz", None).await;
+        if status == 503 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "readyz never turned 503");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(admin_request(admin, "GET", "/healthz", None).await.0, 200);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited before the window"
+    );
+    // The second signal ends it at once.
+    let started = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "second signal did not exit at once"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(clients);
+}
+
+#[tokio::test]
+async fn reload_swaps_the_certificate_without_dropping_the_listener() {
+    use rustls_pki_types::pem::PemObject;
+    let b1 = WsBackend::start("b1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cert_path = dir.path().join("live.crt");
+    let key_path = dir.path().join("live.key");
+    std::fs::copy(CERT, &cert_path).unwrap();
+    std::fs::copy(KEY, &key_path).unwrap();
+    let path = dir.path().join("berth.toml");
+    let write = || {
+        std::fs::write(
+            &path,
+            config_for(&[b1.addr], "")
+                .replace("{CERT}", cert_path.to_str().unwrap())
+                .replace("{KEY}", key_path.to_str().unwrap()),
+        )
+        .unwrap();
+    };
+    write();
+    let proxy = Proxy::start_file(&path).await;
+    let tls_addr = proxy.tls_addr.unwrap();
+    // An open wss connection before the swap.
+    let mut before = ws_connect(tls_addr, true, "/").await;
+    // A new certificate (rcgen) replaces the files; reload.
+    let fresh = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(&cert_path, fresh.cert.pem()).unwrap();
+    std::fs::write(&key_path, fresh.key_pair.serialize_pem()).unwrap();
+    write();
+    let (status, body) = admin_request(proxy.admin.unwrap(), "POST", "/admin/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"listeners_added\":[]"),
+        "the listener kept its socket: {body}"
+    );
+    // New handshakes present the new certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_slice(fresh.cert.pem().as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
+    connector
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .expect("handshake with the new certificate");
+    // The connection from before the swap is untouched.
+    before.send(Message::text("still")).await.unwrap();
+    assert_eq!(
+        before.next().await.unwrap().unwrap(),
+        Message::text("still")
+    );
+    proxy.shutdown().await;
+}
