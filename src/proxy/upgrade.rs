@@ -232,7 +232,7 @@ pub async fn handle(
     let shared2 = Arc::clone(shared);
     // The relay keeps the client connection's info (and its gauge) alive.
     let conn = Arc::clone(conn);
-    shared.tracker.spawn(async move {
+    let fut = async move {
         let upgraded = match client_upgrade.await {
             Ok(u) => u,
             Err(e) => {
@@ -293,7 +293,8 @@ pub async fn handle(
             initiator = outcome.initiator.as_str(),
             "websocket closed"
         );
-    });
+    };
+    shared.tracker.spawn(fut);
     client_resp
 }
 

@@ -163,28 +163,28 @@ pub fn opcode_index(op: u8) -> usize {
 /// `*_prefix` are bytes already read from each side during the handshake;
 /// they are relayed before anything else.
 #[allow(clippy::too_many_arguments)]
-pub async fn relay<C, B>(
+pub fn relay<'c, C, B>(
     client: C,
     client_prefix: Bytes,
     backend: B,
     backend_prefix: Bytes,
     config: RelayConfig,
     stop: Option<StopSignal>,
-    counters: Option<&RelayCounters>,
-) -> RelayOutcome
+    counters: Option<&'c RelayCounters>,
+) -> impl Future<Output = RelayOutcome> + 'c
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin + 'c,
+    B: AsyncRead + AsyncWrite + Unpin + 'c,
 {
     let now = Instant::now();
-    let relay = Relay {
+    Relay {
         client,
         backend,
         up: Dir::new(Side::Client, client_prefix),
         down: Dir::new(Side::Backend, backend_prefix),
         config,
         stop,
-        timer: Box::pin(tokio::time::sleep_until(now + Duration::from_secs(3600))),
+        timer: None,
         timer_at: None,
         last_data: now,
         next_ping: config.ping_interval.map(|i| now + i),
@@ -192,8 +192,7 @@ where
         close_deadline: None,
         outcome: None,
         counters,
-    };
-    relay.await
+    }
 }
 
 /// Which peer a direction reads from.
@@ -224,6 +223,14 @@ enum PingState {
     Sent([u8; PING_TOKEN_LEN], Instant),
 }
 
+/// A control frame berth will write at the next frame boundary. Encoded
+/// only when written (masked towards the backend), so a queued one is small.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Inject {
+    Close { code: u16, reason: &'static str },
+    Ping([u8; PING_TOKEN_LEN]),
+}
+
 /// Frame tracking for one direction: everything the chunk processor needs
 /// except the output.
 struct Parse {
@@ -245,7 +252,7 @@ struct Parse {
     /// The stream can no longer be parsed (protocol error): bytes are dropped.
     broken: bool,
     /// A control frame to write at the next frame boundary.
-    inject: Option<ControlFrame>,
+    inject: Option<Inject>,
     /// After `inject` is written, drop this direction's frames.
     discard_after_inject: bool,
     /// Frames from the source are parsed but not written.
@@ -254,7 +261,11 @@ struct Parse {
     close_seen: bool,
     close_code: Option<u16>,
     stats: DirStats,
-    frames_by_op: [u64; 7],
+    /// Frames per opcode not yet added to the shared counters.
+    unflushed_frames: [u32; 7],
+    /// Bytes and messages not yet added to the shared counters.
+    unflushed_bytes: u32,
+    unflushed_messages: u32,
     /// A data frame header was seen since the timers last looked.
     saw_data: bool,
 }
@@ -301,12 +312,18 @@ struct Dir {
     eof: bool,
     /// The destination's write side is shut, or it is gone.
     shut: bool,
-    flushed: DirStats,
-    flushed_by_op: [u64; 7],
 }
 
 impl Dir {
     fn new(side: Side, prefix: Bytes) -> Dir {
+        // The prefix is usually a view into the 8 KiB read buffer of the
+        // HTTP connection that did the handshake (even when empty), which
+        // would stay allocated for the life of the relay: keep an exact copy.
+        let prefix = if prefix.is_empty() {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(&prefix)
+        };
         Dir {
             p: Parse {
                 side,
@@ -326,7 +343,9 @@ impl Dir {
                 close_seen: false,
                 close_code: None,
                 stats: DirStats::default(),
-                frames_by_op: [0; 7],
+                unflushed_frames: [0; 7],
+                unflushed_bytes: 0,
+                unflushed_messages: 0,
                 saw_data: false,
             },
             out: OutState::default(),
@@ -334,8 +353,6 @@ impl Dir {
             want_shutdown: false,
             eof: false,
             shut: false,
-            flushed: DirStats::default(),
-            flushed_by_op: [0; 7],
         }
     }
 
@@ -353,26 +370,26 @@ impl Dir {
         self.out.clear();
     }
 
-    /// Adds the traffic counted since the last flush to the shared counters.
+    /// Adds the traffic counted since the last flush to the shared counters
+    /// (atomic adds on handles resolved once: no lock, no allocation).
     fn flush_counters(&mut self, counters: Option<&DirCounters>) {
-        let Some(c) = counters else { return };
-        let s = self.p.stats;
-        if s.bytes > self.flushed.bytes {
-            c.bytes.inc_by(s.bytes - self.flushed.bytes);
-        }
-        if s.messages > self.flushed.messages {
-            c.messages.inc_by(s.messages - self.flushed.messages);
-        }
-        if s.frames > self.flushed.frames {
-            for (i, counter) in c.frames.iter().enumerate() {
-                let delta = self.p.frames_by_op[i] - self.flushed_by_op[i];
-                if delta > 0 {
-                    counter.inc_by(delta);
+        let p = &mut self.p;
+        if let Some(c) = counters {
+            if p.unflushed_bytes > 0 {
+                c.bytes.inc_by(u64::from(p.unflushed_bytes));
+            }
+            if p.unflushed_messages > 0 {
+                c.messages.inc_by(u64::from(p.unflushed_messages));
+            }
+            for (counter, n) in c.frames.iter().zip(p.unflushed_frames) {
+                if n > 0 {
+                    counter.inc_by(u64::from(n));
                 }
             }
-            self.flushed_by_op = self.p.frames_by_op;
         }
-        self.flushed = s;
+        p.unflushed_bytes = 0;
+        p.unflushed_messages = 0;
+        p.unflushed_frames = [0; 7];
     }
 }
 
@@ -431,7 +448,9 @@ struct Relay<'c, C, B> {
     down: Dir,
     config: RelayConfig,
     stop: Option<StopSignal>,
-    timer: Pin<Box<Sleep>>,
+    /// Allocated the first time a deadline exists (pools without timeouts
+    /// never pay for one).
+    timer: Option<Pin<Box<Sleep>>>,
     timer_at: Option<Instant>,
     last_data: Instant,
     next_ping: Option<Instant>,
@@ -576,16 +595,14 @@ where
             if dir.eof && !dir.want_shutdown && !dir.shut {
                 if !dir.p.close_seen && !dir.p.discard && !other_closed && dir.p.at_boundary() {
                     let frame = match dir.p.side {
-                        Side::Backend => ControlFrame::close(
-                            close_code::BAD_GATEWAY,
-                            "backend connection lost",
-                            None,
-                        ),
-                        Side::Client => ControlFrame::close(
-                            close_code::GOING_AWAY,
-                            "client connection lost",
-                            Some(rand::random()),
-                        ),
+                        Side::Backend => Inject::Close {
+                            code: close_code::BAD_GATEWAY,
+                            reason: "backend connection lost",
+                        },
+                        Side::Client => Inject::Close {
+                            code: close_code::GOING_AWAY,
+                            reason: "client connection lost",
+                        },
                     };
                     if dir.p.inject.is_none() {
                         dir.p.inject = Some(frame);
@@ -628,24 +645,26 @@ where
     fn proxy_close(
         &mut self,
         client_code: u16,
-        client_reason: &str,
+        client_reason: &'static str,
         backend_code: u16,
-        backend_reason: &str,
+        backend_reason: &'static str,
         reason: EndReason,
     ) {
         if self.outcome.is_none() {
             self.outcome = Some((Initiator::Proxy, Some(client_code), reason));
         }
         if !self.down.p.discard && !self.down.shut && !self.down.want_shutdown {
-            self.down.p.inject = Some(ControlFrame::close(client_code, client_reason, None));
+            self.down.p.inject = Some(Inject::Close {
+                code: client_code,
+                reason: client_reason,
+            });
             self.down.p.discard_after_inject = true;
         }
         if !self.up.p.discard && !self.up.shut && !self.up.want_shutdown {
-            self.up.p.inject = Some(ControlFrame::close(
-                backend_code,
-                backend_reason,
-                Some(rand::random()),
-            ));
+            self.up.p.inject = Some(Inject::Close {
+                code: backend_code,
+                reason: backend_reason,
+            });
             self.up.p.discard_after_inject = true;
         }
         self.ping = PingState::Idle;
@@ -684,7 +703,7 @@ where
                 self.next_ping = Some(now + interval);
                 if self.ping == PingState::Idle && self.down.p.inject.is_none() {
                     let token: [u8; PING_TOKEN_LEN] = rand::random();
-                    self.down.p.inject = Some(ControlFrame::new(opcode::PING, &token, None));
+                    self.down.p.inject = Some(Inject::Ping(token));
                     self.ping = PingState::Queued(token);
                 }
             }
@@ -704,11 +723,14 @@ where
             consider(Some(due));
         }
         if let Some(at) = next {
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
             if self.timer_at != Some(at) {
-                self.timer.as_mut().reset(at);
+                timer.as_mut().reset(at);
                 self.timer_at = Some(at);
             }
-            if self.timer.as_mut().poll(cx).is_ready() {
+            if timer.as_mut().poll(cx).is_ready() {
                 // Due already: come round again at once.
                 self.timer_at = None;
                 cx.waker().wake_by_ref();
@@ -734,11 +756,10 @@ where
         self.up.p.discard = true;
         self.down.destination_failed();
         if !self.up.shut && !self.up.want_shutdown {
-            self.up.p.inject = Some(ControlFrame::close(
-                close_code::GOING_AWAY,
-                "client unresponsive",
-                Some(rand::random()),
-            ));
+            self.up.p.inject = Some(Inject::Close {
+                code: close_code::GOING_AWAY,
+                reason: "client unresponsive",
+            });
         }
         self.up.want_shutdown = true;
         self.arm_close_deadline();
@@ -849,6 +870,9 @@ where
         let n = dir.prefix.len().min(scratch.len());
         let head = dir.prefix.split_to(n);
         scratch[..n].copy_from_slice(&head);
+        if dir.prefix.is_empty() {
+            dir.prefix = Bytes::new();
+        }
         n
     } else {
         let mut buf = ReadBuf::new(scratch);
@@ -865,6 +889,8 @@ where
     }
     let chunk = &scratch[..n];
     dir.p.stats.bytes += n as u64;
+    // A chunk is at most the scratch buffer (32 KiB), so this cannot overflow.
+    dir.p.unflushed_bytes = dir.p.unflushed_bytes.saturating_add(n as u32);
     let mut out = Out {
         dst: &mut *dst,
         state: &mut dir.out,
@@ -891,12 +917,18 @@ fn inject_now<W: AsyncWrite + Unpin>(
     ping: PingState,
     events: &mut ChunkEvents,
 ) {
-    let Some(frame) = p.inject.take() else { return };
-    let bytes = frame.as_bytes();
-    out.emit(cx, bytes);
-    if bytes.first().is_some_and(|b| b & 0x0F == opcode::PING)
-        && matches!(ping, PingState::Queued(_))
-    {
+    let Some(inject) = p.inject.take() else {
+        return;
+    };
+    // RFC 6455 §5.1/§5.3: frames towards the backend (read from the client)
+    // are masked with a fresh key; frames towards the client are not.
+    let mask = (p.side == Side::Client).then(rand::random::<[u8; 4]>);
+    let frame = match inject {
+        Inject::Close { code, reason } => ControlFrame::close(code, reason, mask),
+        Inject::Ping(token) => ControlFrame::new(opcode::PING, &token, mask),
+    };
+    out.emit(cx, frame.as_bytes());
+    if matches!(inject, Inject::Ping(_)) && matches!(ping, PingState::Queued(_)) {
         events.ping_written = true;
     }
     if p.discard_after_inject {
@@ -1071,11 +1103,12 @@ fn process_chunk<W: AsyncWrite + Unpin>(
 /// Counts a frame whose header was just parsed.
 fn count_frame(p: &mut Parse, header: &FrameHeader) {
     p.stats.frames += 1;
-    p.frames_by_op[opcode_index(header.opcode)] += 1;
+    p.unflushed_frames[opcode_index(header.opcode)] += 1;
     if header.is_data() {
         p.saw_data = true;
         if header.fin {
             p.stats.messages += 1;
+            p.unflushed_messages += 1;
         }
     }
 }
@@ -1126,4 +1159,18 @@ fn fail(p: &mut Parse, events: &mut ChunkEvents) {
     p.broken = true;
     p.discard = true;
     events.protocol_error = true;
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// Every idle connection holds one relay: keep it small (it was 1,200
+    /// bytes before injected frames were stored compactly).
+    #[test]
+    fn relay_state_stays_small() {
+        let size = std::mem::size_of::<
+            super::Relay<'static, tokio::net::TcpStream, tokio::net::TcpStream>,
+        >();
+        assert!(size <= 800, "Relay grew to {size} bytes");
+        assert!(std::mem::size_of::<super::Inject>() <= 24);
+    }
 }
