@@ -124,8 +124,12 @@ async fn mutate(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<ProxyB
                 &format!("no backend {id:?} in pool {pool:?}\n"),
             );
         };
+        let window = runtime
+            .pools
+            .get(*pool)
+            .map_or(std::time::Duration::ZERO, |p| p.config.drain_window);
         let changed = if *action == "drain" {
-            backend.start_drain()
+            crate::drain::drain_backend(&shared.registry, backend, window, &shared.shutdown)
         } else {
             backend.undrain()
         };

@@ -55,18 +55,12 @@ pub struct Shared {
     pub reload_lock: tokio::sync::Mutex<()>,
     /// Live WebSocket connections across all pools.
     pub ws_live: AtomicU64,
-    shutdown_ticket: AtomicU64,
+    /// Live relays, for drains and shutdown.
+    pub registry: crate::drain::Registry,
     /// True once listeners are bound; false again while shutting down.
     pub ready: AtomicBool,
     /// The file reloads re-read, if any.
     pub config_path: Option<PathBuf>,
-}
-
-impl Shared {
-    /// The next slot in the shutdown schedule.
-    pub fn next_shutdown_ticket(&self) -> u64 {
-        self.shutdown_ticket.fetch_add(1, Ordering::Relaxed)
-    }
 }
 
 /// A listener that is accepting: its spec and addresses.
@@ -126,7 +120,7 @@ impl App {
             accept_loops: TaskTracker::new(),
             listeners: Mutex::new(Vec::new()),
             ws_live: AtomicU64::new(0),
-            shutdown_ticket: AtomicU64::new(0),
+            registry: crate::drain::Registry::default(),
             ready: AtomicBool::new(false),
             config_path: config.source.clone(),
             reload_lock: tokio::sync::Mutex::new(()),
@@ -182,6 +176,7 @@ impl App {
         let live = shared.ws_live.load(Ordering::Relaxed);
         tracing::info!(websocket_connections = live, window = ?shared.shutdown_window, "shutting down");
         shared.shutdown.cancel();
+        crate::drain::shut_down_all(&shared.registry, shared.shutdown_window);
         shared.accept_loops.close();
         shared.accept_loops.wait().await;
         shared.tracker.close();

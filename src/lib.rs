@@ -12,6 +12,7 @@
 //! - `balancer`: pools, backends, backend choice, health checks, affinity at run time.
 //! - `routing`: the live routing table swapped on reload.
 //! - `reload`: read, validate, diff and swap a new config.
+//! - `drain`: the registry of live relays and the spread-out closes of drains and shutdown.
 //! - `metrics`: metric names and the registry.
 //! - `admin`: `/metrics`, `/healthz`, `/readyz`, `/admin/pools`.
 //! - `demo`: `berth demo`, three in-process backends behind a TLS listener.
@@ -24,6 +25,7 @@ pub mod app;
 pub mod balancer;
 pub mod config;
 pub mod demo;
+pub mod drain;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;

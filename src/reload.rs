@@ -184,7 +184,7 @@ pub fn apply(shared: &Arc<Shared>, mut config: Config) -> Result<ReloadSummary, 
         summary
             .backends_removed
             .push(format!("{}/{}", backend.pool, backend.id));
-        backend.start_drain();
+        crate::drain::drain_backend(&shared.registry, &backend, window, &shared.shutdown);
         // Once its last connection is gone, its labelled series go too.
         let shared2 = Arc::clone(shared);
         tokio::spawn(async move {

@@ -5,12 +5,11 @@
 //! slot back and moves the gauge.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use prometheus::IntGauge;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::BackendConfig;
 use crate::metrics::Metrics;
@@ -53,14 +52,11 @@ pub struct Backend {
     /// When the backend last went down (ms on the process clock), for the
     /// passive-only retry window.
     down_since_ms: AtomicU64,
-    /// Hands out drain slots so closes spread across the drain window.
-    drain_ticket: AtomicU64,
-    /// Cancelled when the backend is drained or removed: its WebSocket
-    /// connections then close with 1012 across the pool's drain window. An
-    /// undrain puts a fresh token in place for new connections.
-    drain: Mutex<CancellationToken>,
+    /// Bumped by every drain and undrain, so that a drain schedule stops
+    /// when the backend is put back in service.
+    drain_epoch: AtomicU64,
     /// Counter handles for the relay, resolved once.
-    pub counters: RelayCounters,
+    pub counters: Arc<RelayCounters>,
     live_gauge: IntGauge,
     metrics: Metrics,
 }
@@ -91,9 +87,8 @@ impl Backend {
             ok_streak: AtomicU32::new(0),
             fail_streak: AtomicU32::new(0),
             down_since_ms: AtomicU64::new(0),
-            drain_ticket: AtomicU64::new(0),
-            drain: Mutex::new(CancellationToken::new()),
-            counters: metrics.relay_counters(pool, &config.id),
+            drain_epoch: AtomicU64::new(0),
+            counters: Arc::new(metrics.relay_counters(pool, &config.id)),
             live_gauge: metrics
                 .ws_connections_active
                 .with_label_values(&[pool, &config.id]),
@@ -236,37 +231,22 @@ impl Backend {
         self.weight.store(weight.max(1), Ordering::Relaxed);
     }
 
-    /// The token a new connection watches for this backend's drain.
-    pub fn drain_token(&self) -> CancellationToken {
-        match self.drain.lock() {
-            Ok(t) => t.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    /// Starts draining: no new connections; live WebSockets get Close 1012
-    /// spread over the pool's drain window. Returns false if already draining.
+    /// Marks the backend draining (no new connections). Returns false if it
+    /// already was. `crate::drain::drain_backend` also closes its
+    /// connections, spread over the drain window.
     pub fn start_drain(&self) -> bool {
+        self.drain_epoch.fetch_add(1, Ordering::AcqRel);
         let was = self.set_state(BackendState::Draining);
-        self.drain_token().cancel();
         if was {
             tracing::info!(pool = %self.pool, backend = %self.id, live = self.live_connections(), "backend draining");
         }
         was
     }
 
-    /// Returns a drained backend to service (connections already told to
-    /// close still close).
+    /// Returns a drained backend to service; connections already told to
+    /// close still close, the rest of the schedule is dropped.
     pub fn undrain(&self) -> bool {
-        let mut guard = match self.drain.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if guard.is_cancelled() {
-            *guard = CancellationToken::new();
-        }
-        drop(guard);
-        self.drain_ticket.store(0, Ordering::Relaxed);
+        self.drain_epoch.fetch_add(1, Ordering::AcqRel);
         let was_draining = self.draining.swap(false, Ordering::AcqRel);
         if was_draining {
             tracing::info!(pool = %self.pool, backend = %self.id, "backend back in service");
@@ -275,9 +255,9 @@ impl Backend {
         was_draining
     }
 
-    /// The next slot in this backend's drain schedule.
-    pub fn next_drain_ticket(&self) -> u64 {
-        self.drain_ticket.fetch_add(1, Ordering::Relaxed)
+    /// Changes with every drain and undrain.
+    pub fn drain_epoch(&self) -> u64 {
+        self.drain_epoch.load(Ordering::Acquire)
     }
 
     /// Live upgraded WebSocket connections.

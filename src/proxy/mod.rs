@@ -7,6 +7,7 @@
 
 pub mod forward;
 pub mod headers;
+pub mod tunnel;
 pub mod upgrade;
 
 use std::convert::Infallible;

@@ -2,9 +2,8 @@
 //! forward it to a backend, check the backend's `101` and accept key
 //! (§4.1), answer the client, then run the relay in a tracked task.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::header::{CONNECTION, UPGRADE};
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -14,13 +13,12 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::headers::{add_forwarded, host_without_port, request_host, strip_hop_by_hop};
+use super::tunnel::Tunnel;
 use super::{text_response, ConnInfo, ProxyBody, ProxyError};
 use crate::app::Shared;
 use crate::balancer::{Backend, Choice, Pool, RequestFacts};
-use crate::listener::ClientStream;
-use crate::metrics::close_code_label;
 use crate::ws::handshake::{accept_matches, validate, HandshakeError};
-use crate::ws::relay::{relay, EndReason, RelayConfig, StopReason, StopSignal};
+use crate::ws::relay::RelayConfig;
 
 pub async fn handle(
     mut req: Request<Incoming>,
@@ -228,73 +226,16 @@ pub async fn handle(
         pong_timeout: pool.config.pong_timeout,
         close_timeout: pool.config.close_timeout,
     };
-    let stop = stop_signal(shared, &backend, pool.config.drain_window);
-    let shared2 = Arc::clone(shared);
-    // The relay keeps the client connection's info (and its gauge) alive.
-    let conn = Arc::clone(conn);
-    let fut = async move {
-        let upgraded = match client_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(client = %conn.peer, error = %e, "client upgrade did not complete");
-                return;
-            }
-        };
-        let Ok(client) = upgraded.downcast::<TokioIo<ClientStream>>() else {
-            return;
-        };
-        let started = Instant::now();
-        let backend = Arc::clone(guard.backend());
-        shared2.ws_live.fetch_add(1, Ordering::Relaxed);
-        let outcome = relay(
-            client.io.into_inner(),
-            client.read_buf,
-            backend_io.0,
-            backend_io.1,
-            relay_config,
-            Some(stop),
-            Some(&backend.counters),
-        )
-        .await;
-        shared2.ws_live.fetch_sub(1, Ordering::Relaxed);
-        drop(guard);
-        let m = &shared2.metrics;
-        let pool = backend.pool.as_str();
-        let elapsed = started.elapsed();
-        m.ws_duration
-            .with_label_values(&[pool, &backend.id])
-            .observe(elapsed.as_secs_f64());
-        m.ws_closes
-            .with_label_values(&[
-                pool,
-                outcome.initiator.as_str(),
-                close_code_label(outcome.code),
-            ])
-            .inc();
-        match outcome.reason {
-            EndReason::IdleTimeout => m.ws_idle_timeouts.with_label_values(&[pool]).inc(),
-            EndReason::HeartbeatFailure => m.ws_heartbeat_failures.with_label_values(&[pool]).inc(),
-            EndReason::Drained => m.ws_drained.with_label_values(&[pool, &backend.id]).inc(),
-            _ => {}
-        }
-        tracing::info!(
-            target: "berth::access",
-            kind = "websocket",
-            client = %conn.peer,
-            listener = %conn.listener,
-            pool,
-            backend = %backend.id,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            bytes_client_to_backend = outcome.client_to_backend.bytes,
-            bytes_backend_to_client = outcome.backend_to_client.bytes,
-            messages_client_to_backend = outcome.client_to_backend.messages,
-            messages_backend_to_client = outcome.backend_to_client.messages,
-            close_code = close_code_label(outcome.code),
-            initiator = outcome.initiator.as_str(),
-            "websocket closed"
-        );
-    };
-    shared.tracker.spawn(fut);
+    // The tunnel keeps the client connection's info (and its gauge) alive.
+    shared.tracker.spawn(Tunnel::new(
+        Arc::clone(shared),
+        Arc::clone(conn),
+        guard,
+        client_upgrade,
+        backend_io.0,
+        backend_io.1,
+        relay_config,
+    ));
     client_resp
 }
 
@@ -366,36 +307,4 @@ pub async fn connect(address: &str, timeout: Duration) -> Result<TcpStream, Stri
             humantime::format_duration(timeout)
         )),
     }
-}
-
-/// Resolves when berth wants this connection closed: its backend drained
-/// (1012) or berth shutting down (1001). Closes are spread across the
-/// window: each connection takes the next slot of `window / live` and adds
-/// jitter within its slot, so the closes land evenly, not all at once.
-fn stop_signal(shared: &Arc<Shared>, backend: &Arc<Backend>, drain_window: Duration) -> StopSignal {
-    let shared = Arc::clone(shared);
-    let backend = Arc::clone(backend);
-    let drain = backend.drain_token();
-    Box::pin(async move {
-        let (reason, window, live, ticket) = tokio::select! {
-            _ = drain.cancelled() => (
-                StopReason::Drain,
-                drain_window,
-                backend.live_connections(),
-                backend.next_drain_ticket(),
-            ),
-            _ = shared.shutdown.cancelled() => (
-                StopReason::Shutdown,
-                shared.shutdown_window,
-                shared.ws_live.load(Ordering::Relaxed),
-                shared.next_shutdown_ticket(),
-            ),
-        };
-        let live = live.max(1);
-        let slot = ticket % live;
-        let jitter: f64 = rand::random();
-        let delay = window.mul_f64((slot as f64 + jitter) / live as f64);
-        tokio::time::sleep(delay).await;
-        reason
-    })
 }

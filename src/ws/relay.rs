@@ -23,6 +23,10 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use futures_util::task::AtomicWaker;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -62,9 +66,49 @@ pub enum StopReason {
     Shutdown,
 }
 
-/// A future that resolves when berth wants the connection closed (already
-/// including any spreading delay).
-pub type StopSignal = Pin<Box<dyn Future<Output = StopReason> + Send>>;
+/// A connection's stop switch, shared with whoever may end it on purpose
+/// (the drain and shutdown controllers in `crate::drain`). Checking it is an
+/// atomic load; the relay's waker is kept so that a stop wakes it at once.
+#[derive(Default)]
+pub struct StopHandle {
+    /// 0: run; otherwise a [`StopReason`].
+    state: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl StopHandle {
+    /// Asks the relay to close; the first reason given wins.
+    pub fn stop(&self, reason: StopReason) {
+        let code = match reason {
+            StopReason::Drain => 1,
+            StopReason::Shutdown => 2,
+        };
+        if self
+            .state
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.waker.wake();
+        }
+    }
+
+    fn reason(&self) -> Option<StopReason> {
+        match self.state.load(Ordering::Acquire) {
+            0 => None,
+            1 => Some(StopReason::Drain),
+            _ => Some(StopReason::Shutdown),
+        }
+    }
+
+    /// The reason, or `None` after registering to be woken by a stop.
+    fn poll(&self, cx: &mut Context<'_>) -> Option<StopReason> {
+        if let Some(r) = self.reason() {
+            return Some(r);
+        }
+        self.waker.register(cx.waker());
+        self.reason()
+    }
+}
 
 /// Which party ended the connection first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,18 +207,18 @@ pub fn opcode_index(op: u8) -> usize {
 /// `*_prefix` are bytes already read from each side during the handshake;
 /// they are relayed before anything else.
 #[allow(clippy::too_many_arguments)]
-pub fn relay<'c, C, B>(
+pub fn relay<C, B>(
     client: C,
     client_prefix: Bytes,
     backend: B,
     backend_prefix: Bytes,
     config: RelayConfig,
-    stop: Option<StopSignal>,
-    counters: Option<&'c RelayCounters>,
-) -> impl Future<Output = RelayOutcome> + 'c
+    stop: Option<Arc<StopHandle>>,
+    counters: Option<Arc<RelayCounters>>,
+) -> Relay<C, B>
 where
-    C: AsyncRead + AsyncWrite + Unpin + 'c,
-    B: AsyncRead + AsyncWrite + Unpin + 'c,
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
 {
     let now = Instant::now();
     Relay {
@@ -439,7 +483,8 @@ struct ChunkEvents {
     ping_written: bool,
 }
 
-struct Relay<'c, C, B> {
+/// The relay future for one connection (see [`relay`]).
+pub struct Relay<C, B> {
     client: C,
     backend: B,
     /// Client to backend.
@@ -447,7 +492,7 @@ struct Relay<'c, C, B> {
     /// Backend to client.
     down: Dir,
     config: RelayConfig,
-    stop: Option<StopSignal>,
+    stop: Option<Arc<StopHandle>>,
     /// Allocated the first time a deadline exists (pools without timeouts
     /// never pay for one).
     timer: Option<Pin<Box<Sleep>>>,
@@ -457,10 +502,10 @@ struct Relay<'c, C, B> {
     ping: PingState,
     close_deadline: Option<Instant>,
     outcome: Option<(Initiator, Option<u16>, EndReason)>,
-    counters: Option<&'c RelayCounters>,
+    counters: Option<Arc<RelayCounters>>,
 }
 
-impl<C, B> Future for Relay<'_, C, B>
+impl<C, B> Future for Relay<C, B>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -478,15 +523,15 @@ where
     }
 }
 
-impl<C, B> Relay<'_, C, B>
+impl<C, B> Relay<C, B>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     fn poll_relay(&mut self, cx: &mut Context<'_>, scratch: &mut [u8]) -> Poll<RelayOutcome> {
         loop {
-            if let Some(stop) = self.stop.as_mut() {
-                if let Poll::Ready(reason) = stop.as_mut().poll(cx) {
+            if let Some(stop) = self.stop.as_ref() {
+                if let Some(reason) = stop.poll(cx) {
                     self.stop = None;
                     let (code, text, end) = match reason {
                         StopReason::Drain => (
@@ -509,7 +554,6 @@ where
 
             // Backend to client first, so that when both sides finish in the
             // same poll the client (berth's server side) is closed first.
-            let counters = self.counters;
             let (events, down_progress) = poll_dir(
                 cx,
                 &mut self.down,
@@ -517,7 +561,7 @@ where
                 &mut self.client,
                 scratch,
                 self.ping,
-                counters.map(|c| &c.backend_to_client),
+                self.counters.as_deref().map(|c| &c.backend_to_client),
             );
             self.on_events(events, Side::Backend);
             let (events, up_progress) = poll_dir(
@@ -527,7 +571,7 @@ where
                 &mut self.backend,
                 scratch,
                 self.ping,
-                counters.map(|c| &c.client_to_backend),
+                self.counters.as_deref().map(|c| &c.client_to_backend),
             );
             self.on_events(events, Side::Client);
             self.settle();
@@ -545,7 +589,10 @@ where
         if self.up.p.saw_data || self.down.p.saw_data {
             self.up.p.saw_data = false;
             self.down.p.saw_data = false;
-            self.last_data = Instant::now();
+            // Reading the clock is only worth it when something waits on it.
+            if self.config.idle_timeout.is_some() {
+                self.last_data = Instant::now();
+            }
         }
         if events.ping_written {
             if let PingState::Queued(token) = self.ping {
@@ -675,6 +722,15 @@ where
     /// Fires due timers and arms the one timer for the earliest deadline.
     /// Returns true when the connection must be dropped now.
     fn poll_timers(&mut self, cx: &mut Context<'_>) -> bool {
+        // Nothing to time (no idle timeout, no heartbeats, not closing):
+        // skip the clock entirely, the common case on the hot path.
+        if self.config.idle_timeout.is_none()
+            && self.next_ping.is_none()
+            && self.close_deadline.is_none()
+            && self.ping == PingState::Idle
+        {
+            return false;
+        }
         let now = Instant::now();
         if self.close_deadline.is_some_and(|d| now >= d) {
             if self.outcome.is_none() {
@@ -767,9 +823,9 @@ where
 
     fn finish(&mut self) -> RelayOutcome {
         self.up
-            .flush_counters(self.counters.map(|c| &c.client_to_backend));
+            .flush_counters(self.counters.as_deref().map(|c| &c.client_to_backend));
         self.down
-            .flush_counters(self.counters.map(|c| &c.backend_to_client));
+            .flush_counters(self.counters.as_deref().map(|c| &c.backend_to_client));
         let (initiator, code, reason) =
             self.outcome
                 .unwrap_or((Initiator::Proxy, None, EndReason::Peer));
@@ -1167,9 +1223,8 @@ mod size_tests {
     /// bytes before injected frames were stored compactly).
     #[test]
     fn relay_state_stays_small() {
-        let size = std::mem::size_of::<
-            super::Relay<'static, tokio::net::TcpStream, tokio::net::TcpStream>,
-        >();
+        let size =
+            std::mem::size_of::<super::Relay<tokio::net::TcpStream, tokio::net::TcpStream>>();
         assert!(size <= 800, "Relay grew to {size} bytes");
         assert!(std::mem::size_of::<super::Inject>() <= 24);
     }

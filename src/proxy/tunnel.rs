@@ -1,0 +1,198 @@
+//! The task that owns one upgraded connection: it waits for hyper to hand
+//! over the client's socket after the `101`, runs the relay, then records how
+//! the connection ended (metrics and the access log).
+//!
+//! It is written as one small state machine rather than an `async` block so
+//! that an idle connection's task holds the relay and little else: an async
+//! block would keep its captured values alongside the relay for the
+//! connection's whole life.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::ConnInfo;
+use crate::app::Shared;
+use crate::balancer::ConnectionGuard;
+use crate::listener::ClientStream;
+use crate::metrics::close_code_label;
+use crate::ws::relay::{relay, EndReason, Relay, RelayConfig, RelayOutcome};
+
+/// One upgraded connection, from the `101` to its end.
+pub struct Tunnel {
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    /// Holds the backend's live-connection slot.
+    guard: ConnectionGuard,
+    started: Instant,
+    /// The relay's entry in the drain registry, while it runs.
+    registered: Option<u64>,
+    state: State,
+}
+
+enum State {
+    /// The `101` is on its way to the client; hyper hands the socket over next.
+    Upgrading(Box<Pending>),
+    Relaying(Relay<ClientStream, TcpStream>),
+    Done,
+}
+
+/// What the relay needs once the client's socket arrives (boxed: it lives
+/// only for the moment between the `101` and the hand-over).
+struct Pending {
+    upgrade: OnUpgrade,
+    backend: TcpStream,
+    backend_prefix: Bytes,
+    config: RelayConfig,
+}
+
+impl Tunnel {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        shared: Arc<Shared>,
+        conn: Arc<ConnInfo>,
+        guard: ConnectionGuard,
+        upgrade: OnUpgrade,
+        backend: TcpStream,
+        backend_prefix: Bytes,
+        config: RelayConfig,
+    ) -> Tunnel {
+        Tunnel {
+            shared,
+            conn,
+            guard,
+            started: Instant::now(),
+            registered: None,
+            state: State::Upgrading(Box::new(Pending {
+                upgrade,
+                backend,
+                backend_prefix,
+                config,
+            })),
+        }
+    }
+
+    fn record(&self, outcome: &RelayOutcome) {
+        let backend = self.guard.backend();
+        let m = &self.shared.metrics;
+        let pool = backend.pool.as_str();
+        let elapsed = self.started.elapsed();
+        m.ws_duration
+            .with_label_values(&[pool, &backend.id])
+            .observe(elapsed.as_secs_f64());
+        m.ws_closes
+            .with_label_values(&[
+                pool,
+                outcome.initiator.as_str(),
+                close_code_label(outcome.code),
+            ])
+            .inc();
+        match outcome.reason {
+            EndReason::IdleTimeout => m.ws_idle_timeouts.with_label_values(&[pool]).inc(),
+            EndReason::HeartbeatFailure => m.ws_heartbeat_failures.with_label_values(&[pool]).inc(),
+            EndReason::Drained => m.ws_drained.with_label_values(&[pool, &backend.id]).inc(),
+            _ => {}
+        }
+        tracing::info!(
+            target: "berth::access",
+            kind = "websocket",
+            client = %self.conn.peer,
+            listener = %self.conn.listener,
+            pool,
+            backend = %backend.id,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            bytes_client_to_backend = outcome.client_to_backend.bytes,
+            bytes_backend_to_client = outcome.backend_to_client.bytes,
+            messages_client_to_backend = outcome.client_to_backend.messages,
+            messages_backend_to_client = outcome.backend_to_client.messages,
+            close_code = close_code_label(outcome.code),
+            initiator = outcome.initiator.as_str(),
+            "websocket closed"
+        );
+    }
+}
+
+impl Future for Tunnel {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        loop {
+            match &mut this.state {
+                State::Upgrading(pending) => {
+                    let upgraded = match Pin::new(&mut pending.upgrade).poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(r) => r,
+                    };
+                    let State::Upgrading(pending) = std::mem::replace(&mut this.state, State::Done)
+                    else {
+                        return Poll::Ready(());
+                    };
+                    let Pending {
+                        backend,
+                        backend_prefix,
+                        config,
+                        ..
+                    } = *pending;
+                    let client = match upgraded.map(|u| u.downcast::<TokioIo<ClientStream>>()) {
+                        Ok(Ok(parts)) => parts,
+                        Ok(Err(_)) => return Poll::Ready(()),
+                        Err(e) => {
+                            tracing::debug!(client = %this.conn.peer, error = %e, "client upgrade did not complete");
+                            return Poll::Ready(());
+                        }
+                    };
+                    this.started = Instant::now();
+                    this.shared.ws_live.fetch_add(1, Ordering::Relaxed);
+                    let (id, stop) = this
+                        .shared
+                        .registry
+                        .register(this.guard.backend(), this.shared.shutdown.is_cancelled());
+                    this.registered = Some(id);
+                    this.state = State::Relaying(relay(
+                        client.io.into_inner(),
+                        client.read_buf,
+                        backend,
+                        backend_prefix,
+                        config,
+                        Some(stop),
+                        Some(Arc::clone(&this.guard.backend().counters)),
+                    ));
+                }
+                State::Relaying(relay) => {
+                    let outcome = match Pin::new(relay).poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(o) => o,
+                    };
+                    // Close the sockets before accounting for them.
+                    this.state = State::Done;
+                    this.shared.ws_live.fetch_sub(1, Ordering::Relaxed);
+                    if let Some(id) = this.registered.take() {
+                        this.shared.registry.unregister(id);
+                    }
+                    this.record(&outcome);
+                    return Poll::Ready(());
+                }
+                State::Done => return Poll::Ready(()),
+            }
+        }
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        // A tunnel dropped mid-relay (the runtime shutting down) leaves no
+        // stale entry behind.
+        if let Some(id) = self.registered.take() {
+            self.shared.registry.unregister(id);
+        }
+    }
+}
