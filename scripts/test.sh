@@ -24,6 +24,8 @@ echo "==> cargo clippy"
 cargo clippy --all-targets -- -D warnings
 echo "==> cargo test"
 cargo test --all-targets 2>&1 | tee target/test-output.txt
+echo "==> benchmark smoke test (loadgen + echo backend, direct and through berth)"
+./benches/smoke.sh 2>&1 | tee -a target/test-output.txt
 # A plain summary line that CI reads across test binaries.
 passed=$(grep -Eo 'test result: [a-z]+\. [0-9]+ passed' target/test-output.txt | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')

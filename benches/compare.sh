@@ -1,0 +1,502 @@
+#!/usr/bin/env bash
+# berth vs nginx vs HAProxy, with a direct connection to one echo backend as
+# the floor/ceiling. Writes benches/results/latest.md.
+#
+#   benches/compare.sh            # the full suite: ~10 s runs, 3 repetitions, 9,900 idle connections
+#   QUICK=1 benches/compare.sh    # a trial: ~2 s runs, 1 repetition, 1,000 idle connections
+#
+# Every proxy runs on core 0 (taskset; berth with BERTH_WORKERS=1, nginx with
+# one worker, HAProxy with nbthread 1); the load generator and the echo
+# backends (one process, three listeners) run on core 1. Each run starts the
+# proxy afresh and stops it afterwards; the targets are alternated within each
+# test and repetition. The headline figures are the proxy's CPU time per
+# message (utime+stime from /proc/PID/stat over the measurement), its RSS
+# growth per idle connection (VmRSS before opening and while holding),
+# messages/s and latency percentiles. All processes this script starts are
+# stopped on exit.
+#
+# Environment (defaults in brackets, QUICK values after the slash):
+#   DURATION      seconds per throughput/latency/handshake run [10 / 2]
+#   REPS          repetitions [3 / 1]
+#   IDLE_CONNS    idle connections [9900 / 1000]
+#   IDLE_HOLD     seconds the idle connections are held [6 / 3]
+#   TARGETS       targets, in column order [berth nginx haproxy direct]
+#   TESTS         tests to run [all: tp64-ws tp64-wss tp64k-wss lat-c1-wss
+#                 lat-c100-wss hs-c50-wss idle-ws idle-wss]
+#   PROXY_CORE    core for the proxy [0];  LOAD_CORE: core for load + backends [1]
+#   OUT           the report [benches/results/latest.md]
+#   KEEP_WORK=1   keep the work directory (configs, logs, raw JSON) afterwards
+#
+# Exit status: 0 when every run succeeded without verification errors, 1 when
+# some did not (the report is written either way and lists them), 2 on a
+# setup failure.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+
+QUICK=${QUICK:-0}
+if [ "$QUICK" = 1 ]; then
+    DURATION=${DURATION:-2}
+    REPS=${REPS:-1}
+    IDLE_CONNS=${IDLE_CONNS:-1000}
+    IDLE_HOLD=${IDLE_HOLD:-3}
+else
+    DURATION=${DURATION:-10}
+    REPS=${REPS:-3}
+    IDLE_CONNS=${IDLE_CONNS:-9900}
+    IDLE_HOLD=${IDLE_HOLD:-6}
+fi
+read -r -a TARGETS <<<"${TARGETS:-berth nginx haproxy direct}"
+read -r -a TESTS <<<"${TESTS:-tp64-ws tp64-wss tp64k-wss lat-c1-wss lat-c100-wss hs-c50-wss idle-ws idle-wss}"
+PROXY_CORE=${PROXY_CORE:-0}
+LOAD_CORE=${LOAD_CORE:-1}
+OUT=${OUT:-benches/results/latest.md}
+CERT=$ROOT/certs/example.crt
+KEY=$ROOT/certs/example.key
+SOURCE_IPS=127.0.0.2-127.0.0.250
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'compare.sh: %s\n' "$*" >&2; exit 2; }
+
+# --- the proxies -------------------------------------------------------------
+
+need=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+if [ ${#need[@]} -gt 0 ]; then
+    log "installing ${need[*]} from Debian's packages"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+command -v taskset >/dev/null 2>&1 || die "taskset (util-linux) is missing"
+
+# --- build -------------------------------------------------------------------
+
+log "building berth and the loadgen (release)"
+cargo build --release --bin berth --bench loadgen
+build_json=$(cargo build --release --bin berth --bench loadgen --message-format=json 2>/dev/null)
+executable() { # NAME KIND
+    grep -F "\"kind\":[\"$2\"]" <<<"$build_json" | grep -F "\"name\":\"$1\"" |
+        grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4
+}
+BERTH=$(executable berth bin)
+LOADGEN=$(executable loadgen bench)
+[ -x "$BERTH" ] || die "cannot find the berth binary"
+[ -x "$LOADGEN" ] || die "cannot find the loadgen binary"
+
+# --- processes ---------------------------------------------------------------
+
+WORK=$(mktemp -d /tmp/berth-bench.XXXXXX)
+chmod 755 "$WORK"
+RES=$WORK/results
+mkdir -p "$RES" "$WORK/nginx" "$WORK/bin"
+# Run copies: another cargo build in this tree must not swap the binaries
+# halfway through the suite.
+cp "$BERTH" "$WORK/bin/berth"
+cp "$LOADGEN" "$WORK/bin/loadgen"
+BERTH=$WORK/bin/berth
+LOADGEN=$WORK/bin/loadgen
+BACKEND_PID=""
+TARGET_PID=""
+LOADGEN_PID=""
+FAILED=0
+
+alive() { # PID: running and not a zombie
+    local s
+    s=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+    [ -n "$s" ] && [ "$s" != Z ]
+}
+
+stop_pid() { # PID: TERM, up to 5 s, then KILL; reaps it
+    local pid=$1
+    [ -n "$pid" ] || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do
+        alive "$pid" || break
+        sleep 0.05
+    done
+    if alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$?
+    stop_pid "$LOADGEN_PID"
+    stop_pid "$TARGET_PID"
+    stop_pid "$BACKEND_PID"
+    if [ "${KEEP_WORK:-0}" = 1 ] || [ "$rc" -ge 2 ]; then
+        echo "compare.sh: work directory kept: $WORK" >&2
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+children_of() { # PID: direct children, from /proc
+    local f
+    for f in /proc/[0-9]*/stat; do
+        # Field 4 (after the command in parentheses) is the parent pid.
+        if [ "$(sed 's/.*) //' "$f" 2>/dev/null | cut -d' ' -f2)" = "$1" ]; then
+            f=${f#/proc/}
+            echo "${f%/stat}"
+        fi
+    done
+}
+
+rss_kb() { # PIDS...: summed VmRSS in KiB
+    local total=0 pid v
+    for pid in "$@"; do
+        v=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
+        total=$((total + ${v:-0}))
+    done
+    echo "$total"
+}
+
+wait_port() { # PORT PID
+    for _ in $(seq 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        [ -z "$2" ] || alive "$2" || return 1
+        sleep 0.1
+    done
+    return 1
+}
+
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+read -r PB1 PB2 PB3 PBS PBERTH PBERTHS PNGX PNGXS PHAP PHAPS <<<"$("$LOADGEN" free-ports --count 10)"
+
+log "starting the echo backends on core $LOAD_CORE (ports $PB1 $PB2 $PB3, TLS $PBS)"
+taskset -c "$LOAD_CORE" "$LOADGEN" echo-backend \
+    --listen "127.0.0.1:$PB1" --listen "127.0.0.1:$PB2" --listen "127.0.0.1:$PB3" \
+    --tls-listen "127.0.0.1:$PBS" --cert "$CERT" --key "$KEY" \
+    >"$WORK/backend.out" 2>"$WORK/backend.err" &
+BACKEND_PID=$!
+for _ in $(seq 100); do
+    [ "$(grep -c '^LISTENING' "$WORK/backend.out" 2>/dev/null || true)" -ge 4 ] && break
+    alive "$BACKEND_PID" || die "the echo backend exited: $(cat "$WORK/backend.err")"
+    sleep 0.1
+done
+
+# --- configs -----------------------------------------------------------------
+
+cat >"$WORK/berth.toml" <<EOF
+shutdown_window = "1s"
+
+[[listeners]]
+name = "ws"
+bind = "127.0.0.1:$PBERTH"
+
+[[listeners]]
+name = "wss"
+bind = "127.0.0.1:$PBERTHS"
+tls = { cert = "$CERT", key = "$KEY" }
+
+[[routes]]
+path_prefix = "/"
+pool = "echo"
+
+[pools.echo]
+balance = "round_robin"
+
+[[pools.echo.backends]]
+id = "echo-1"
+address = "127.0.0.1:$PB1"
+
+[[pools.echo.backends]]
+id = "echo-2"
+address = "127.0.0.1:$PB2"
+
+[[pools.echo.backends]]
+id = "echo-3"
+address = "127.0.0.1:$PB3"
+EOF
+"$BERTH" check --config "$WORK/berth.toml" >/dev/null || die "berth rejects the benchmark config"
+
+# nginx's worker_connections counts both sides of a proxied connection, and
+# nginx starts closing connections that have not sent a request yet ("20000
+# worker_connections are not enough, reusing connections") once fewer than a
+# sixteenth of them are free: at 20000, 9,900 idle WebSockets (19,800
+# connections) lose about 500 of the last handshakes. 24000 keeps that
+# threshold out of reach; descriptors stay within worker_rlimit_nofile 20000
+# (nginx warns that 24000 exceeds it, which is harmless here).
+cat >"$WORK/nginx.conf" <<EOF
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+
+events {
+    worker_connections 24000;
+}
+
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/client_body;
+    proxy_temp_path $WORK/nginx/proxy;
+    fastcgi_temp_path $WORK/nginx/fastcgi;
+    uwsgi_temp_path $WORK/nginx/uwsgi;
+    scgi_temp_path $WORK/nginx/scgi;
+
+    upstream echo {
+        server 127.0.0.1:$PB1;
+        server 127.0.0.1:$PB2;
+        server 127.0.0.1:$PB3;
+    }
+
+    server {
+        listen 127.0.0.1:$PNGX backlog=4096;
+        listen 127.0.0.1:$PNGXS ssl backlog=4096;
+        ssl_certificate $CERT;
+        ssl_certificate_key $KEY;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:SSL:10m;
+
+        location / {
+            proxy_pass http://echo;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }
+    }
+}
+EOF
+"$NGINX" -t -q -c "$WORK/nginx.conf" -p "$WORK/nginx/" -e "$WORK/nginx-error.log" ||
+    die "nginx rejects the benchmark config"
+
+# HAProxy's maxconn counts client sessions and reserves two descriptors for
+# each, so "maxconn 20000" asks for 40,015 and HAProxy refuses to start under
+# the 20,000 hard limit ("Cannot raise FD limit to 40015, limit is 20000").
+# 9,990 sessions (19,995 descriptors) is the most that fits: about what nginx
+# can proxy within its 20,000 descriptors too, and above the 9,900 of the idle
+# test.
+cat "$CERT" "$KEY" >"$WORK/combined.pem"
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 9990
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+
+defaults
+    mode http
+    maxconn 9990
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+    timeout tunnel 1h
+    timeout http-request 10s
+    option forwardfor
+
+frontend fe
+    bind 127.0.0.1:$PHAP
+    bind 127.0.0.1:$PHAPS ssl crt $WORK/combined.pem alpn http/1.1
+    default_backend echo
+
+backend echo
+    balance roundrobin
+    cookie SRV insert indirect nocache
+    server echo-1 127.0.0.1:$PB1 cookie echo-1
+    server echo-2 127.0.0.1:$PB2 cookie echo-2
+    server echo-3 127.0.0.1:$PB3 cookie echo-3
+EOF
+"$HAPROXY" -c -q -f "$WORK/haproxy.cfg" >"$WORK/haproxy-check.log" 2>&1 ||
+    die "haproxy rejects the benchmark config: $(cat "$WORK/haproxy-check.log")"
+
+# --- targets -----------------------------------------------------------------
+
+# start_target NAME: sets TARGET_PID (what to stop), WATCH (what to measure),
+# URL_WS and URL_WSS.
+start_target() {
+    WATCH=()
+    case $1 in
+    berth)
+        BERTH_WORKERS=1 taskset -c "$PROXY_CORE" "$BERTH" run --config "$WORK/berth.toml" \
+            --log-level warn >>"$WORK/berth.log" 2>&1 &
+        TARGET_PID=$!
+        wait_port "$PBERTH" "$TARGET_PID" || return 1
+        WATCH=("$TARGET_PID")
+        URL_WS=ws://127.0.0.1:$PBERTH/
+        URL_WSS=wss://127.0.0.1:$PBERTHS/
+        ;;
+    nginx)
+        taskset -c "$PROXY_CORE" "$NGINX" -c "$WORK/nginx.conf" -p "$WORK/nginx/" \
+            -e "$WORK/nginx-error.log" >>"$WORK/nginx.log" 2>&1 &
+        TARGET_PID=$!
+        wait_port "$PNGX" "$TARGET_PID" || return 1
+        # The master binds before it forks the worker: wait for the worker.
+        for _ in $(seq 50); do
+            read -r -a WATCH <<<"$(children_of "$TARGET_PID" | tr '\n' ' ')"
+            [ ${#WATCH[@]} -eq 0 ] || break
+            sleep 0.1
+        done
+        [ ${#WATCH[@]} -gt 0 ] || return 1
+        URL_WS=ws://127.0.0.1:$PNGX/
+        URL_WSS=wss://127.0.0.1:$PNGXS/
+        ;;
+    haproxy)
+        taskset -c "$PROXY_CORE" "$HAPROXY" -f "$WORK/haproxy.cfg" -db >>"$WORK/haproxy.log" 2>&1 &
+        TARGET_PID=$!
+        wait_port "$PHAP" "$TARGET_PID" || return 1
+        WATCH=("$TARGET_PID")
+        URL_WS=ws://127.0.0.1:$PHAP/
+        URL_WSS=wss://127.0.0.1:$PHAPS/
+        ;;
+    direct)
+        TARGET_PID=""
+        URL_WS=ws://127.0.0.1:$PB1/
+        URL_WSS=wss://127.0.0.1:$PBS/
+        ;;
+    *) die "unknown target $1" ;;
+    esac
+    sleep 0.2
+}
+
+stop_target() {
+    stop_pid "$TARGET_PID"
+    TARGET_PID=""
+}
+
+describe() {
+    case $1 in
+    tp64-ws) echo "64 B messages, 100 connections × 8 in flight, ws" ;;
+    tp64-wss) echo "64 B messages, 100 connections × 8 in flight, wss" ;;
+    tp64k-wss) echo "64 KiB messages, 10 connections × 4 in flight, wss" ;;
+    lat-c1-wss) echo "latency, 1 connection, one 64 B message in flight, wss" ;;
+    lat-c100-wss) echo "latency, 100 connections, one 64 B message in flight each, wss" ;;
+    hs-c50-wss) echo "handshakes: TCP + TLS + upgrade, one echo, close; 50 concurrent, wss" ;;
+    idle-ws) echo "$IDLE_CONNS idle connections held ${IDLE_HOLD}s, ws" ;;
+    idle-wss) echo "$IDLE_CONNS idle connections held ${IDLE_HOLD}s, wss" ;;
+    *) die "unknown test $1" ;;
+    esac
+}
+
+# loadgen_args TEST: the loadgen arguments (after start_target set the URLs).
+loadgen_args() {
+    local url=$URL_WS
+    case $1 in *-wss) url=$URL_WSS ;; esac
+    local common=(--url "$url" --ca "$CERT")
+    case $1 in
+    tp64-ws | tp64-wss) echo throughput "${common[@]}" --connections 100 --window 8 --size 64 --duration "$DURATION" ;;
+    tp64k-wss) echo throughput "${common[@]}" --connections 10 --window 4 --size 65536 --duration "$DURATION" ;;
+    lat-c1-wss) echo latency "${common[@]}" --connections 1 --duration "$DURATION" ;;
+    lat-c100-wss) echo latency "${common[@]}" --connections 100 --duration "$DURATION" ;;
+    hs-c50-wss) echo handshake "${common[@]}" --concurrency 50 --duration "$DURATION" --source-ips "$SOURCE_IPS" ;;
+    idle-ws | idle-wss) echo idle "${common[@]}" --connections "$IDLE_CONNS" --hold "$IDLE_HOLD" --source-ips "$SOURCE_IPS" ;;
+    esac
+}
+
+jget() { # FILE KEY: a top-level number from the JSON line
+    { grep -o "\"$2\":[-0-9.e]*" "$1" 2>/dev/null || true; } | head -n 1 | cut -d: -f2
+}
+
+run_one() { # TEST TARGET REP
+    local test=$1 target=$2 rep=$3
+    local base=$RES/${test}__${target}__${rep}
+    if ! start_target "$target"; then
+        echo "$target did not start (see its log in the work directory)" >"$base.fail"
+        FAILED=1
+        stop_target
+        log "$test $target #$rep: FAILED to start"
+        return
+    fi
+    local args watch=()
+    read -r -a args <<<"$(loadgen_args "$test")"
+    local pid
+    for pid in "${WATCH[@]}"; do watch+=(--watch-pid "$pid"); done
+    local limit=$((${DURATION%.*} + 60))
+    local rc=0
+    case $test in
+    idle-*)
+        limit=$((${IDLE_HOLD%.*} + 180))
+        local before held=""
+        before=$(rss_kb "${WATCH[@]}")
+        taskset -c "$LOAD_CORE" timeout "$limit" "$LOADGEN" "${args[@]}" "${watch[@]}" \
+            >"$base.out" 2>"$base.err" &
+        LOADGEN_PID=$!
+        while alive "$LOADGEN_PID" && ! grep -q '^READY' "$base.out" 2>/dev/null; do sleep 0.05; done
+        if grep -q '^READY' "$base.out" 2>/dev/null; then
+            sleep 1 # let the proxy settle after the last handshake
+            held=$(rss_kb "${WATCH[@]}")
+        fi
+        wait "$LOADGEN_PID" || rc=$?
+        LOADGEN_PID=""
+        grep -v '^READY' "$base.out" >"$base.json" || true
+        rm -f "$base.out"
+        if [ ${#WATCH[@]} -gt 0 ] && [ -n "$held" ]; then echo "$before $held" >"$base.rss"; fi
+        ;;
+    *)
+        taskset -c "$LOAD_CORE" timeout "$limit" "$LOADGEN" "${args[@]}" "${watch[@]}" \
+            >"$base.json" 2>"$base.err" || rc=$?
+        ;;
+    esac
+    if [ "$rc" -ne 0 ]; then
+        echo "loadgen exited with $rc: $(tail -n 1 "$base.err")" >"$base.fail"
+        FAILED=1
+    elif [ -n "$TARGET_PID" ] && ! alive "$TARGET_PID"; then
+        echo "$target exited during the run" >"$base.fail"
+        FAILED=1
+    fi
+    local verr
+    verr=$(jget "$base.json" verification_errors)
+    if [ -n "$verr" ] && [ "$verr" != 0 ]; then FAILED=1; fi
+    stop_target
+    case $test in
+    tp*) log "$test $target #$rep: $(jget "$base.json" msgs_per_sec) msgs/s, cpu $(jget "$base.json" proxy_cpu_secs)s, verification errors ${verr:-?}" ;;
+    lat*) log "$test $target #$rep: p50 $(jget "$base.json" p50_us) µs, p99 $(jget "$base.json" p99_us) µs, verification errors ${verr:-?}" ;;
+    hs*) log "$test $target #$rep: $(jget "$base.json" handshakes_per_sec) handshakes/s, errors $(jget "$base.json" errors)" ;;
+    idle*) log "$test $target #$rep: opened $(jget "$base.json" opened), alive $(jget "$base.json" alive_after_hold), rss $(cat "$base.rss" 2>/dev/null || echo -)" ;;
+    esac
+    if [ -f "$base.fail" ]; then log "$test $target #$rep: FAILED: $(cat "$base.fail")"; fi
+}
+
+# --- the suite ---------------------------------------------------------------
+
+cpu_model=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+{
+    printf 'date\t%s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')"
+    printf 'machine\t%s cores (nproc), %s, %s, kernel %s\n' "$(nproc)" "${cpu_model:-unknown CPU}" \
+        "$(awk '/^MemTotal/ {printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo)" "$(uname -r)"
+    printf 'load average at start\t%s (the machine may be shared)\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
+    printf 'berth\t%s\n' "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status --porcelain -- src 2>/dev/null | grep -q . && echo " + uncommitted changes in src/")"
+    printf 'nginx\t%s\n' "$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')"
+    printf 'haproxy\t%s\n' "$("$HAPROXY" -v | head -n 1)"
+    printf 'rustc\t%s\n' "$(rustc --version)"
+    printf 'settings\t%s\n' "QUICK=$QUICK, ${DURATION}s runs, $REPS repetition(s), $IDLE_CONNS idle connections held ${IDLE_HOLD}s; proxy on core $PROXY_CORE, loadgen + backends on core $LOAD_CORE; logging off or at warn everywhere"
+} >"$RES/meta.tsv"
+for t in "${TESTS[@]}"; do printf '%s\t%s\n' "$t" "$(describe "$t")"; done >"$RES/tests.tsv"
+
+n=${#TARGETS[@]}
+for rep in $(seq "$REPS"); do
+    ti=0
+    for test in "${TESTS[@]}"; do
+        # Alternate: each test and repetition starts with a different target.
+        for k in $(seq 0 $((n - 1))); do
+            run_one "$test" "${TARGETS[$(((k + ti + rep - 1) % n))]}" "$rep"
+        done
+        ti=$((ti + 1))
+    done
+done
+
+printf 'load average at end\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RES/meta.tsv"
+mkdir -p "$(dirname "$OUT")"
+targets_csv=$(
+    IFS=,
+    echo "${TARGETS[*]}"
+)
+"$LOADGEN" report --dir "$RES" --targets "$targets_csv" --out "$OUT"
+log "report written to $OUT"
+cat "$OUT"
+if [ "$FAILED" != 0 ]; then
+    echo "compare.sh: some runs failed or had verification errors (see the report)" >&2
+    exit 1
+fi

@@ -1,0 +1,329 @@
+//! berth's load generator and echo backend (benchmark issue 6).
+//!
+//! ```sh
+//! cargo bench --bench loadgen -- echo-backend --listen 127.0.0.1:9101 --listen 127.0.0.1:9102
+//! cargo bench --bench loadgen -- throughput --url ws://127.0.0.1:9101/ --connections 100 \
+//!     --window 8 --size 64 --duration 10
+//! cargo bench --bench loadgen -- latency --url wss://127.0.0.1:8443/ --ca certs/example.crt \
+//!     --connections 1 --duration 10
+//! cargo bench --bench loadgen -- idle --url ws://127.0.0.1:8080/ --connections 9900 --hold 10
+//! cargo bench --bench loadgen -- handshake --url wss://127.0.0.1:8443/ --ca certs/example.crt \
+//!     --concurrency 50 --duration 10
+//! ```
+//!
+//! Every client mode targets loopback only, is bounded in time, and prints one
+//! JSON object on stdout (progress goes to stderr). `--watch-pid PID` (any
+//! number of times) makes the JSON include the CPU time (utime + stime from
+//! /proc/PID/stat) those processes used during the measurement and their
+//! VmRSS before and after. `benches/compare.sh` runs the whole suite against
+//! berth, nginx and HAProxy; `benches/smoke.sh` is the CI smoke test.
+//!
+//! Started without a subcommand (as `cargo test --all-targets` does), it runs
+//! a few in-process checks of its framing code and exits.
+
+mod backend;
+mod modes;
+mod net;
+mod report;
+mod stats;
+mod ws;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "loadgen",
+    about = "WebSocket load generator and echo backend for berth's benchmarks"
+)]
+struct Cli {
+    /// Tokio worker threads; 1 (the default) runs everything on the calling thread.
+    #[arg(long, default_value_t = 1, global = true)]
+    threads: usize,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// WebSocket echo servers, one per listen address (raw framing).
+    EchoBackend {
+        /// A plain listener (repeat for more).
+        #[arg(long)]
+        listen: Vec<SocketAddr>,
+        /// A TLS listener (repeat for more); needs --cert and --key.
+        #[arg(long)]
+        tls_listen: Vec<SocketAddr>,
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// C connections with W messages of S bytes in flight each; every echo is
+    /// verified byte for byte and in order.
+    Throughput {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, default_value_t = 100)]
+        connections: usize,
+        #[arg(long, default_value_t = 8)]
+        window: usize,
+        /// Message size in bytes (at least 8).
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Seconds.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+    },
+    /// One message in flight per connection; round-trip percentiles.
+    Latency {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+    },
+    /// Opens C connections, prints `READY <n>`, holds them, then checks that
+    /// each still echoes.
+    Idle {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// Seconds to hold the connections after `READY`.
+        #[arg(long, default_value_t = 10.0)]
+        hold: f64,
+        /// Connections opened at once.
+        #[arg(long, default_value_t = 128)]
+        concurrency: usize,
+    },
+    /// Connect (TCP + TLS + upgrade), one echo, close; as fast as possible.
+    Handshake {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+    },
+    /// Writes the markdown report of a `benches/compare.sh` results directory.
+    Report {
+        /// The results directory (see benches/loadgen/report.rs for its layout).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Targets in column order.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "berth,nginx,haproxy,direct"
+        )]
+        targets: Vec<String>,
+        /// Output file (stdout when absent).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Prints N free loopback TCP ports (bound at once, so they differ).
+    FreePorts {
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// ws://HOST:PORT/PATH or wss://...; loopback only.
+    #[arg(long)]
+    url: String,
+    /// PEM certificate(s) to trust for wss:// (without it nothing is verified).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Client source addresses, e.g. 127.0.0.2-127.0.0.250 (connections
+    /// rotate over them). Idle mode uses that range unless told otherwise;
+    /// "none" lets the kernel choose.
+    #[arg(long)]
+    source_ips: Option<String>,
+    /// Resume TLS sessions (off: every connection does a full handshake).
+    #[arg(long)]
+    resume: bool,
+    /// Report CPU time and RSS of these processes over the measurement.
+    #[arg(long)]
+    watch_pid: Vec<u32>,
+}
+
+fn main() -> std::process::ExitCode {
+    // `cargo bench` appends `--bench` to the arguments; it means nothing here.
+    let args = std::env::args_os().filter(|a| a != "--bench");
+    let cli = Cli::parse_from(args);
+    let Some(command) = cli.command else {
+        return match ws::self_check() {
+            Ok(()) => {
+                println!("loadgen: framing self-check passed (no subcommand given; see --help)");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("loadgen: self-check failed: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    };
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("loadgen: cannot raise the open file limit: {e}");
+    }
+    let rt = if cli.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cli.threads)
+            .enable_all()
+            .build()
+    };
+    let result = rt
+        .context("cannot start the tokio runtime")
+        .and_then(|rt| rt.block_on(run(command)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
+    if !(v.is_finite() && v > 0.0 && v <= 3600.0) {
+        bail!("--{what} must be between 0 and 3600 seconds");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+async fn client(args: ClientArgs, default_sources: &str) -> anyhow::Result<modes::Client> {
+    let target = modes::Client {
+        target: Arc::new(net::Target::parse(&args.url, args.ca.as_deref(), args.resume).await?),
+        source_ips: Arc::new(
+            match args.source_ips.as_deref().unwrap_or(default_sources) {
+                "" | "none" => Vec::new(),
+                spec => net::parse_source_ips(spec)?,
+            },
+        ),
+        watch: args.watch_pid,
+    };
+    Ok(target)
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    let report = match command {
+        Command::EchoBackend {
+            listen,
+            tls_listen,
+            cert,
+            key,
+        } => {
+            return backend::run(backend::Options {
+                listen,
+                tls_listen,
+                cert,
+                key,
+            })
+            .await
+        }
+        Command::Report { dir, targets, out } => {
+            let md = report::run(&dir, &targets)?;
+            match out {
+                Some(path) => std::fs::write(&path, md)
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+                None => print!("{md}"),
+            }
+            return Ok(());
+        }
+        Command::FreePorts { count } => {
+            let listeners = (0..count)
+                .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+                .collect::<Result<Vec<_>, _>>()?;
+            let ports: Vec<String> = listeners
+                .iter()
+                .map(|l| l.local_addr().map(|a| a.port().to_string()))
+                .collect::<Result<_, _>>()?;
+            println!("{}", ports.join(" "));
+            return Ok(());
+        }
+        Command::Throughput {
+            client: c,
+            connections,
+            window,
+            size,
+            duration,
+        } => {
+            if !(ws::Pattern::MIN_SIZE..=ws::MAX_PAYLOAD).contains(&size) {
+                bail!("--size must be between 8 and {} bytes", ws::MAX_PAYLOAD);
+            }
+            if connections == 0 || window == 0 {
+                bail!("--connections and --window must be at least 1");
+            }
+            let opts = modes::ThroughputOpts {
+                connections,
+                window,
+                size,
+                duration: secs(duration, "duration")?,
+            };
+            modes::throughput(client(c, "").await?, opts).await?
+        }
+        Command::Latency {
+            client: c,
+            connections,
+            size,
+            duration,
+        } => {
+            if !(ws::Pattern::MIN_SIZE..=ws::MAX_PAYLOAD).contains(&size) {
+                bail!("--size must be between 8 and {} bytes", ws::MAX_PAYLOAD);
+            }
+            if connections == 0 {
+                bail!("--connections must be at least 1");
+            }
+            let opts = modes::LatencyOpts {
+                connections,
+                size,
+                duration: secs(duration, "duration")?,
+            };
+            modes::latency(client(c, "").await?, opts).await?
+        }
+        Command::Idle {
+            client: c,
+            connections,
+            hold,
+            concurrency,
+        } => {
+            let opts = modes::IdleOpts {
+                connections,
+                hold: secs(hold, "hold")?,
+                concurrency,
+            };
+            modes::idle(client(c, "127.0.0.2-127.0.0.250").await?, opts).await?
+        }
+        Command::Handshake {
+            client: c,
+            concurrency,
+            duration,
+        } => {
+            if concurrency == 0 {
+                bail!("--concurrency must be at least 1");
+            }
+            let opts = modes::HandshakeOpts {
+                concurrency,
+                duration: secs(duration, "duration")?,
+            };
+            modes::handshake(client(c, "").await?, opts).await?
+        }
+    };
+    println!("{report}");
+    Ok(())
+}

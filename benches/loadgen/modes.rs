@@ -1,0 +1,842 @@
+//! The four load modes: throughput, latency, idle and handshake. Each one is
+//! bounded in time and prints one JSON object on stdout.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use bytes::{Buf, BytesMut};
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, watch, Barrier, Notify, Semaphore};
+use tokio::time::{sleep_until, timeout};
+
+use crate::net::{stage, Conn, Stage, StageError, Target};
+use crate::stats::{self, round3};
+use crate::ws::{self, Header, Pattern, Rng};
+
+/// What every client mode shares.
+pub struct Client {
+    pub target: Arc<Target>,
+    pub source_ips: Arc<Vec<Ipv4Addr>>,
+    pub watch: Vec<u32>,
+}
+
+impl Client {
+    fn source(&self, i: usize) -> Option<Ipv4Addr> {
+        source_for(&self.source_ips, i)
+    }
+}
+
+fn source_for(ips: &[Ipv4Addr], i: usize) -> Option<Ipv4Addr> {
+    (!ips.is_empty()).then(|| ips[i % ips.len()])
+}
+
+/// How long a connection (TCP + TLS + upgrade) may take.
+const CONNECT_LIMIT: Duration = Duration::from_secs(30);
+/// How long, after the end of a run, the last echoes may take to arrive.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+/// How long one echo may take in the latency, idle and handshake modes.
+const ECHO_LIMIT: Duration = Duration::from_secs(10);
+/// How long the results of a run may be late before they are given up on.
+const STRAGGLER_LIMIT: Duration = Duration::from_secs(15);
+
+/// The sequence numbers of connection `id` start at `id << 40`.
+fn seq_base(id: usize) -> u64 {
+    (id as u64) << 40
+}
+
+/// Reads until `buf` starts with one complete frame and returns its header.
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+) -> anyhow::Result<Header> {
+    loop {
+        if let Some(h) = ws::parse_header(buf).map_err(anyhow::Error::msg)? {
+            if buf.len() >= h.total_len() {
+                return Ok(h);
+            }
+            buf.reserve(h.total_len() - buf.len());
+        } else if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        if rd.read_buf(buf).await? == 0 {
+            return Err(anyhow!("connection closed by the server"));
+        }
+    }
+}
+
+/// Sends message `seq` and checks its echo.
+async fn echo_once(
+    conn: &mut Conn,
+    buf: &mut BytesMut,
+    pattern: &Pattern,
+    out: &mut Vec<u8>,
+    seq: u64,
+    mask: [u8; 4],
+) -> Result<(), StageError> {
+    out.clear();
+    pattern.push_frame(out, seq, mask);
+    conn.write_all(out).await.map_err(stage(Stage::Echo))?;
+    conn.flush().await.map_err(stage(Stage::Echo))?;
+    let h = match timeout(ECHO_LIMIT, read_frame(conn, buf)).await {
+        Ok(r) => r.map_err(stage(Stage::Echo))?,
+        Err(_) => {
+            return Err(StageError {
+                stage: Stage::Echo,
+                error: anyhow!("no echo within {ECHO_LIMIT:?}"),
+            })
+        }
+    };
+    let res = pattern.verify(&h, &buf[h.header_len..h.total_len()], seq);
+    buf.advance(h.total_len());
+    res.map_err(|e| StageError {
+        stage: Stage::Echo,
+        error: anyhow!("verification failed: {e}"),
+    })
+}
+
+/// Sends Close 1000 and reads until the server's Close (or the end of the
+/// stream), at most `limit`.
+async fn close_handshake(
+    conn: &mut Conn,
+    buf: &mut BytesMut,
+    mask: [u8; 4],
+    limit: Duration,
+) -> Result<(), StageError> {
+    let mut out = Vec::with_capacity(16);
+    ws::push_client_frame(&mut out, 0x80 | ws::OP_CLOSE, &1000u16.to_be_bytes(), mask);
+    conn.write_all(&out).await.map_err(stage(Stage::Close))?;
+    conn.flush().await.map_err(stage(Stage::Close))?;
+    let wait = async {
+        loop {
+            let h = read_frame(conn, buf).await?;
+            buf.advance(h.total_len());
+            if h.opcode() == ws::OP_CLOSE {
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+    };
+    match timeout(limit, wait).await {
+        Ok(r) => r.map_err(stage(Stage::Close)),
+        Err(_) => Err(StageError {
+            stage: Stage::Close,
+            error: anyhow!("no Close reply within {limit:?}"),
+        }),
+    }
+}
+
+/// Counts errors, keeping the first few messages.
+#[derive(Default)]
+struct Errors {
+    by_stage: BTreeMap<&'static str, u64>,
+    first: Vec<String>,
+}
+
+impl Errors {
+    fn add(&mut self, e: &StageError) {
+        *self.by_stage.entry(e.stage.name()).or_default() += 1;
+        if self.first.len() < 5 {
+            self.first.push(e.to_string());
+        }
+    }
+    fn merge(&mut self, o: Errors) {
+        for (k, v) in o.by_stage {
+            *self.by_stage.entry(k).or_default() += v;
+        }
+        for f in o.first {
+            if self.first.len() < 5 {
+                self.first.push(f);
+            }
+        }
+    }
+    fn total(&self) -> u64 {
+        self.by_stage.values().sum()
+    }
+    fn json(&self) -> Value {
+        json!({ "total": self.total(), "by_stage": self.by_stage, "first": self.first })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// throughput
+// ---------------------------------------------------------------------------
+
+pub struct ThroughputOpts {
+    pub connections: usize,
+    pub window: usize,
+    pub size: usize,
+    pub duration: Duration,
+}
+
+struct Flow {
+    /// Messages queued for sending (written before the write starts).
+    sent: AtomicU64,
+    /// Echoes received and verified.
+    received: AtomicU64,
+    writer_done: AtomicBool,
+    stop: AtomicBool,
+    credit: Notify,
+    done: Notify,
+}
+
+#[derive(Default)]
+struct TpReport {
+    connected: bool,
+    sent: u64,
+    received: u64,
+    verification_errors: u64,
+    errors: Option<String>,
+    connect_error: Option<StageError>,
+}
+
+pub async fn throughput(c: Client, o: ThroughputOpts) -> anyhow::Result<Value> {
+    let pattern = Arc::new(Pattern::new(o.size));
+    let barrier = Arc::new(Barrier::new(o.connections + 1));
+    let (close_tx, close_rx) = watch::channel(false);
+    let (res_tx, mut res_rx) = mpsc::unbounded_channel();
+    let t_connect = Instant::now();
+    let mut handles = Vec::with_capacity(o.connections);
+    for id in 0..o.connections {
+        handles.push(tokio::spawn(tp_conn(
+            id,
+            c.target.clone(),
+            c.source(id),
+            pattern.clone(),
+            o.window,
+            o.duration,
+            barrier.clone(),
+            res_tx.clone(),
+            close_rx.clone(),
+        )));
+    }
+    drop(res_tx);
+    barrier.wait().await;
+    let connect_secs = t_connect.elapsed().as_secs_f64();
+    let before = stats::sample(&c.watch);
+    let t0 = Instant::now();
+    // One report per connection; the tasks stay alive (and their connections
+    // open) until the close signal below, so count rather than wait for the
+    // channel to close.
+    let mut reports = Vec::with_capacity(o.connections);
+    let collect_by = tokio::time::Instant::now() + o.duration + DRAIN_LIMIT + STRAGGLER_LIMIT;
+    while reports.len() < o.connections {
+        match tokio::time::timeout_at(collect_by, res_rx.recv()).await {
+            Ok(Some(r)) => reports.push(r),
+            _ => break,
+        }
+    }
+    let missing = o.connections - reports.len();
+    let elapsed = t0.elapsed().as_secs_f64();
+    let after = stats::sample(&c.watch);
+    let _ = close_tx.send(true);
+    for h in handles {
+        let _ = timeout(Duration::from_secs(5), h).await;
+    }
+
+    let connected = reports.iter().filter(|r| r.connected).count();
+    let mut connect_errors = Errors::default();
+    let (mut messages, mut sent, mut verification_errors, mut conn_errors) = (0u64, 0u64, 0, 0);
+    let mut first_error: Vec<String> = Vec::new();
+    if missing > 0 {
+        conn_errors += missing as u64;
+        first_error.push(format!("{missing} connections never reported"));
+    }
+    for r in reports {
+        if let Some(e) = &r.connect_error {
+            connect_errors.add(e);
+            continue;
+        }
+        messages += r.received;
+        sent += r.sent;
+        verification_errors += r.verification_errors;
+        if let Some(e) = r.errors {
+            conn_errors += 1;
+            if first_error.len() < 5 {
+                first_error.push(e);
+            }
+        }
+    }
+    let mut v = json!({
+        "mode": "throughput",
+        "connections": o.connections,
+        "connected": connected,
+        "window": o.window,
+        "size": o.size,
+        "connect_secs": round3(connect_secs),
+        "elapsed_secs": round3(elapsed),
+        "messages": messages,
+        "bytes": messages * o.size as u64,
+        "msgs_per_sec": (messages as f64 / elapsed).round(),
+        "mib_per_sec": round3(messages as f64 * o.size as f64 / elapsed / 1048576.0),
+        "lost_messages": sent.saturating_sub(messages),
+        "verification_errors": verification_errors,
+        "connection_errors": conn_errors + connect_errors.total(),
+        "connect_errors": connect_errors.json(),
+        "first_error": first_error,
+    });
+    merge(&mut v, stats::watched_json(&c.watch, before, after));
+    Ok(v)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn tp_conn(
+    id: usize,
+    target: Arc<Target>,
+    source: Option<Ipv4Addr>,
+    pattern: Arc<Pattern>,
+    window: usize,
+    duration: Duration,
+    barrier: Arc<Barrier>,
+    res_tx: mpsc::UnboundedSender<TpReport>,
+    mut close_rx: watch::Receiver<bool>,
+) {
+    let conn = target.connect_timeout(source, CONNECT_LIMIT).await;
+    barrier.wait().await;
+    let (conn, leftover) = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = res_tx.send(TpReport {
+                connect_error: Some(e),
+                ..TpReport::default()
+            });
+            return;
+        }
+    };
+    let deadline = tokio::time::Instant::now() + duration;
+    let flow = Arc::new(Flow {
+        sent: AtomicU64::new(0),
+        received: AtomicU64::new(0),
+        writer_done: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+        credit: Notify::new(),
+        done: Notify::new(),
+    });
+    let (rd, wr) = tokio::io::split(conn);
+    let writer = tokio::spawn(tp_writer(
+        wr,
+        flow.clone(),
+        pattern.clone(),
+        seq_base(id),
+        window,
+        deadline,
+    ));
+    let (rd, mut buf, mut report) = tp_reader(
+        rd,
+        leftover,
+        &flow,
+        &pattern,
+        seq_base(id),
+        deadline + DRAIN_LIMIT,
+    )
+    .await;
+    report.connected = true;
+    report.sent = flow.sent.load(Ordering::Acquire);
+    flow.stop.store(true, Ordering::Release);
+    flow.credit.notify_one();
+    // A writer blocked on a peer that stopped reading is given up on.
+    let mut writer = writer;
+    let (wr, write_error) = match timeout(STRAGGLER_LIMIT, &mut writer).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            report.errors = Some(format!("writer task failed: {e}"));
+            let _ = res_tx.send(report);
+            return;
+        }
+        Err(_) => {
+            writer.abort();
+            report
+                .errors
+                .get_or_insert_with(|| "writer stuck: the peer stopped reading".into());
+            let _ = res_tx.send(report);
+            return;
+        }
+    };
+    // The writer may have queued more since (it stops at its next check).
+    report.sent = flow.sent.load(Ordering::Acquire);
+    if report.errors.is_none() {
+        report.errors = write_error;
+    }
+    let clean = report.errors.is_none();
+    let _ = res_tx.send(report);
+    // Close politely once the measurement is over.
+    let _ = close_rx.changed().await;
+    if clean {
+        let mut conn = rd.unsplit(wr);
+        let _ = close_handshake(&mut conn, &mut buf, [1, 2, 3, 4], Duration::from_secs(2)).await;
+    }
+}
+
+async fn tp_writer(
+    mut wr: WriteHalf<Conn>,
+    flow: Arc<Flow>,
+    pattern: Arc<Pattern>,
+    base: u64,
+    window: usize,
+    deadline: tokio::time::Instant,
+) -> (WriteHalf<Conn>, Option<String>) {
+    let mut rng = Rng::new(base ^ 0x9E37_79B9_7F4A_7C15 ^ rand::random::<u64>());
+    let mut out: Vec<u8> = Vec::with_capacity(window * (pattern.size() + 14));
+    let mut n: u64 = 0;
+    let mut error = None;
+    loop {
+        if flow.stop.load(Ordering::Acquire) || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        let inflight = n - flow.received.load(Ordering::Acquire);
+        if inflight < window as u64 {
+            for _ in inflight..window as u64 {
+                pattern.push_frame(&mut out, base | n, rng.mask());
+                n += 1;
+            }
+            flow.sent.store(n, Ordering::Release);
+            let r = async {
+                wr.write_all(&out).await?;
+                wr.flush().await
+            }
+            .await;
+            out.clear();
+            if let Err(e) = r {
+                error = Some(format!("write failed: {e}"));
+                break;
+            }
+        } else {
+            tokio::select! {
+                _ = flow.credit.notified() => {}
+                _ = sleep_until(deadline) => {}
+            }
+        }
+    }
+    flow.writer_done.store(true, Ordering::Release);
+    flow.done.notify_one();
+    (wr, error)
+}
+
+async fn tp_reader(
+    mut rd: ReadHalf<Conn>,
+    mut buf: BytesMut,
+    flow: &Flow,
+    pattern: &Pattern,
+    base: u64,
+    drain_deadline: tokio::time::Instant,
+) -> (ReadHalf<Conn>, BytesMut, TpReport) {
+    let mut report = TpReport::default();
+    let mut received: u64 = 0;
+    let chunk = (pattern.size() + 14).max(16 * 1024);
+    buf.reserve(chunk);
+    'outer: loop {
+        let mut got = false;
+        loop {
+            let h = match ws::parse_header(&buf) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => {
+                    report.verification_errors += 1;
+                    report.errors = Some(format!("bad frame header: {e}"));
+                    break 'outer;
+                }
+            };
+            let total = h.total_len();
+            if buf.len() < total {
+                buf.reserve(total - buf.len());
+                break;
+            }
+            if h.opcode() == ws::OP_CLOSE {
+                report.errors = Some(format!(
+                    "server sent Close ({:?}) after {received} echoes",
+                    &buf[h.header_len..total]
+                ));
+                break 'outer;
+            }
+            if let Err(e) = pattern.verify(&h, &buf[h.header_len..total], base | received) {
+                report.verification_errors += 1;
+                report.errors = Some(format!("verification failed: {e}"));
+                break 'outer;
+            }
+            received += 1;
+            got = true;
+            buf.advance(total);
+        }
+        if got {
+            flow.received.store(received, Ordering::Release);
+            flow.credit.notify_one();
+        }
+        let sent = flow.sent.load(Ordering::Acquire);
+        if received > sent {
+            report.errors = Some("more echoes than messages sent".into());
+            break;
+        }
+        if flow.writer_done.load(Ordering::Acquire) && received == flow.sent.load(Ordering::Acquire)
+        {
+            break;
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(chunk);
+        }
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => {
+                    report.errors = Some(format!(
+                        "connection closed with {} echoes outstanding",
+                        flow.sent.load(Ordering::Acquire) - received
+                    ));
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    report.errors = Some(format!("read failed: {e}"));
+                    break;
+                }
+            },
+            _ = flow.done.notified() => {}
+            _ = sleep_until(drain_deadline) => {
+                report.errors = Some(format!(
+                    "{} echoes still outstanding {DRAIN_LIMIT:?} after the end",
+                    flow.sent.load(Ordering::Acquire) - received
+                ));
+                break;
+            }
+        }
+    }
+    report.received = received;
+    (rd, buf, report)
+}
+
+// ---------------------------------------------------------------------------
+// latency
+// ---------------------------------------------------------------------------
+
+pub struct LatencyOpts {
+    pub connections: usize,
+    pub size: usize,
+    pub duration: Duration,
+}
+
+struct LatReport {
+    samples: Vec<u64>,
+    error: Option<StageError>,
+    connected: bool,
+}
+
+pub async fn latency(c: Client, o: LatencyOpts) -> anyhow::Result<Value> {
+    let pattern = Arc::new(Pattern::new(o.size));
+    let barrier = Arc::new(Barrier::new(o.connections + 1));
+    let (res_tx, mut res_rx) = mpsc::unbounded_channel();
+    let t_connect = Instant::now();
+    for id in 0..o.connections {
+        let (target, source, pattern, barrier, res_tx) = (
+            c.target.clone(),
+            c.source(id),
+            pattern.clone(),
+            barrier.clone(),
+            res_tx.clone(),
+        );
+        let duration = o.duration;
+        tokio::spawn(async move {
+            let r = lat_conn(id, target, source, pattern, duration, barrier).await;
+            let _ = res_tx.send(r);
+        });
+    }
+    drop(res_tx);
+    barrier.wait().await;
+    let connect_secs = t_connect.elapsed().as_secs_f64();
+    let before = stats::sample(&c.watch);
+    let t0 = Instant::now();
+    let mut all: Vec<u64> = Vec::new();
+    let mut errors = Errors::default();
+    let mut verification_errors = 0u64;
+    let mut connected = 0;
+    let mut reported = 0;
+    let collect_by = tokio::time::Instant::now() + o.duration + ECHO_LIMIT + STRAGGLER_LIMIT;
+    while let Ok(Some(r)) = tokio::time::timeout_at(collect_by, res_rx.recv()).await {
+        reported += 1;
+        all.extend_from_slice(&r.samples);
+        connected += r.connected as usize;
+        if let Some(e) = r.error {
+            if e.error.to_string().contains("verification failed") {
+                verification_errors += 1;
+            }
+            errors.add(&e);
+        }
+    }
+    if reported < o.connections {
+        errors.add(&StageError {
+            stage: Stage::Echo,
+            error: anyhow!("{} connections never reported", o.connections - reported),
+        });
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let after = stats::sample(&c.watch);
+    all.sort_unstable();
+    let mut v = json!({
+        "mode": "latency",
+        "connections": o.connections,
+        "connected": connected,
+        "size": o.size,
+        "connect_secs": round3(connect_secs),
+        "elapsed_secs": round3(elapsed),
+        "messages": all.len(),
+        "msgs_per_sec": (all.len() as f64 / elapsed).round(),
+        "verification_errors": verification_errors,
+        "connection_errors": errors.total(),
+        "errors": errors.json(),
+    });
+    merge(&mut v, stats::percentiles_us(&all));
+    merge(&mut v, stats::watched_json(&c.watch, before, after));
+    Ok(v)
+}
+
+async fn lat_conn(
+    id: usize,
+    target: Arc<Target>,
+    source: Option<Ipv4Addr>,
+    pattern: Arc<Pattern>,
+    duration: Duration,
+    barrier: Arc<Barrier>,
+) -> LatReport {
+    let conn = target.connect_timeout(source, CONNECT_LIMIT).await;
+    barrier.wait().await;
+    let (mut conn, mut buf) = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            return LatReport {
+                samples: Vec::new(),
+                error: Some(e),
+                connected: false,
+            }
+        }
+    };
+    let deadline = Instant::now() + duration;
+    let mut rng = Rng::new(rand::random());
+    let mut out = Vec::with_capacity(pattern.size() + 14);
+    let mut samples = Vec::with_capacity(1 << 14);
+    let base = seq_base(id);
+    let mut n = 0u64;
+    let mut error = None;
+    buf.reserve(pattern.size() + 4096);
+    while Instant::now() < deadline {
+        let t0 = Instant::now();
+        if let Err(e) = echo_once(
+            &mut conn,
+            &mut buf,
+            &pattern,
+            &mut out,
+            base | n,
+            rng.mask(),
+        )
+        .await
+        {
+            error = Some(e);
+            break;
+        }
+        samples.push(t0.elapsed().as_nanos() as u64);
+        n += 1;
+    }
+    if error.is_none() {
+        let _ = close_handshake(&mut conn, &mut buf, rng.mask(), Duration::from_secs(2)).await;
+    }
+    LatReport {
+        samples,
+        error,
+        connected: true,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// idle
+// ---------------------------------------------------------------------------
+
+pub struct IdleOpts {
+    pub connections: usize,
+    pub hold: Duration,
+    /// Connections being opened at once.
+    pub concurrency: usize,
+}
+
+pub async fn idle(c: Client, o: IdleOpts) -> anyhow::Result<Value> {
+    let before = stats::sample(&c.watch);
+    let sem = Arc::new(Semaphore::new(o.concurrency.max(1)));
+    let t0 = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..o.connections {
+        let (target, source, sem) = (c.target.clone(), c.source(i), sem.clone());
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            target.connect_timeout(source, CONNECT_LIMIT).await
+        });
+    }
+    let mut conns = Vec::with_capacity(o.connections);
+    let mut open_errors = Errors::default();
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Ok(c)) => conns.push(c),
+            Ok(Err(e)) => open_errors.add(&e),
+            Err(e) => open_errors.add(&StageError {
+                stage: Stage::Tcp,
+                error: anyhow!("task failed: {e}"),
+            }),
+        }
+    }
+    let open_secs = t0.elapsed().as_secs_f64();
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "READY {}", conns.len())?;
+        out.flush()?;
+    }
+    eprintln!(
+        "idle: {} open, {} failed in {open_secs:.2}s; holding for {:?}",
+        conns.len(),
+        open_errors.total(),
+        o.hold
+    );
+    // Sample the held state halfway through the hold.
+    tokio::time::sleep(o.hold / 2).await;
+    let held = stats::sample(&c.watch);
+    tokio::time::sleep(o.hold - o.hold / 2).await;
+
+    // Are they all still alive? One echo on each.
+    let pattern = Arc::new(Pattern::new(64));
+    let mut set = tokio::task::JoinSet::new();
+    let opened = conns.len();
+    for (i, (mut conn, mut buf)) in conns.into_iter().enumerate() {
+        let (pattern, sem) = (pattern.clone(), sem.clone());
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            let mut out = Vec::with_capacity(80);
+            let mut rng = Rng::new(i as u64 + 1);
+            let r = echo_once(
+                &mut conn,
+                &mut buf,
+                &pattern,
+                &mut out,
+                i as u64,
+                rng.mask(),
+            )
+            .await;
+            (r, conn)
+        });
+    }
+    let mut alive = 0usize;
+    let mut check_errors = Errors::default();
+    let mut keep = Vec::with_capacity(opened);
+    while let Some(r) = set.join_next().await {
+        if let Ok((r, conn)) = r {
+            match r {
+                Ok(()) => alive += 1,
+                Err(e) => check_errors.add(&e),
+            }
+            keep.push(conn);
+        }
+    }
+    drop(keep);
+    let mut v = json!({
+        "mode": "idle",
+        "connections": o.connections,
+        "opened": opened,
+        "failed": open_errors.total(),
+        "open_secs": round3(open_secs),
+        "hold_secs": o.hold.as_secs_f64(),
+        "alive_after_hold": alive,
+        "open_errors": open_errors.json(),
+        "check_errors": check_errors.json(),
+    });
+    merge(&mut v, stats::watched_json(&c.watch, before, held));
+    Ok(v)
+}
+
+// ---------------------------------------------------------------------------
+// handshake
+// ---------------------------------------------------------------------------
+
+pub struct HandshakeOpts {
+    pub concurrency: usize,
+    pub duration: Duration,
+}
+
+pub async fn handshake(c: Client, o: HandshakeOpts) -> anyhow::Result<Value> {
+    let pattern = Arc::new(Pattern::new(64));
+    let before = stats::sample(&c.watch);
+    let t0 = Instant::now();
+    let deadline = t0 + o.duration;
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..o.concurrency {
+        let (target, ips, pattern) = (c.target.clone(), c.source_ips.clone(), pattern.clone());
+        let concurrency = o.concurrency;
+        set.spawn(async move {
+            let mut ok = 0u64;
+            let mut errors = Errors::default();
+            let mut durations = Vec::new();
+            let mut rng = Rng::new(rand::random());
+            let mut out = Vec::with_capacity(80);
+            let mut k = w;
+            while Instant::now() < deadline {
+                let source = source_for(&ips, k);
+                k += concurrency;
+                let t = Instant::now();
+                let r = async {
+                    let (mut conn, mut buf) = target.connect_timeout(source, ECHO_LIMIT).await?;
+                    echo_once(
+                        &mut conn,
+                        &mut buf,
+                        &pattern,
+                        &mut out,
+                        k as u64,
+                        rng.mask(),
+                    )
+                    .await?;
+                    close_handshake(&mut conn, &mut buf, rng.mask(), ECHO_LIMIT).await
+                }
+                .await;
+                match r {
+                    Ok(()) => {
+                        ok += 1;
+                        durations.push(t.elapsed().as_nanos() as u64);
+                    }
+                    Err(e) => {
+                        errors.add(&e);
+                        // Do not spin on a refusing server.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            (ok, errors, durations)
+        });
+    }
+    let mut ok = 0u64;
+    let mut errors = Errors::default();
+    let mut durations = Vec::new();
+    while let Some(r) = set.join_next().await {
+        let (o, e, d) = r?;
+        ok += o;
+        errors.merge(e);
+        durations.extend(d);
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let after = stats::sample(&c.watch);
+    durations.sort_unstable();
+    let mut v = json!({
+        "mode": "handshake",
+        "concurrency": o.concurrency,
+        "elapsed_secs": round3(elapsed),
+        "handshakes": ok,
+        "handshakes_per_sec": (ok as f64 / elapsed).round(),
+        "errors": errors.total(),
+        "error_detail": errors.json(),
+    });
+    merge(
+        &mut v,
+        json!({ "handshake_time": stats::percentiles_us(&durations) }),
+    );
+    merge(&mut v, stats::watched_json(&c.watch, before, after));
+    Ok(v)
+}
+
+fn merge(into: &mut Value, from: Value) {
+    if let (Some(a), Value::Object(b)) = (into.as_object_mut(), from) {
+        a.extend(b);
+    }
+}

@@ -1,0 +1,342 @@
+//! Client connections: URL parsing, TCP with an explicit source address, TLS
+//! with rustls, and the WebSocket upgrade.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use bytes::BytesMut;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
+
+use crate::ws;
+
+/// A plain or TLS client stream.
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Where the load goes: parsed from `ws://` or `wss://` URLs, loopback only.
+pub struct Target {
+    pub addr: SocketAddr,
+    /// The `Host` header value.
+    pub host: String,
+    pub path: String,
+    pub tls: Option<(TlsConnector, ServerName<'static>)>,
+}
+
+/// What a client stage failed at (handshake mode counts errors by stage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    Tcp,
+    Tls,
+    Upgrade,
+    Echo,
+    Close,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Tcp => "tcp",
+            Stage::Tls => "tls",
+            Stage::Upgrade => "upgrade",
+            Stage::Echo => "echo",
+            Stage::Close => "close",
+        }
+    }
+}
+
+/// A failed client operation: the stage and the reason.
+#[derive(Debug)]
+pub struct StageError {
+    pub stage: Stage,
+    pub error: anyhow::Error,
+}
+
+impl std::fmt::Display for StageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {:#}", self.stage.name(), self.error)
+    }
+}
+
+pub fn stage<E: Into<anyhow::Error>>(stage: Stage) -> impl FnOnce(E) -> StageError {
+    move |e: E| StageError {
+        stage,
+        error: e.into(),
+    }
+}
+
+impl Target {
+    /// Parses the URL. `ca` is a PEM file of trusted certificates for `wss://`
+    /// (without it the server certificate is not verified). `resume` keeps
+    /// rustls's TLS session cache, so reconnections resume their sessions.
+    pub async fn parse(url: &str, ca: Option<&Path>, resume: bool) -> anyhow::Result<Target> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("wss://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("ws://") {
+            (false, r)
+        } else {
+            bail!("{url}: the URL must start with ws:// or wss://");
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let default_port = if tls { 443 } else { 80 };
+        let (hostname, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or_else(|| anyhow!("{url}: bad IPv6 host"))?;
+            match after.strip_prefix(':') {
+                Some(p) => (h, p.parse::<u16>().context("bad port in URL")?),
+                None => (h, default_port),
+            }
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h, p.parse::<u16>().context("bad port in URL")?),
+                None => (authority, default_port),
+            }
+        };
+        let addr = tokio::net::lookup_host((hostname, port))
+            .await
+            .with_context(|| format!("cannot resolve {hostname}"))?
+            .next()
+            .ok_or_else(|| anyhow!("{hostname}: no address"))?;
+        if !addr.ip().is_loopback() {
+            bail!("{addr}: the load generator only targets loopback addresses");
+        }
+        let tls = if tls {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let builder = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()?;
+            let mut config = match ca {
+                Some(ca) => {
+                    let mut roots = rustls::RootCertStore::empty();
+                    for cert in CertificateDer::pem_file_iter(ca)
+                        .with_context(|| format!("{}: cannot read", ca.display()))?
+                    {
+                        roots.add(cert.with_context(|| format!("{}: bad PEM", ca.display()))?)?;
+                    }
+                    builder.with_root_certificates(roots).with_no_client_auth()
+                }
+                None => builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(NoVerify))
+                    .with_no_client_auth(),
+            };
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            if !resume {
+                config.resumption = rustls::client::Resumption::disabled();
+            }
+            let name = ServerName::try_from(hostname.to_string())
+                .map_err(|e| anyhow!("{hostname}: not a valid TLS server name: {e}"))?;
+            Some((TlsConnector::from(Arc::new(config)), name))
+        } else {
+            None
+        };
+        Ok(Target {
+            addr,
+            host: authority.to_string(),
+            path: path.to_string(),
+            tls,
+        })
+    }
+
+    /// TCP connect (from `source` if given), TLS, and the WebSocket upgrade.
+    /// Returns the stream and any bytes that arrived after the `101` head.
+    pub async fn connect(&self, source: Option<Ipv4Addr>) -> Result<(Conn, BytesMut), StageError> {
+        let sock = match self.addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .map_err(stage(Stage::Tcp))?;
+        if let (Some(ip), SocketAddr::V4(_)) = (source, self.addr) {
+            sock.set_reuseaddr(true).map_err(stage(Stage::Tcp))?;
+            sock.bind(SocketAddr::new(IpAddr::V4(ip), 0))
+                .map_err(|e| StageError {
+                    stage: Stage::Tcp,
+                    error: anyhow!("bind {ip}: {e}"),
+                })?;
+        }
+        let tcp = sock.connect(self.addr).await.map_err(stage(Stage::Tcp))?;
+        tcp.set_nodelay(true).map_err(stage(Stage::Tcp))?;
+        let mut conn = match &self.tls {
+            Some((connector, name)) => Conn::Tls(Box::new(
+                connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(stage(Stage::Tls))?,
+            )),
+            None => Conn::Plain(tcp),
+        };
+        let leftover = upgrade(&mut conn, &self.host, &self.path)
+            .await
+            .map_err(stage(Stage::Upgrade))?;
+        Ok((conn, leftover))
+    }
+
+    /// `connect` with a time limit.
+    pub async fn connect_timeout(
+        &self,
+        source: Option<Ipv4Addr>,
+        limit: Duration,
+    ) -> Result<(Conn, BytesMut), StageError> {
+        match tokio::time::timeout(limit, self.connect(source)).await {
+            Ok(r) => r,
+            Err(_) => Err(StageError {
+                stage: Stage::Tcp,
+                error: anyhow!("connect + TLS + upgrade took longer than {limit:?}"),
+            }),
+        }
+    }
+}
+
+/// Sends the upgrade request and checks the `101` and its accept key.
+async fn upgrade(conn: &mut Conn, host: &str, path: &str) -> anyhow::Result<BytesMut> {
+    let key = ws::new_key();
+    conn.write_all(ws::upgrade_request(host, path, &key).as_bytes())
+        .await?;
+    conn.flush().await?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let end = loop {
+        if let Some(end) = ws::head_end(&buf) {
+            break end;
+        }
+        if buf.len() > 16 * 1024 {
+            bail!("response head longer than 16 KiB");
+        }
+        if conn.read_buf(&mut buf).await? == 0 {
+            bail!("connection closed before the response head");
+        }
+    };
+    let head = std::str::from_utf8(&buf[..end]).context("response head is not UTF-8")?;
+    let status = head.lines().next().unwrap_or("");
+    if !status.starts_with("HTTP/1.1 101") {
+        bail!("expected 101, got {status:?}");
+    }
+    let expected = ws::accept_key(&key);
+    match ws::header_value(head, "sec-websocket-accept") {
+        Some(v) if v == expected => {}
+        other => bail!("bad Sec-WebSocket-Accept {other:?}"),
+    }
+    let _ = buf.split_to(end);
+    Ok(buf)
+}
+
+/// Parses `A-B` (an inclusive IPv4 range) or `A,B,C`.
+pub fn parse_source_ips(spec: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Some((a, b)) = part.split_once('-') {
+            let a: Ipv4Addr = a.trim().parse().context("bad source address")?;
+            let b: Ipv4Addr = b.trim().parse().context("bad source address")?;
+            let (a, b) = (u32::from(a), u32::from(b));
+            if b < a || b - a > 1 << 16 {
+                bail!("{part}: bad address range");
+            }
+            out.extend((a..=b).map(Ipv4Addr::from));
+        } else {
+            out.push(part.parse().context("bad source address")?);
+        }
+    }
+    if let Some(ip) = out.iter().find(|ip| !ip.is_loopback()) {
+        bail!("{ip}: source addresses must be loopback (127.0.0.0/8)");
+    }
+    Ok(out)
+}
+
+/// Accepts any server certificate (only when no `--ca` is given).
+#[derive(Debug)]
+struct NoVerify;
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

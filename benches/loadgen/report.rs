@@ -1,0 +1,532 @@
+//! `loadgen report`: turns the raw results of `benches/compare.sh` into the
+//! markdown table of `benches/results/latest.md`.
+//!
+//! The results directory holds, per run, `TEST__TARGET__REP.json` (the
+//! loadgen's JSON output), for idle runs `TEST__TARGET__REP.rss` ("BEFORE_KB
+//! HELD_KB", sampled by the script), and for a run that failed
+//! `TEST__TARGET__REP.fail` (one line: why). `meta.tsv` has `KEY<TAB>VALUE`
+//! lines for the header and `tests.tsv` has `TEST<TAB>DESCRIPTION` lines in
+//! suite order.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+/// The proxies berth is compared with.
+const ANCHORS: [&str; 2] = ["nginx", "haproxy"];
+
+#[derive(Default)]
+struct Run {
+    json: Option<Value>,
+    rss: Option<(f64, f64)>,
+    fail: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Agg {
+    Median,
+    Sum,
+    Min,
+}
+
+struct Metric {
+    name: &'static str,
+    /// None: a count or a figure with no better direction (not ratioed).
+    higher_better: Option<bool>,
+    agg: Agg,
+    decimals: usize,
+    headline: bool,
+    get: fn(&Run) -> Option<f64>,
+}
+
+fn num(v: &Value, path: &[&str]) -> Option<f64> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(p)?;
+    }
+    cur.as_f64()
+}
+
+fn j(r: &Run, path: &[&str]) -> Option<f64> {
+    num(r.json.as_ref()?, path)
+}
+
+fn cpu_per(r: &Run, count: &str) -> Option<f64> {
+    let cpu = j(r, &["proxy_cpu_secs"])?;
+    let n = j(r, &[count])?;
+    (n > 0.0).then(|| cpu * 1e6 / n)
+}
+
+fn metrics(mode: &str, test: &str) -> Vec<Metric> {
+    let big = test.contains("64k");
+    match mode {
+        "throughput" => vec![
+            Metric {
+                name: "proxy CPU µs/msg",
+                higher_better: Some(false),
+                agg: Agg::Median,
+                decimals: 2,
+                headline: true,
+                get: |r| cpu_per(r, "messages"),
+            },
+            Metric {
+                name: "msgs/s",
+                higher_better: Some(true),
+                agg: Agg::Median,
+                decimals: 0,
+                headline: !big,
+                get: |r| j(r, &["msgs_per_sec"]),
+            },
+            Metric {
+                name: "MiB/s",
+                higher_better: Some(true),
+                agg: Agg::Median,
+                decimals: 1,
+                headline: big,
+                get: |r| j(r, &["mib_per_sec"]),
+            },
+            Metric {
+                name: "verification errors",
+                higher_better: None,
+                agg: Agg::Sum,
+                decimals: 0,
+                headline: false,
+                get: |r| j(r, &["verification_errors"]),
+            },
+            Metric {
+                name: "lost msgs",
+                higher_better: None,
+                agg: Agg::Sum,
+                decimals: 0,
+                headline: false,
+                get: |r| j(r, &["lost_messages"]),
+            },
+            Metric {
+                name: "conn errors",
+                higher_better: None,
+                agg: Agg::Sum,
+                decimals: 0,
+                headline: false,
+                get: |r| j(r, &["connection_errors"]),
+            },
+        ],
+        "latency" => {
+            let many = !test.contains("-c1-");
+            vec![
+                Metric {
+                    name: "p50 µs",
+                    higher_better: Some(false),
+                    agg: Agg::Median,
+                    decimals: 1,
+                    headline: true,
+                    get: |r| j(r, &["p50_us"]),
+                },
+                Metric {
+                    name: "p90 µs",
+                    higher_better: Some(false),
+                    agg: Agg::Median,
+                    decimals: 1,
+                    headline: false,
+                    get: |r| j(r, &["p90_us"]),
+                },
+                Metric {
+                    name: "p99 µs",
+                    higher_better: Some(false),
+                    agg: Agg::Median,
+                    decimals: 1,
+                    headline: true,
+                    get: |r| j(r, &["p99_us"]),
+                },
+                Metric {
+                    name: "p99.9 µs",
+                    higher_better: Some(false),
+                    agg: Agg::Median,
+                    decimals: 1,
+                    headline: many,
+                    get: |r| j(r, &["p999_us"]),
+                },
+                Metric {
+                    name: "msgs/s",
+                    higher_better: Some(true),
+                    agg: Agg::Median,
+                    decimals: 0,
+                    headline: false,
+                    get: |r| j(r, &["msgs_per_sec"]),
+                },
+                Metric {
+                    name: "proxy CPU µs/msg",
+                    higher_better: Some(false),
+                    agg: Agg::Median,
+                    decimals: 2,
+                    headline: false,
+                    get: |r| cpu_per(r, "messages"),
+                },
+                Metric {
+                    name: "verification errors",
+                    higher_better: None,
+                    agg: Agg::Sum,
+                    decimals: 0,
+                    headline: false,
+                    get: |r| j(r, &["verification_errors"]),
+                },
+                Metric {
+                    name: "conn errors",
+                    higher_better: None,
+                    agg: Agg::Sum,
+                    decimals: 0,
+                    headline: false,
+                    get: |r| j(r, &["connection_errors"]),
+                },
+            ]
+        }
+        "handshake" => vec![
+            Metric {
+                name: "handshakes/s",
+                higher_better: Some(true),
+                agg: Agg::Median,
+                decimals: 0,
+                headline: true,
+                get: |r| j(r, &["handshakes_per_sec"]),
+            },
+            Metric {
+                name: "proxy CPU µs/handshake",
+                higher_better: Some(false),
+                agg: Agg::Median,
+                decimals: 1,
+                headline: true,
+                get: |r| cpu_per(r, "handshakes"),
+            },
+            Metric {
+                name: "p50 ms",
+                higher_better: Some(false),
+                agg: Agg::Median,
+                decimals: 2,
+                headline: false,
+                get: |r| j(r, &["handshake_time", "p50_us"]).map(|v| v / 1000.0),
+            },
+            Metric {
+                name: "p99 ms",
+                higher_better: Some(false),
+                agg: Agg::Median,
+                decimals: 2,
+                headline: false,
+                get: |r| j(r, &["handshake_time", "p99_us"]).map(|v| v / 1000.0),
+            },
+            Metric {
+                name: "errors",
+                higher_better: None,
+                agg: Agg::Sum,
+                decimals: 0,
+                headline: false,
+                get: |r| j(r, &["errors"]),
+            },
+        ],
+        "idle" => vec![
+            Metric {
+                name: "RSS growth KiB/conn",
+                higher_better: Some(false),
+                agg: Agg::Median,
+                decimals: 2,
+                headline: true,
+                get: |r| {
+                    let (before, held) = r.rss?;
+                    let n = j(r, &["opened"])?;
+                    (n > 0.0).then(|| (held - before) / n)
+                },
+            },
+            Metric {
+                name: "RSS held MiB",
+                higher_better: Some(false),
+                agg: Agg::Median,
+                decimals: 1,
+                headline: false,
+                get: |r| r.rss.map(|(_, held)| held / 1024.0),
+            },
+            Metric {
+                name: "open time s",
+                higher_better: Some(false),
+                agg: Agg::Median,
+                decimals: 2,
+                headline: false,
+                get: |r| j(r, &["open_secs"]),
+            },
+            Metric {
+                name: "opened",
+                higher_better: None,
+                agg: Agg::Min,
+                decimals: 0,
+                headline: false,
+                get: |r| j(r, &["opened"]),
+            },
+            Metric {
+                name: "alive after hold",
+                higher_better: None,
+                agg: Agg::Min,
+                decimals: 0,
+                headline: false,
+                get: |r| j(r, &["alive_after_hold"]),
+            },
+            Metric {
+                name: "failed",
+                higher_better: None,
+                agg: Agg::Sum,
+                decimals: 0,
+                headline: false,
+                get: |r| j(r, &["failed"]),
+            },
+        ],
+        _ => Vec::new(),
+    }
+}
+
+fn aggregate(agg: Agg, mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(match agg {
+        Agg::Sum => v.iter().sum(),
+        Agg::Min => v[0],
+        Agg::Median => {
+            let n = v.len();
+            if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                (v[n / 2 - 1] + v[n / 2]) / 2.0
+            }
+        }
+    })
+}
+
+fn fmt(v: Option<f64>, decimals: usize) -> String {
+    match v {
+        Some(v) => format!("{v:.decimals$}"),
+        None => "—".into(),
+    }
+}
+
+/// "1.35× worse" style ratio of berth to the best anchor.
+fn ratio(m: &Metric, vals: &BTreeMap<String, Option<f64>>) -> String {
+    let Some(higher) = m.higher_better else {
+        return String::new();
+    };
+    let Some(Some(b)) = vals.get("berth") else {
+        return "—".into();
+    };
+    let anchors: Vec<(&str, f64)> = ANCHORS
+        .iter()
+        .filter_map(|a| vals.get(*a).copied().flatten().map(|v| (*a, v)))
+        .collect();
+    let best = if higher {
+        anchors.iter().copied().max_by(|x, y| x.1.total_cmp(&y.1))
+    } else {
+        anchors.iter().copied().min_by(|x, y| x.1.total_cmp(&y.1))
+    };
+    let Some((name, best)) = best else {
+        return "—".into();
+    };
+    if best == 0.0 {
+        return "—".into();
+    }
+    let r = b / best;
+    let verdict = if (r - 1.0).abs() < 0.02 {
+        "≈"
+    } else if (r > 1.0) == higher {
+        "better"
+    } else {
+        "worse"
+    };
+    format!("{r:.2} vs {name} ({verdict})")
+}
+
+pub fn run(dir: &Path, targets: &[String]) -> anyhow::Result<String> {
+    let mut meta: Vec<(String, String)> = Vec::new();
+    if let Ok(s) = std::fs::read_to_string(dir.join("meta.tsv")) {
+        for line in s.lines() {
+            if let Some((k, v)) = line.split_once('\t') {
+                meta.push((k.to_string(), v.to_string()));
+            }
+        }
+    }
+    let tests_tsv = std::fs::read_to_string(dir.join("tests.tsv"))
+        .with_context(|| format!("{}: no tests.tsv", dir.display()))?;
+    let tests: Vec<(String, String)> = tests_tsv
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+
+    // runs[test][target] = Vec<Run>
+    let mut runs: BTreeMap<String, BTreeMap<String, BTreeMap<String, Run>>> = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some((stem, ext)) = name.rsplit_once('.') else {
+            continue;
+        };
+        let parts: Vec<&str> = stem.split("__").collect();
+        let [test, target, rep] = parts[..] else {
+            continue;
+        };
+        let run = runs
+            .entry(test.to_string())
+            .or_default()
+            .entry(target.to_string())
+            .or_default()
+            .entry(rep.to_string())
+            .or_default();
+        let text = std::fs::read_to_string(&path)?;
+        match ext {
+            "json" => {
+                run.json = text
+                    .lines()
+                    .rev()
+                    .find_map(|l| serde_json::from_str::<Value>(l.trim()).ok());
+                if run.json.is_none() {
+                    run.fail.get_or_insert_with(|| "no JSON output".into());
+                }
+            }
+            "rss" => {
+                let v: Vec<f64> = text
+                    .split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                if let [a, b] = v[..] {
+                    run.rss = Some((a, b));
+                }
+            }
+            "fail" => run.fail = Some(text.trim().to_string()),
+            _ => {}
+        }
+    }
+
+    let mut out = String::new();
+    writeln!(out, "# berth benchmark: berth vs nginx vs HAProxy")?;
+    writeln!(out)?;
+    for (k, v) in &meta {
+        writeln!(out, "- **{k}**: {v}")?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "Medians over the repetitions (error counts are summed). \"proxy CPU\" is the \
+         proxy's utime+stime from /proc over the measurement divided by the messages \
+         echoed (each message crosses the proxy twice); for nginx it is the worker's. \
+         \"RSS growth\" is the proxy's VmRSS while the connections are held minus before \
+         they were opened, divided by the connections. The ratio compares berth with the \
+         better of nginx and HAProxy for that figure; \"direct\" is the echo backend \
+         without a proxy, for reference: over wss it is the backend's own rustls \
+         listener, whose TLS runs on the load core, so it is no ceiling there."
+    )?;
+    writeln!(out)?;
+
+    // Per-test aggregated values: agg[test][metric_index][target].
+    let mut summary = String::new();
+    let header_targets = targets.join(" | ");
+    writeln!(
+        summary,
+        "| test | figure | {header_targets} | berth ÷ best anchor |"
+    )?;
+    writeln!(summary, "|---|---|{}---|", "---:|".repeat(targets.len()))?;
+    let mut details = String::new();
+    let mut failures = Vec::new();
+    for (test, desc) in &tests {
+        let Some(by_target) = runs.get(test) else {
+            continue;
+        };
+        let mode = by_target
+            .values()
+            .flat_map(|reps| reps.values())
+            .find_map(|r| r.json.as_ref()?.get("mode")?.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let ms = metrics(&mode, test);
+        writeln!(details, "### {test}: {desc}")?;
+        writeln!(details)?;
+        let names: Vec<&str> = ms.iter().map(|m| m.name).collect();
+        writeln!(details, "| target | {} | runs |", names.join(" | "))?;
+        writeln!(details, "|---|{}---:|", "---:|".repeat(ms.len()))?;
+        let mut per_metric: Vec<BTreeMap<String, Option<f64>>> = vec![BTreeMap::new(); ms.len()];
+        for target in targets {
+            let reps = by_target.get(target);
+            let ok: Vec<&Run> = reps
+                .map(|r| r.values().filter(|r| r.fail.is_none()).collect())
+                .unwrap_or_default();
+            let total = reps.map_or(0, |r| r.len());
+            if let Some(reps) = reps {
+                for (rep, r) in reps {
+                    if let Some(f) = &r.fail {
+                        failures.push(format!("{test} / {target} / rep {rep}: {f}"));
+                    }
+                }
+            }
+            let mut cells = Vec::new();
+            for (i, m) in ms.iter().enumerate() {
+                let v = aggregate(m.agg, ok.iter().filter_map(|r| (m.get)(r)).collect());
+                per_metric[i].insert(target.clone(), v);
+                cells.push(fmt(v, m.decimals));
+            }
+            writeln!(
+                details,
+                "| {target} | {} | {}/{} |",
+                cells.join(" | "),
+                ok.len(),
+                total
+            )?;
+        }
+        let ratios: Vec<String> = ms
+            .iter()
+            .zip(&per_metric)
+            .map(|(m, vals)| ratio(m, vals))
+            .collect();
+        writeln!(
+            details,
+            "| berth ÷ best anchor | {} | |",
+            ratios.join(" | ")
+        )?;
+        writeln!(details)?;
+        for (m, vals) in ms.iter().zip(&per_metric) {
+            if !m.headline {
+                continue;
+            }
+            let cells: Vec<String> = targets
+                .iter()
+                .map(|t| fmt(vals.get(t).copied().flatten(), m.decimals))
+                .collect();
+            let dir = match m.higher_better {
+                Some(true) => " ↑",
+                Some(false) => " ↓",
+                None => "",
+            };
+            writeln!(
+                summary,
+                "| {test} | {}{dir} | {} | {} |",
+                m.name,
+                cells.join(" | "),
+                ratio(m, vals)
+            )?;
+        }
+    }
+    writeln!(out, "## Headline figures")?;
+    writeln!(out)?;
+    writeln!(out, "↑ higher is better, ↓ lower is better.")?;
+    writeln!(out)?;
+    out.push_str(&summary);
+    writeln!(out)?;
+    writeln!(out, "## Per test")?;
+    writeln!(out)?;
+    out.push_str(&details);
+    if !failures.is_empty() {
+        writeln!(out, "## Failed runs")?;
+        writeln!(out)?;
+        for f in failures {
+            writeln!(out, "- {f}")?;
+        }
+        writeln!(out)?;
+    }
+    Ok(out)
+}
