@@ -201,3 +201,61 @@ async fn get_is_retried_on_another_backend_when_the_first_refuses() {
     }
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn draining_a_backend_closes_its_idle_keep_alive_connections() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // A backend that counts its open connections.
+    let open = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counter = open.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                        Bytes::from_static(b"kept alive"),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+                counter.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let proxy = Proxy::start(&config_for(&[addr], "")).await;
+    let mut c = client(proxy.addr).await;
+    let resp = c.send_request(get("/", &[])).await.unwrap();
+    assert_eq!(
+        resp.into_body().collect().await.unwrap().to_bytes(),
+        Bytes::from_static(b"kept alive")
+    );
+    // berth keeps its connection to the backend alive for reuse...
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(open.load(Ordering::SeqCst), 1);
+    // ...until the backend is drained: then it closes.
+    let (status, _) = admin_request(
+        proxy.admin.unwrap(),
+        "POST",
+        "/admin/pools/main/backends/b1/drain",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while open.load(Ordering::SeqCst) != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "keep-alive connection to the drained backend stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.shutdown().await;
+}

@@ -331,52 +331,18 @@ async fn listeners_keep_accepting_during_reloads() {
 #[tokio::test]
 async fn sigterm_sends_1001_to_every_client_and_exits_zero() {
     let b1 = WsBackend::start("b1").await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("berth.toml");
-    // A fixed port is needed to reach a separate process: probe a free one.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let toml = config_for(&[b1.addr], "close_timeout = \"1s\"")
-        .replacen(
-            "bind = \"127.0.0.1:0\"",
-            &format!("bind = \"127.0.0.1:{port}\""),
-            1,
-        )
-        .replace("{CERT}", CERT)
-        .replace("{KEY}", KEY);
-    std::fs::write(
-        &path,
-        toml.replace("shutdown_window = \"500ms\"", "shutdown_window = \"1s\""),
-    )
-    .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["run", "--config", path.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "berth did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        .replace("shutdown_window = \"500ms\"", "shutdown_window = \"1s\"");
+    let mut berth = BerthProcess::spawn(&toml, &[], std::process::Stdio::null()).await;
     let mut clients = Vec::new();
     for _ in 0..20 {
-        clients.push(ws_connect(addr, false, "/").await);
+        clients.push(ws_connect(berth.addr, false, "/").await);
     }
     let waiters: Vec<_> = clients
         .into_iter()
         .map(|mut ws| tokio::spawn(async move { next_close(&mut ws).await }))
         .collect();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    berth.signal("TERM");
     for w in waiters {
         assert_eq!(
             tokio::time::timeout(Duration::from_secs(5), w)
@@ -386,15 +352,79 @@ async fn sigterm_sends_1001_to_every_client_and_exits_zero() {
             Some(1001)
         );
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "berth did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = berth
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("berth did not exit");
     assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_config_file() {
+    let b1 = WsBackend::start("b1").await;
+    let b2 = WsBackend::start("b2").await;
+    let berth = BerthProcess::spawn(
+        &config_for(&[b1.addr], ""),
+        &[],
+        std::process::Stdio::null(),
+    )
+    .await;
+    let mut ws = ws_connect(berth.addr, false, "/").await;
+    assert_eq!(whoami(&mut ws).await, "b1");
+    // Point the pool at b2 only, keeping the binds the process already has.
+    let text = std::fs::read_to_string(&berth.config_path).unwrap();
+    std::fs::write(
+        &berth.config_path,
+        text.replace(&b1.addr.to_string(), &b2.addr.to_string()),
+    )
+    .unwrap();
+    berth.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut probe = ws_connect(berth.addr, false, "/").await;
+        if whoami(&mut probe).await == "b2" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The reload was counted.
+    let (_, metrics) = admin_request(berth.admin, "GET", "/metrics", None).await;
+    assert!(
+        metrics.contains("berth_config_reloads_total{result=\"success\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn admin_posts_require_the_bearer_token_when_one_is_set() {
+    let b1 = WsBackend::start("b1").await;
+    let toml = config_for(&[b1.addr], "").replace(
+        "[admin]\nbind = \"127.0.0.1:0\"",
+        "[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"s3cret-token\"",
+    );
+    let proxy = Proxy::start(&toml).await;
+    let admin = proxy.admin.unwrap();
+    let path = "/admin/pools/main/backends/b1/drain";
+    assert_eq!(admin_request(admin, "POST", path, None).await.0, 401);
+    assert_eq!(
+        admin_request(admin, "POST", path, Some("wrong")).await.0,
+        401
+    );
+    assert_eq!(
+        admin_request(admin, "POST", "/admin/reload", None).await.0,
+        401
+    );
+    // Reads stay open; the backend was not drained by the refused calls.
+    assert_eq!(backend_state(admin, "b1").await, "up");
+    assert_eq!(
+        admin_request(admin, "POST", path, Some("s3cret-token"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(backend_state(admin, "b1").await, "draining");
+    proxy.shutdown().await;
 }
 
 /// A backend that answers the handshake itself and then sends one 8 MiB
@@ -493,90 +523,40 @@ async fn ping_injected_inside_a_fragmented_8mib_message_leaves_it_intact() {
 #[tokio::test]
 async fn second_signal_exits_at_once_and_readyz_turns_503_while_draining() {
     let b1 = WsBackend::start("b1").await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("berth.toml");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     // A long shutdown window: without the second signal, berth would wait.
     let toml = config_for(&[b1.addr], "close_timeout = \"30s\"")
-        .replace("shutdown_window = \"500ms\"", "shutdown_window = \"60s\"")
-        .replacen(
-            "bind = \"127.0.0.1:0\"",
-            &format!("bind = \"127.0.0.1:{port}\""),
-            1,
-        )
-        .replace(
-            "[admin]\nbind = \"127.0.0.1:0\"",
-            &format!("[admin]\nbind = \"127.0.0.1:{admin_port}\""),
-        )
-        .replace("{CERT}", CERT)
-        .replace("{KEY}", KEY);
-    std::fs::write(&path, toml).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["run", "--config", path.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(admin).await.is_err()
-        || tokio::net::TcpStream::connect(addr).await.is_err()
-    {
-        assert!(Instant::now() < deadline, "berth did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(admin_request(admin, "GET", "/readyz", None).await.0, 200);
+        .replace("shutdown_window = \"500ms\"", "shutdown_window = \"60s\"");
+    let mut berth = BerthProcess::spawn(&toml, &[], std::process::Stdio::null()).await;
+    assert_eq!(
+        admin_request(berth.admin, "GET", "/readyz", None).await.0,
+        200
+    );
     // Hold connections so the drain has something to wait for.
     let mut clients = Vec::new();
     for _ in 0..50 {
-        clients.push(ws_connect(addr, false, "/").await);
+        clients.push(ws_connect(berth.addr, false, "/").await);
     }
-    let pid = child.id().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
+    berth.signal("TERM");
     // Draining: not ready, still alive.
     let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let (status, _) = admin_request(admin, "GET", "/readyz", None).await;
-        if status == 503 {
-            break;
-        }
+    while admin_request(berth.admin, "GET", "/readyz", None).await.0 != 503 {
         assert!(Instant::now() < deadline, "readyz never turned 503");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(admin_request(admin, "GET", "/healthz", None).await.0, 200);
+    assert_eq!(
+        admin_request(berth.admin, "GET", "/healthz", None).await.0,
+        200
+    );
     assert!(
-        child.try_wait().unwrap().is_none(),
+        berth.child.try_wait().unwrap().is_none(),
         "exited before the window"
     );
     // The second signal ends it at once.
-    let started = Instant::now();
-    std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "second signal did not exit at once"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    berth.signal("INT");
+    assert!(
+        berth.wait_exit(Duration::from_secs(3)).await.is_some(),
+        "second signal did not exit at once"
+    );
     drop(clients);
 }
 

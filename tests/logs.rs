@@ -4,8 +4,8 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use support::*;
@@ -16,47 +16,20 @@ use tokio_tungstenite::tungstenite::Message;
 #[tokio::test]
 async fn json_access_log_has_one_event_per_connection_and_request() {
     let b = WsBackend::start("b1").await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("berth.toml");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let toml = config_for(&[b.addr], "")
-        .replacen(
-            "bind = \"127.0.0.1:0\"",
-            &format!("bind = \"127.0.0.1:{port}\""),
-            1,
-        )
-        .replace("{CERT}", CERT)
-        .replace("{KEY}", KEY);
-    std::fs::write(&path, toml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args([
-            "--log-format",
-            "json",
-            "run",
-            "--config",
-            path.to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let mut berth = BerthProcess::spawn(
+        &config_for(&[b.addr], ""),
+        &["--log-format", "json"],
+        Stdio::piped(),
+    )
+    .await;
+    let stderr = berth.child.stderr.take().unwrap();
     let lines = std::thread::spawn(move || {
         BufReader::new(stderr)
             .lines()
             .map_while(Result::ok)
             .collect::<Vec<_>>()
     });
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "berth did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let addr = berth.addr;
     let mut ws = ws_connect(addr, false, "/").await;
     ws.send(Message::text("hello")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
@@ -70,11 +43,8 @@ async fn json_access_log_has_one_event_per_connection_and_request() {
     // A plain request (the backend is WebSocket-only and answers 400).
     let _ = http_get(addr, "/plain").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let _ = child.wait();
+    berth.signal("TERM");
+    let _ = berth.wait_exit(Duration::from_secs(10)).await;
     let lines = lines.join().unwrap();
     let events: Vec<serde_json::Value> = lines
         .iter()

@@ -7,10 +7,13 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
 
 use prometheus::IntGauge;
 
+use super::{http_client, HttpClient};
 use crate::config::BackendConfig;
 use crate::metrics::Metrics;
 use crate::ws::relay::RelayCounters;
@@ -55,6 +58,11 @@ pub struct Backend {
     /// Bumped by every drain and undrain, so that a drain schedule stops
     /// when the backend is put back in service.
     drain_epoch: AtomicU64,
+    /// This backend's own keep-alive pool for plain HTTP. A drain drops it:
+    /// requests in flight keep their clone and finish, and the idle
+    /// connections close once the last clone is gone.
+    http: ArcSwapOption<HttpClient>,
+    connect_timeout_ms: AtomicU64,
     /// Counter handles for the relay, resolved once.
     pub counters: Arc<RelayCounters>,
     live_gauge: IntGauge,
@@ -73,7 +81,12 @@ impl std::fmt::Debug for Backend {
 }
 
 impl Backend {
-    pub fn new(pool: &str, config: &BackendConfig, metrics: &Metrics) -> Arc<Backend> {
+    pub fn new(
+        pool: &str,
+        config: &BackendConfig,
+        connect_timeout: Duration,
+        metrics: &Metrics,
+    ) -> Arc<Backend> {
         let backend = Backend {
             pool: pool.to_string(),
             id: config.id.clone(),
@@ -88,6 +101,8 @@ impl Backend {
             fail_streak: AtomicU32::new(0),
             down_since_ms: AtomicU64::new(0),
             drain_epoch: AtomicU64::new(0),
+            http: ArcSwapOption::from_pointee(http_client(connect_timeout)),
+            connect_timeout_ms: AtomicU64::new(duration_ms(connect_timeout)),
             counters: Arc::new(metrics.relay_counters(pool, &config.id)),
             live_gauge: metrics
                 .ws_connections_active
@@ -236,6 +251,7 @@ impl Backend {
     /// connections, spread over the drain window.
     pub fn start_drain(&self) -> bool {
         self.drain_epoch.fetch_add(1, Ordering::AcqRel);
+        self.http.store(None);
         let was = self.set_state(BackendState::Draining);
         if was {
             tracing::info!(pool = %self.pool, backend = %self.id, live = self.live_connections(), "backend draining");
@@ -248,11 +264,28 @@ impl Backend {
     pub fn undrain(&self) -> bool {
         self.drain_epoch.fetch_add(1, Ordering::AcqRel);
         let was_draining = self.draining.swap(false, Ordering::AcqRel);
+        if self.http.load().is_none() {
+            let timeout = Duration::from_millis(self.connect_timeout_ms.load(Ordering::Relaxed));
+            self.http.store(Some(Arc::new(http_client(timeout))));
+        }
         if was_draining {
             tracing::info!(pool = %self.pool, backend = %self.id, "backend back in service");
             self.publish_state(self.state());
         }
         was_draining
+    }
+
+    /// The client for plain HTTP requests; `None` while draining.
+    pub fn http_client(&self) -> Option<HttpClient> {
+        self.http.load().as_deref().cloned()
+    }
+
+    /// A reload may change the pool's connect timeout: rebuild the client.
+    pub fn set_connect_timeout(&self, timeout: Duration) {
+        let ms = duration_ms(timeout);
+        if self.connect_timeout_ms.swap(ms, Ordering::Relaxed) != ms && self.http.load().is_some() {
+            self.http.store(Some(Arc::new(http_client(timeout))));
+        }
     }
 
     /// Changes with every drain and undrain.
@@ -289,6 +322,10 @@ impl Backend {
             kind: GuardKind::Request,
         }
     }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Milliseconds since the first call: a monotonic clock that fits an atomic.

@@ -30,11 +30,23 @@ pub const PASSIVE_FALL: u32 = 3;
 /// without active checks only; with them, the checks bring it back).
 pub const PASSIVE_RETRY: Duration = Duration::from_secs(10);
 
+/// An HTTP/1.1 client with its own connection pool.
+pub type HttpClient = Client<HttpConnector, ProxyBody>;
+
+/// A pooled HTTP/1.1 client (Nagle off, the pool's connect timeout).
+pub fn http_client(connect_timeout: Duration) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
 /// A pool's backends and its balancing state.
 pub struct Pool {
     pub config: PoolConfig,
-    /// Pooled HTTP/1.1 client for plain requests to this pool's backends.
-    pub http: Client<HttpConnector, ProxyBody>,
+    /// HTTP/1.1 client for the pool's active health checks (plain requests
+    /// use each backend's own client, see [`Backend::http_client`]).
+    pub http: HttpClient,
     pub backends: Vec<Arc<Backend>>,
     /// Affinity, ready to apply.
     pub sticky: Sticky,
@@ -69,17 +81,15 @@ impl Pool {
                     Some(old) => {
                         old.set_weight(b.weight);
                         old.set_max_connections(b.max_connections);
+                        old.set_connect_timeout(config.connect_timeout);
                         Arc::clone(old)
                     }
-                    None => Backend::new(&config.name, b, metrics),
+                    None => Backend::new(&config.name, b, config.connect_timeout, metrics),
                 }
             })
             .collect();
         let weights: Vec<u32> = backends.iter().map(|b| b.weight()).collect();
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        let http = Client::builder(TokioExecutor::new()).build(connector);
+        let http = http_client(config.connect_timeout);
         Pool {
             sticky: Sticky::from_config(&config.affinity),
             http,

@@ -89,8 +89,13 @@ pub async fn handle(
         *out.uri_mut() = uri;
         *out.headers_mut() = parts.headers.clone();
         let guard = backend.track_request();
-        let result =
-            tokio::time::timeout(pool.config.response_timeout, pool.http.request(out)).await;
+        let result = tokio::time::timeout(pool.config.response_timeout, {
+            // The backend's own keep-alive pool; a backend that started
+            // draining since it was chosen falls back to the pool's.
+            let client = backend.http_client().unwrap_or_else(|| pool.http.clone());
+            client.request(out)
+        })
+        .await;
         drop(guard);
         match result {
             Ok(Ok(resp)) => {

@@ -43,27 +43,16 @@ impl Proxy {
     /// certificate paths.
     pub async fn start(toml: &str) -> Proxy {
         let text = toml.replace("{CERT}", CERT).replace("{KEY}", KEY);
-        let config = Config::from_toml_str(&text, "test.toml").unwrap_or_else(|e| panic!("{e}"));
-        let app = App::bind(config).await.expect("bind");
-        let addr = app.listener_addr("public").expect("listener named public");
-        let tls_addr = app.listener_addr("tls");
-        let admin = app.admin_addr();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(app.run(async {
-            let _ = rx.await;
-        }));
-        Proxy {
-            addr,
-            tls_addr,
-            admin,
-            stop: Some(tx),
-            task,
-        }
+        Proxy::run(Config::from_toml_str(&text, "test.toml").unwrap_or_else(|e| panic!("{e}")))
+            .await
     }
 
     /// Starts berth from a config file (so that reloads re-read it).
     pub async fn start_file(path: &std::path::Path) -> Proxy {
-        let config = Config::load(path).unwrap_or_else(|e| panic!("{e}"));
+        Proxy::run(Config::load(path).unwrap_or_else(|e| panic!("{e}"))).await
+    }
+
+    async fn run(config: Config) -> Proxy {
         let app = App::bind(config).await.expect("bind");
         let addr = app.listener_addr("public").expect("listener named public");
         let tls_addr = app.listener_addr("tls");
@@ -673,4 +662,95 @@ pub async fn backend_state(admin: SocketAddr, id: &str) -> String {
         }
     }
     panic!("no backend {id} in {body}");
+}
+
+/// The real `berth` binary running a config file, with the public listener
+/// and the admin API on ports probed free just before.
+pub struct BerthProcess {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl BerthProcess {
+    /// Writes `toml` (from [`config_for`]; the public and admin binds are
+    /// rewritten to fixed free ports) and starts `berth [args] run` on it;
+    /// waits until both ports accept.
+    pub async fn spawn(
+        toml: &str,
+        global_args: &[&str],
+        stderr: std::process::Stdio,
+    ) -> BerthProcess {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let (addr, admin) = (free(), free());
+        let text = toml
+            .replacen("bind = \"127.0.0.1:0\"", &format!("bind = \"{addr}\""), 1)
+            .replace(
+                "[admin]\nbind = \"127.0.0.1:0\"",
+                &format!("[admin]\nbind = \"{admin}\""),
+            )
+            .replace("{CERT}", CERT)
+            .replace("{KEY}", KEY);
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("berth.toml");
+        std::fs::write(&config_path, text).unwrap();
+        let mut args: Vec<&str> = global_args.to_vec();
+        args.extend(["run", "--config", config_path.to_str().unwrap()]);
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).await.is_err() || TcpStream::connect(admin).await.is_err() {
+            assert!(std::time::Instant::now() < deadline, "berth did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        BerthProcess {
+            child,
+            addr,
+            admin,
+            config_path,
+            _dir: dir,
+        }
+    }
+
+    /// Sends a signal (`TERM`, `INT`, `HUP`) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for BerthProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
