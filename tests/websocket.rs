@@ -341,3 +341,33 @@ async fn origins_outside_allowed_origins_get_403() {
     assert!(resp.starts_with("HTTP/1.1 101"), "{resp}");
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn oversized_or_fragmented_control_frames_close_both_sides_with_1002() {
+    let b = WsBackend::start("b1").await;
+    let proxy = Proxy::start(&config_for(&[b.addr], "")).await;
+    // A Ping with 126 bytes of payload, then a Ping without FIN.
+    for bad in [
+        client_frame(true, 0x9, &[7u8; 126]),
+        client_frame(false, 0x9, b"split"),
+    ] {
+        let mut s = raw_ws(proxy.addr).await;
+        s.write_all(&client_frame(true, 0x1, b"fine"))
+            .await
+            .unwrap();
+        let (_, op, payload) = read_frame(&mut s).await.unwrap();
+        assert_eq!((op, payload.as_slice()), (0x1, &b"fine"[..]));
+        s.write_all(&bad).await.unwrap();
+        let code = tokio::time::timeout(Duration::from_secs(5), read_until_close(&mut s))
+            .await
+            .unwrap();
+        assert_eq!(code, Some(1002));
+    }
+    // The backend got a (masked) Close 1002 for each, never the bad frame.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while b.closes_seen.lock().unwrap().len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*b.closes_seen.lock().unwrap(), vec![1002, 1002]);
+    proxy.shutdown().await;
+}

@@ -299,6 +299,9 @@ struct Parse {
     inject: Option<Inject>,
     /// After `inject` is written, drop this direction's frames.
     discard_after_inject: bool,
+    /// berth has queued (or written) its own Close towards the destination:
+    /// never a second one.
+    close_queued: bool,
     /// Frames from the source are parsed but not written.
     discard: bool,
     /// A Close frame from the source has been seen in full.
@@ -383,6 +386,7 @@ impl Dir {
                 broken: false,
                 inject: None,
                 discard_after_inject: false,
+                close_queued: false,
                 discard: false,
                 close_seen: false,
                 close_code: None,
@@ -651,7 +655,8 @@ where
                             reason: "client connection lost",
                         },
                     };
-                    if dir.p.inject.is_none() {
+                    if dir.p.inject.is_none() && !dir.p.close_queued {
+                        dir.p.close_queued = true;
                         dir.p.inject = Some(frame);
                     }
                 }
@@ -700,14 +705,19 @@ where
         if self.outcome.is_none() {
             self.outcome = Some((Initiator::Proxy, Some(client_code), reason));
         }
-        if !self.down.p.discard && !self.down.shut && !self.down.want_shutdown {
+        // A direction gets berth's Close unless it already has one or its
+        // destination is gone; a direction that stopped forwarding (a
+        // protocol error in its stream) still gets it.
+        if !self.down.p.close_queued && !self.down.shut && !self.down.want_shutdown {
+            self.down.p.close_queued = true;
             self.down.p.inject = Some(Inject::Close {
                 code: client_code,
                 reason: client_reason,
             });
             self.down.p.discard_after_inject = true;
         }
-        if !self.up.p.discard && !self.up.shut && !self.up.want_shutdown {
+        if !self.up.p.close_queued && !self.up.shut && !self.up.want_shutdown {
+            self.up.p.close_queued = true;
             self.up.p.inject = Some(Inject::Close {
                 code: backend_code,
                 reason: backend_reason,
@@ -811,7 +821,8 @@ where
         self.up.eof = true;
         self.up.p.discard = true;
         self.down.destination_failed();
-        if !self.up.shut && !self.up.want_shutdown {
+        if !self.up.p.close_queued && !self.up.shut && !self.up.want_shutdown {
+            self.up.p.close_queued = true;
             self.up.p.inject = Some(Inject::Close {
                 code: close_code::GOING_AWAY,
                 reason: "client unresponsive",
