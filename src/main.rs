@@ -35,6 +35,10 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy with a config file. Validates it fully before binding anything.
+    ///
+    /// SIGHUP re-reads the file (an invalid one is logged and the running config
+    /// stays); SIGTERM or SIGINT stop accepting, close WebSockets with 1001 spread
+    /// over shutdown_window, and exit 0; a second signal exits at once.
     Run {
         /// Path to the TOML config file.
         #[arg(long, short, default_value = "config/berth.toml")]
