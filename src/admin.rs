@@ -179,7 +179,10 @@ fn pools_json(shared: &Shared) -> serde_json::Value {
             .collect();
         pools.insert(
             name.clone(),
-            serde_json::json!({ "balance": format!("{:?}", pool.config.balance), "backends": backends }),
+            serde_json::json!({ "balance": match pool.config.balance {
+                crate::config::Balance::LeastConnections => "least_connections",
+                crate::config::Balance::RoundRobin => "round_robin",
+            }, "backends": backends }),
         );
     }
     serde_json::json!({ "pools": pools })

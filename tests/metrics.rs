@@ -901,6 +901,8 @@ async fn admin_health_endpoints_and_pools_view() {
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     let pools = json["pools"].as_object().expect("pools object");
     assert_eq!(pools.keys().collect::<Vec<_>>(), ["main"], "{body}");
+    // The balance algorithm is named as the config spells it.
+    assert_eq!(json["pools"]["main"]["balance"], "round_robin", "{body}");
     let list = json["pools"]["main"]["backends"]
         .as_array()
         .expect("backends array");

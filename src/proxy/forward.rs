@@ -35,11 +35,6 @@ pub async fn handle(
 
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let facts_headers = parts.headers.clone();
-    // berth's own affinity cookie is not the application's business.
-    if let Some(name) = pool.sticky.cookie_name() {
-        crate::affinity::strip_cookie(&mut parts.headers, name);
-    }
     add_forwarded(
         &mut parts.headers,
         conn.peer.ip(),
@@ -61,7 +56,7 @@ pub async fn handle(
     let mut last_err = ProxyError::NoBackend(pool.config.name.clone());
     for _ in 0..attempts {
         let facts = RequestFacts {
-            headers: &facts_headers,
+            headers: &parts.headers,
             uri: &parts.uri,
             peer: conn.peer.ip(),
             tls: conn.tls,
@@ -88,6 +83,10 @@ pub async fn handle(
         *out.method_mut() = parts.method.clone();
         *out.uri_mut() = uri;
         *out.headers_mut() = parts.headers.clone();
+        // berth's own affinity cookie is not the application's business.
+        if let Some(name) = pool.sticky.cookie_name() {
+            crate::affinity::strip_cookie(out.headers_mut(), name);
+        }
         let guard = backend.track_request();
         let result = tokio::time::timeout(pool.config.response_timeout, {
             // The backend's own keep-alive pool; a backend that started
