@@ -624,3 +624,25 @@ async fn reload_swaps_the_certificate_without_dropping_the_listener() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_binary_purges_freed_memory_in_the_background() {
+    // berth's jemalloc options (src/main.rs) start one background thread
+    // that returns freed memory to the kernel, so an idle proxy does not
+    // keep the high-water mark of its last burst of handshakes.
+    let b1 = WsBackend::start("b1").await;
+    let toml = config_for(&[b1.addr], "");
+    let mut berth = BerthProcess::spawn(&toml, &[], std::process::Stdio::null()).await;
+    let pid = berth.child.id();
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let comm = entry.unwrap().path().join("comm");
+        if let Ok(name) = std::fs::read_to_string(comm) {
+            names.push(name.trim().to_string());
+        }
+    }
+    berth.signal("TERM");
+    let _ = berth.wait_exit(Duration::from_secs(5)).await;
+    let purgers = names.iter().filter(|n| *n == "jemalloc_bg_thd").count();
+    assert_eq!(purgers, 1, "threads: {names:?}");
+}
