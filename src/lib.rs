@@ -32,4 +32,5 @@ pub mod proxy;
 pub mod reload;
 pub mod routing;
 pub mod tls;
+pub mod tls_stream;
 pub mod ws;

@@ -13,13 +13,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::tls_stream::{self, ServerTlsStream};
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Shared;
@@ -30,7 +29,7 @@ use crate::proxy::{self, ConnInfo};
 /// connections stay small.
 pub enum ClientStream {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<ServerTlsStream>),
 }
 
 impl AsyncRead for ClientStream {
@@ -84,17 +83,14 @@ pub struct ListenerSpec {
 
 /// The reloadable part of a listener.
 pub struct ListenerSettings {
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub handshake_timeout: Duration,
 }
 
 impl ListenerSettings {
     pub fn from_config(config: &ListenerConfig) -> ListenerSettings {
         ListenerSettings {
-            tls: config
-                .tls
-                .as_ref()
-                .map(|t| TlsAcceptor::from(Arc::clone(&t.server_config))),
+            tls: config.tls.as_ref().map(|t| Arc::clone(&t.server_config)),
             handshake_timeout: config.handshake_timeout,
         }
     }
@@ -180,10 +176,13 @@ async fn serve_connection(
     let settings = spec.settings.load_full();
     let stream = match &settings.tls {
         None => ClientStream::Plain(tcp),
-        Some(acceptor) => {
+        Some(config) => {
             let started = Instant::now();
-            let result =
-                tokio::time::timeout(settings.handshake_timeout, acceptor.accept(tcp)).await;
+            let result = tokio::time::timeout(
+                settings.handshake_timeout,
+                tls_stream::accept(tcp, Arc::clone(config)),
+            )
+            .await;
             let label = match &result {
                 Ok(Ok(_)) => "ok",
                 Ok(Err(_)) => "error",

@@ -1,0 +1,658 @@
+//! The server side of a TLS connection, built on rustls's unbuffered API so
+//! that an idle connection holds no TLS buffers: only the TLS state itself.
+//!
+//! rustls's buffered `ServerConnection` keeps a 4 KiB receive buffer for the
+//! life of every connection. Here ciphertext is read into a per-thread
+//! scratch buffer and processed there; a connection keeps bytes of its own
+//! only while they are in flight:
+//!
+//! - `incoming`: the tail of a record that has not fully arrived yet;
+//! - `plain`: decrypted bytes the reader's buffer had no room for;
+//! - `outgoing`: encrypted bytes the socket has not taken yet.
+//!
+//! Each is freed as soon as it is empty again.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
+};
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Ciphertext read from the socket per read call.
+const READ_CHUNK: usize = 32 * 1024;
+/// Plaintext accepted per write call (bounds what `outgoing` can hold).
+const MAX_WRITE: usize = 64 * 1024;
+/// Per-record overhead of TLS 1.2/1.3 ciphertext is well under this.
+const RECORD_OVERHEAD: usize = 64;
+/// rustls's largest plaintext fragment.
+const MAX_FRAGMENT: usize = 16 * 1024;
+
+thread_local! {
+    /// Where ciphertext is read and decrypted in place; one per runtime
+    /// thread, shared by all of its connections.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Errors of a TLS connection.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsStreamError {
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("TLS: peer closed the connection during the handshake")]
+    HandshakeEof,
+    #[error("TLS: the connection is closed")]
+    Closed,
+    #[error("TLS: unexpected state {0}")]
+    Unexpected(&'static str),
+    #[error("TLS: cannot encode a record: {0}")]
+    Encode(String),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl From<TlsStreamError> for io::Error {
+    fn from(e: TlsStreamError) -> io::Error {
+        match e {
+            TlsStreamError::Io(e) => e,
+            TlsStreamError::Closed => io::Error::new(io::ErrorKind::BrokenPipe, e),
+            TlsStreamError::HandshakeEof => io::Error::new(io::ErrorKind::UnexpectedEof, e),
+            other => io::Error::new(io::ErrorKind::InvalidData, other),
+        }
+    }
+}
+
+/// A server-side TLS stream over a TCP socket.
+pub struct ServerTlsStream {
+    tcp: TcpStream,
+    conn: UnbufferedServerConnection,
+    incoming: Vec<u8>,
+    plain: Vec<u8>,
+    plain_pos: usize,
+    outgoing: Vec<u8>,
+    out_pos: usize,
+    /// The peer sent close_notify, or the socket reached EOF.
+    read_eof: bool,
+    /// berth queued its own close_notify.
+    close_sent: bool,
+}
+
+/// What to do once the connection can carry application data.
+enum Goal<'a> {
+    /// Nothing: reading, or finishing the handshake.
+    Read,
+    /// Encrypt this plaintext.
+    Write(&'a [u8]),
+    /// Queue close_notify.
+    Close,
+}
+
+/// Where processing stopped.
+#[derive(PartialEq, Eq, Debug)]
+enum Reached {
+    /// The handshake needs more bytes from the peer.
+    Blocked,
+    /// Application data may flow (the goal was carried out).
+    Traffic,
+    /// Both sides sent close_notify.
+    Closed,
+}
+
+/// Accepts a TLS connection: runs the handshake to completion.
+pub async fn accept(
+    tcp: TcpStream,
+    config: Arc<ServerConfig>,
+) -> Result<ServerTlsStream, TlsStreamError> {
+    let mut stream = ServerTlsStream {
+        tcp,
+        conn: UnbufferedServerConnection::new(config)?,
+        incoming: Vec::new(),
+        plain: Vec::new(),
+        plain_pos: 0,
+        outgoing: Vec::new(),
+        out_pos: 0,
+        read_eof: false,
+        close_sent: false,
+    };
+    poll_fn(|cx| stream.poll_handshake(cx)).await?;
+    Ok(stream)
+}
+
+impl ServerTlsStream {
+    /// The socket underneath.
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TlsStreamError>> {
+        loop {
+            let mut incoming = std::mem::take(&mut self.incoming);
+            let result = process(
+                &mut self.conn,
+                &mut incoming,
+                None,
+                &mut self.plain,
+                &mut self.outgoing,
+                &mut self.read_eof,
+                Goal::Read,
+            );
+            let reached = match result {
+                Ok((used, reached)) => {
+                    incoming.drain(..used);
+                    self.incoming = incoming;
+                    reached
+                }
+                Err(e) => {
+                    self.send_alert(cx);
+                    return Poll::Ready(Err(e));
+                }
+            };
+            // Our flight goes out before we wait for the peer's.
+            ready!(self.poll_write_out(cx))?;
+            match reached {
+                Reached::Traffic => {
+                    if self.incoming.is_empty() {
+                        self.incoming = Vec::new();
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Reached::Closed => return Poll::Ready(Err(TlsStreamError::HandshakeEof)),
+                Reached::Blocked => {}
+            }
+            if self.read_eof {
+                return Poll::Ready(Err(TlsStreamError::HandshakeEof));
+            }
+            // Handshake messages are read straight into `incoming` (it only
+            // lives for the handshake's few round trips).
+            let len = self.incoming.len();
+            self.incoming.resize(len + 8 * 1024, 0);
+            let mut buf = ReadBuf::new(&mut self.incoming[len..]);
+            let polled = Pin::new(&mut self.tcp).poll_read(cx, &mut buf);
+            let n = buf.filled().len();
+            self.incoming.truncate(len + n);
+            match polled {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                Poll::Ready(Ok(())) if n == 0 => {
+                    return Poll::Ready(Err(TlsStreamError::HandshakeEof))
+                }
+                Poll::Ready(Ok(())) => {}
+            }
+        }
+    }
+
+    /// After a fatal error rustls queues an alert for the peer: send it if
+    /// the socket takes it now (best effort; the connection is over).
+    fn send_alert(&mut self, cx: &mut Context<'_>) {
+        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+        if let Ok(ConnectionState::EncodeTlsData(mut encoder)) = state {
+            let mut alert = [0u8; 64];
+            if let Ok(n) = encoder.encode(&mut alert) {
+                self.outgoing.extend_from_slice(&alert[..n]);
+                let _ = self.poll_write_out(cx);
+            }
+        }
+    }
+
+    /// Writes `outgoing` until it is empty (then frees it) or the socket
+    /// pushes back.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.out_pos < self.outgoing.len() {
+            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.outgoing[self.out_pos..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.out_pos += n;
+        }
+        if self.outgoing.capacity() > 0 {
+            self.outgoing = Vec::new();
+        }
+        self.out_pos = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Moves buffered plaintext into `buf`; true if there was any.
+    fn take_plain(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        if self.plain_pos >= self.plain.len() {
+            return false;
+        }
+        let n = (self.plain.len() - self.plain_pos).min(buf.remaining());
+        buf.put_slice(&self.plain[self.plain_pos..self.plain_pos + n]);
+        self.plain_pos += n;
+        if self.plain_pos == self.plain.len() {
+            self.plain = Vec::new();
+            self.plain_pos = 0;
+        }
+        true
+    }
+
+    /// Reads ciphertext once and decrypts what it completes, using `scratch`.
+    /// Ready(true) when plaintext reached `buf` (or `plain`), Ready(false)
+    /// when more must be read.
+    fn read_some(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+        scratch: &mut Vec<u8>,
+    ) -> Poll<io::Result<bool>> {
+        let carried = self.incoming.len();
+        if scratch.len() < carried + READ_CHUNK {
+            scratch.resize(carried + READ_CHUNK, 0);
+        }
+        scratch[..carried].copy_from_slice(&self.incoming);
+        let mut rb = ReadBuf::new(&mut scratch[carried..carried + READ_CHUNK]);
+        ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        if n == 0 {
+            // EOF without close_notify (or inside a record): the end all
+            // the same for a proxy.
+            self.read_eof = true;
+            self.incoming = Vec::new();
+            return Poll::Ready(Ok(true));
+        }
+        let total = carried + n;
+        let before = buf.filled().len();
+        let (used, _) = process(
+            &mut self.conn,
+            &mut scratch[..total],
+            Some(buf),
+            &mut self.plain,
+            &mut self.outgoing,
+            &mut self.read_eof,
+            Goal::Read,
+        )?;
+        let rest = &scratch[used..total];
+        if rest.is_empty() {
+            self.incoming = Vec::new();
+        } else {
+            self.incoming.clear();
+            self.incoming.extend_from_slice(rest);
+        }
+        let delivered = buf.filled().len() > before || self.plain_pos < self.plain.len();
+        Poll::Ready(Ok(delivered || self.read_eof))
+    }
+}
+
+/// Feeds `data` to rustls until it needs more bytes or application data
+/// may flow, then carries out `goal`. Decrypted data goes to `out` while it
+/// has room and to `plain` after; TLS records rustls wants sent are
+/// appended to `outgoing`. Returns how many bytes of `data` are used up.
+fn process(
+    conn: &mut UnbufferedServerConnection,
+    data: &mut [u8],
+    mut out: Option<&mut ReadBuf<'_>>,
+    plain: &mut Vec<u8>,
+    outgoing: &mut Vec<u8>,
+    read_eof: &mut bool,
+    goal: Goal<'_>,
+) -> Result<(usize, Reached), TlsStreamError> {
+    let mut used = 0;
+    loop {
+        let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut data[used..]);
+        let mut extra = 0;
+        match state? {
+            ConnectionState::ReadTraffic(mut traffic) => {
+                while let Some(record) = traffic.next_record() {
+                    let record = record?;
+                    extra += record.discard;
+                    let mut payload = record.payload;
+                    if let Some(out) = out.as_deref_mut() {
+                        if plain.is_empty() {
+                            let n = payload.len().min(out.remaining());
+                            out.put_slice(&payload[..n]);
+                            payload = &payload[n..];
+                        }
+                    }
+                    plain.extend_from_slice(payload);
+                }
+            }
+            ConnectionState::EncodeTlsData(mut encoder) => {
+                let start = outgoing.len();
+                let mut want = 4096;
+                loop {
+                    outgoing.resize(start + want, 0);
+                    match encoder.encode(&mut outgoing[start..]) {
+                        Ok(n) => {
+                            outgoing.truncate(start + n);
+                            break;
+                        }
+                        Err(EncodeError::InsufficientSize(InsufficientSizeError {
+                            required_size,
+                        })) if required_size > want => want = required_size,
+                        Err(e) => {
+                            outgoing.truncate(start);
+                            return Err(TlsStreamError::Encode(e.to_string()));
+                        }
+                    }
+                }
+            }
+            // The encoded records are in `outgoing`, which is written in
+            // order before anything queued after them.
+            ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+            ConnectionState::PeerClosed => *read_eof = true,
+            ConnectionState::Closed => {
+                *read_eof = true;
+                return Ok((used + discard, Reached::Closed));
+            }
+            ConnectionState::BlockedHandshake => return Ok((used + discard, Reached::Blocked)),
+            ConnectionState::WriteTraffic(mut traffic) => {
+                match goal {
+                    Goal::Read => {}
+                    Goal::Write(data) => {
+                        let start = outgoing.len();
+                        let records = data.len() / MAX_FRAGMENT + 1;
+                        let mut want = data.len() + records * RECORD_OVERHEAD;
+                        loop {
+                            outgoing.resize(start + want, 0);
+                            match traffic.encrypt(data, &mut outgoing[start..]) {
+                                Ok(n) => {
+                                    outgoing.truncate(start + n);
+                                    break;
+                                }
+                                Err(EncryptError::InsufficientSize(InsufficientSizeError {
+                                    required_size,
+                                })) if required_size > want => want = required_size,
+                                Err(e) => {
+                                    outgoing.truncate(start);
+                                    return Err(TlsStreamError::Encode(e.to_string()));
+                                }
+                            }
+                        }
+                    }
+                    Goal::Close => {
+                        let start = outgoing.len();
+                        outgoing.resize(start + RECORD_OVERHEAD, 0);
+                        match traffic.queue_close_notify(&mut outgoing[start..]) {
+                            Ok(n) => outgoing.truncate(start + n),
+                            Err(e) => {
+                                outgoing.truncate(start);
+                                return Err(TlsStreamError::Encode(e.to_string()));
+                            }
+                        }
+                    }
+                }
+                return Ok((used + discard, Reached::Traffic));
+            }
+            ConnectionState::ReadEarlyData(_) => {
+                return Err(TlsStreamError::Unexpected("early data"))
+            }
+            _ => return Err(TlsStreamError::Unexpected("unknown")),
+        }
+        used += discard + extra;
+    }
+}
+
+impl AsyncRead for ServerTlsStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.take_plain(buf) || this.read_eof {
+                return Poll::Ready(Ok(()));
+            }
+            // Records rustls wants to send on its own (session tickets,
+            // key update replies) go out whenever the socket takes them.
+            if this.out_pos < this.outgoing.len() {
+                if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            let polled = SCRATCH.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut scratch) => this.read_some(cx, buf, &mut scratch),
+                // Polls do not nest; should one ever, a temporary buffer
+                // keeps the stream correct.
+                Err(_) => this.read_some(cx, buf, &mut Vec::new()),
+            });
+            if ready!(polled)? {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ServerTlsStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_write_out(cx))?;
+        if this.close_sent {
+            return Poll::Ready(Err(TlsStreamError::Closed.into()));
+        }
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let data = &data[..data.len().min(MAX_WRITE)];
+        let mut incoming = std::mem::take(&mut this.incoming);
+        let result = process(
+            &mut this.conn,
+            &mut incoming,
+            None,
+            &mut this.plain,
+            &mut this.outgoing,
+            &mut this.read_eof,
+            Goal::Write(data),
+        );
+        let reached = match result {
+            Ok((used, reached)) => {
+                incoming.drain(..used);
+                this.incoming = incoming;
+                reached
+            }
+            Err(e) => return Poll::Ready(Err(e.into())),
+        };
+        if reached != Reached::Traffic {
+            return Poll::Ready(Err(TlsStreamError::Closed.into()));
+        }
+        // Accepted: what the socket does not take now waits in `outgoing`
+        // and goes first on the next write or flush.
+        if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_write_out(cx))?;
+        Pin::new(&mut this.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.close_sent {
+            this.close_sent = true;
+            let mut incoming = std::mem::take(&mut this.incoming);
+            // A connection rustls already failed has no close_notify to send.
+            if let Ok((used, _)) = process(
+                &mut this.conn,
+                &mut incoming,
+                None,
+                &mut this.plain,
+                &mut this.outgoing,
+                &mut this.read_eof,
+                Goal::Close,
+            ) {
+                incoming.drain(..used);
+            }
+            this.incoming = incoming;
+        }
+        ready!(this.poll_write_out(cx))?;
+        Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    const CERTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/certs");
+
+    fn server_config(versions: &[&'static rustls::SupportedProtocolVersion]) -> Arc<ServerConfig> {
+        let base = crate::tls::load_server_config(
+            &Path::new(CERTS).join("example.crt"),
+            &Path::new(CERTS).join("example.key"),
+        )
+        .unwrap();
+        let mut config = ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::clone(&base.cert_resolver));
+        config.session_storage = Arc::clone(&base.session_storage);
+        Arc::new(config)
+    }
+
+    fn client() -> tokio_rustls::TlsConnector {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in
+            rustls_pki_types::CertificateDer::pem_file_iter(Path::new(CERTS).join("example.crt"))
+                .unwrap()
+        {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+
+    /// A server that echoes through `ServerTlsStream`, reading with a small
+    /// buffer so decrypted records overflow into `plain`; after `total`
+    /// bytes it reports whether the connection holds any buffer, then waits
+    /// for the client's close.
+    async fn echo_server(
+        config: Arc<ServerConfig>,
+        total: usize,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<(usize, [usize; 3], usize)>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = accept(tcp, config).await.unwrap();
+            let mut buf = [0u8; 1000];
+            let mut echoed = 0;
+            while echoed < total {
+                let n = tls.read(&mut buf).await.unwrap();
+                assert!(n > 0, "EOF after {echoed} bytes");
+                tls.write_all(&buf[..n]).await.unwrap();
+                echoed += n;
+            }
+            tls.flush().await.unwrap();
+            let held = [
+                tls.incoming.capacity(),
+                tls.plain.capacity(),
+                tls.outgoing.capacity(),
+            ];
+            // The client's close_notify reads as the end.
+            let after = tls.read(&mut buf).await.unwrap();
+            (echoed, held, after)
+        });
+        (addr, task)
+    }
+
+    async fn round_trip(config: Arc<ServerConfig>, rekey: bool) {
+        const TOTAL: usize = 1 << 20;
+        let (addr, server) = echo_server(config, TOTAL).await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = client().connect(name, tcp).await.unwrap();
+        let sent: Vec<u8> = (0..TOTAL).map(|i| (i * 7 % 251) as u8).collect();
+        let mut got = vec![0u8; 10_000];
+        // Chunk by chunk: each is echoed before the next (10 kB fits in the
+        // sockets' buffers, so neither side can block the other).
+        for (i, chunk) in sent.chunks(10_000).enumerate() {
+            if rekey && i == 50 {
+                // A TLS 1.3 KeyUpdate asking the server to update too.
+                tls.get_mut().1.refresh_traffic_keys().unwrap();
+            }
+            tls.write_all(chunk).await.unwrap();
+            tls.flush().await.unwrap();
+            tls.read_exact(&mut got[..chunk.len()]).await.unwrap();
+            assert!(got[..chunk.len()] == *chunk, "chunk {i} echoed differently");
+        }
+        tls.shutdown().await.unwrap();
+        let (echoed, held, after) = server.await.unwrap();
+        assert_eq!(echoed, TOTAL);
+        assert_eq!(held, [0, 0, 0], "an idle connection holds no buffers");
+        assert_eq!(after, 0, "close_notify reads as EOF");
+    }
+
+    #[tokio::test]
+    async fn echoes_a_mebibyte_over_tls13_and_holds_nothing_when_idle() {
+        round_trip(server_config(&[&rustls::version::TLS13]), false).await;
+    }
+
+    #[tokio::test]
+    async fn echoes_a_mebibyte_over_tls12() {
+        round_trip(server_config(&[&rustls::version::TLS12]), false).await;
+    }
+
+    #[tokio::test]
+    async fn a_key_update_mid_stream_keeps_data_flowing() {
+        round_trip(server_config(&[&rustls::version::TLS13]), true).await;
+    }
+
+    #[tokio::test]
+    async fn plain_http_fails_the_handshake_with_an_alert() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = server_config(&[&rustls::version::TLS13, &rustls::version::TLS12]);
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            accept(tcp, config).await.err().map(|e| e.to_string())
+        });
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let error = server.await.unwrap().expect("the handshake must fail");
+        assert!(error.starts_with("TLS:"), "{error}");
+        let mut reply = Vec::new();
+        let _ = tcp.read_to_end(&mut reply).await;
+        assert_eq!(reply.first(), Some(&0x15), "an alert record: {reply:?}");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_mid_handshake_is_an_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = server_config(&[&rustls::version::TLS13]);
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            accept(tcp, config).await.err()
+        });
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        // The first bytes of a ClientHello record, then gone.
+        tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+            .await
+            .unwrap();
+        drop(tcp);
+        let error = server.await.unwrap().expect("the handshake must fail");
+        assert!(matches!(error, TlsStreamError::HandshakeEof), "{error:?}");
+    }
+}
