@@ -4,6 +4,7 @@
 //! # Layout
 //! - `config`: the TOML file, validation, and every problem with file:line: key.
 //! - `tls`: PEM loading and the rustls server configuration.
+//! - `tls_stream`: the server side of a TLS connection on rustls's unbuffered API.
 //! - `app`: binds sockets, runs accept loops, drains on shutdown.
 //! - `listener`: accept loop and per-connection TLS + HTTP/1.1 serving.
 //! - `proxy`: the request service: plain HTTP forwarding and WebSocket upgrades.
