@@ -83,6 +83,9 @@ pub struct ServerTlsStream {
     read_eof: bool,
     /// berth queued its own close_notify.
     close_sent: bool,
+    /// rustls failed the connection (a bad record, a protocol violation):
+    /// every later read and write gets this error.
+    broken: Option<io::ErrorKind>,
 }
 
 /// What to do once the connection can carry application data.
@@ -121,6 +124,7 @@ pub async fn accept(
         out_pos: 0,
         read_eof: false,
         close_sent: false,
+        broken: None,
     };
     poll_fn(|cx| stream.poll_handshake(cx)).await?;
     Ok(stream)
@@ -260,7 +264,7 @@ impl ServerTlsStream {
         }
         let total = carried + n;
         let before = buf.filled().len();
-        let (used, _) = process(
+        let result = process(
             &mut self.conn,
             &mut scratch[..total],
             Some(buf),
@@ -268,7 +272,22 @@ impl ServerTlsStream {
             &mut self.outgoing,
             &mut self.read_eof,
             Goal::Read,
-        )?;
+        );
+        let used = match result {
+            Ok((used, _)) => used,
+            Err(e) => {
+                let e = io::Error::from(e);
+                self.broken = Some(e.kind());
+                self.incoming = Vec::new();
+                self.send_alert(cx);
+                // Records decrypted before the bad one are delivered; the
+                // error comes with the next read.
+                if buf.filled().len() > before || self.plain_pos < self.plain.len() {
+                    return Poll::Ready(Ok(true));
+                }
+                return Poll::Ready(Err(e));
+            }
+        };
         let rest = &scratch[used..total];
         if rest.is_empty() {
             self.incoming = Vec::new();
@@ -294,6 +313,9 @@ fn process(
     read_eof: &mut bool,
     goal: Goal<'_>,
 ) -> Result<(usize, Reached), TlsStreamError> {
+    // rustls never reports more to discard than it was given; the clamps
+    // keep a broken promise from turning into a panic.
+    let len = data.len();
     let mut used = 0;
     loop {
         let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut data[used..]);
@@ -340,9 +362,11 @@ fn process(
             ConnectionState::PeerClosed => *read_eof = true,
             ConnectionState::Closed => {
                 *read_eof = true;
-                return Ok((used + discard, Reached::Closed));
+                return Ok(((used + discard).min(len), Reached::Closed));
             }
-            ConnectionState::BlockedHandshake => return Ok((used + discard, Reached::Blocked)),
+            ConnectionState::BlockedHandshake => {
+                return Ok(((used + discard).min(len), Reached::Blocked))
+            }
             ConnectionState::WriteTraffic(mut traffic) => {
                 match goal {
                     Goal::Read => {}
@@ -379,15 +403,19 @@ fn process(
                         }
                     }
                 }
-                return Ok((used + discard, Reached::Traffic));
+                return Ok(((used + discard).min(len), Reached::Traffic));
             }
             ConnectionState::ReadEarlyData(_) => {
                 return Err(TlsStreamError::Unexpected("early data"))
             }
             _ => return Err(TlsStreamError::Unexpected("unknown")),
         }
-        used += discard + extra;
+        used = (used + discard + extra).min(len);
     }
+}
+
+fn broken_error(kind: io::ErrorKind) -> io::Error {
+    io::Error::new(kind, "TLS: the connection failed earlier")
 }
 
 impl AsyncRead for ServerTlsStream {
@@ -398,7 +426,13 @@ impl AsyncRead for ServerTlsStream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if this.take_plain(buf) || this.read_eof {
+            if this.take_plain(buf) {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(kind) = this.broken {
+                return Poll::Ready(Err(broken_error(kind)));
+            }
+            if this.read_eof {
                 return Poll::Ready(Ok(()));
             }
             // Records rustls wants to send on its own (session tickets,
@@ -428,6 +462,9 @@ impl AsyncWrite for ServerTlsStream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(kind) = this.broken {
+            return Poll::Ready(Err(broken_error(kind)));
+        }
         ready!(this.poll_write_out(cx))?;
         if this.close_sent {
             return Poll::Ready(Err(TlsStreamError::Closed.into()));
@@ -452,7 +489,11 @@ impl AsyncWrite for ServerTlsStream {
                 this.incoming = incoming;
                 reached
             }
-            Err(e) => return Poll::Ready(Err(e.into())),
+            Err(e) => {
+                let e = io::Error::from(e);
+                this.broken = Some(e.kind());
+                return Poll::Ready(Err(e));
+            }
         };
         if reached != Reached::Traffic {
             return Poll::Ready(Err(TlsStreamError::Closed.into()));
@@ -473,7 +514,7 @@ impl AsyncWrite for ServerTlsStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.close_sent {
+        if !this.close_sent && this.broken.is_none() {
             this.close_sent = true;
             let mut incoming = std::mem::take(&mut this.incoming);
             // A connection rustls already failed has no close_notify to send.
@@ -615,6 +656,43 @@ mod tests {
     #[tokio::test]
     async fn a_key_update_mid_stream_keeps_data_flowing() {
         round_trip(server_config(&[&rustls::version::TLS13]), true).await;
+    }
+
+    #[tokio::test]
+    async fn a_forged_record_after_the_handshake_is_a_read_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = server_config(&[&rustls::version::TLS13]);
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = accept(tcp, config).await.unwrap();
+            let mut buf = [0u8; 64];
+            let first = tls.read(&mut buf).await.map(|n| buf[..n].to_vec());
+            let second = tls.read(&mut buf).await.map_err(|e| e.kind());
+            // Failed for good: later calls fail at once instead of waiting.
+            let third = tls.read(&mut buf).await.map_err(|e| e.kind());
+            let write = tls.write(b"x").await.map_err(|e| e.kind());
+            (first.unwrap(), second, third, write)
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = client().connect(name, tcp).await.unwrap();
+        tls.write_all(b"hello").await.unwrap();
+        tls.flush().await.unwrap();
+        // An application-data record whose bytes were not encrypted with
+        // the session's keys, written under the client's TLS layer.
+        let mut forged = vec![0x17, 0x03, 0x03, 0x00, 0x20];
+        forged.extend_from_slice(&[0xAB; 0x20]);
+        tls.get_mut().0.write_all(&forged).await.unwrap();
+        let (first, second, third, write) = server.await.unwrap();
+        assert_eq!(first, b"hello");
+        assert_eq!(second.err(), Some(io::ErrorKind::InvalidData));
+        assert_eq!(third.err(), Some(io::ErrorKind::InvalidData));
+        assert_eq!(write.err(), Some(io::ErrorKind::InvalidData));
+        // The client hears why: rustls's bad_record_mac alert.
+        let mut buf = [0u8; 16];
+        let error = tls.read(&mut buf).await.expect_err("an alert, not data");
+        assert!(error.to_string().contains("BadRecordMac"), "{error}");
     }
 
     #[tokio::test]
