@@ -540,6 +540,8 @@ impl AsyncWrite for ServerTlsStream {
 mod tests {
     use std::path::Path;
 
+    use std::time::Duration;
+
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -693,6 +695,63 @@ mod tests {
         let mut buf = [0u8; 16];
         let error = tls.read(&mut buf).await.expect_err("an alert, not data");
         assert!(error.to_string().contains("BadRecordMac"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_pushes_back_instead_of_growing_buffers() {
+        const TOTAL: usize = 32 << 20;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = server_config(&[&rustls::version::TLS13]);
+        let (start_tx, start_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = accept(tcp, config).await.unwrap();
+            let chunk: Vec<u8> = (0..MAX_WRITE).map(|i| (i % 251) as u8).collect();
+            let mut sent = 0;
+            // Write until the socket pushes back for 300 ms.
+            let mut blocked_at = None;
+            while sent < TOTAL {
+                let n = TOTAL - sent;
+                match tokio::time::timeout(
+                    Duration::from_millis(300),
+                    tls.write(&chunk[..n.min(chunk.len())]),
+                )
+                .await
+                {
+                    Ok(written) => sent += written.unwrap(),
+                    Err(_) => {
+                        blocked_at = Some((sent, tls.outgoing.len()));
+                        break;
+                    }
+                }
+            }
+            start_tx.send(()).unwrap();
+            let rest = chunk.repeat((TOTAL - sent) / MAX_WRITE + 1);
+            tls.write_all(&rest[..TOTAL - sent]).await.unwrap();
+            tls.shutdown().await.unwrap();
+            blocked_at
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = client().connect(name, tcp).await.unwrap();
+        start_rx.await.unwrap();
+        let mut received = Vec::with_capacity(TOTAL);
+        tls.read_to_end(&mut received).await.unwrap();
+        let (sent_when_blocked, held) = server.await.unwrap().expect("the writer never blocked");
+        assert!(sent_when_blocked < TOTAL);
+        assert!(
+            held <= MAX_WRITE + 8 * RECORD_OVERHEAD,
+            "{held} bytes of ciphertext held for a slow reader"
+        );
+        assert_eq!(received.len(), TOTAL);
+        assert!(
+            received
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b == ((i % MAX_WRITE) % 251) as u8),
+            "bytes arrived out of order or changed"
+        );
     }
 
     #[tokio::test]
