@@ -755,6 +755,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_returning_client_resumes_its_session() {
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let config = server_config(&[version]);
+            tokio::spawn(async move {
+                for _ in 0..2 {
+                    let (tcp, _) = listener.accept().await.unwrap();
+                    let mut tls = accept(tcp, Arc::clone(&config)).await.unwrap();
+                    let mut buf = [0u8; 4];
+                    tls.read_exact(&mut buf).await.unwrap();
+                    tls.write_all(&buf).await.unwrap();
+                    tls.shutdown().await.unwrap();
+                }
+            });
+            // One client config, so one session cache, for both connections.
+            let connector = client();
+            let mut kinds = Vec::new();
+            for _ in 0..2 {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+                let mut tls = connector.connect(name, tcp).await.unwrap();
+                tls.write_all(b"ping").await.unwrap();
+                let mut got = Vec::new();
+                // Reading to the end also takes in TLS 1.3's session tickets.
+                tls.read_to_end(&mut got).await.unwrap();
+                assert_eq!(got, b"ping");
+                kinds.push(tls.get_ref().1.handshake_kind());
+            }
+            assert_eq!(
+                kinds,
+                [
+                    Some(rustls::HandshakeKind::Full),
+                    Some(rustls::HandshakeKind::Resumed)
+                ],
+                "{version:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn plain_http_fails_the_handshake_with_an_alert() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
