@@ -138,22 +138,8 @@ impl ServerTlsStream {
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TlsStreamError>> {
         loop {
-            let mut incoming = std::mem::take(&mut self.incoming);
-            let result = process(
-                &mut self.conn,
-                &mut incoming,
-                None,
-                &mut self.plain,
-                &mut self.outgoing,
-                &mut self.read_eof,
-                Goal::Read,
-            );
-            let reached = match result {
-                Ok((used, reached)) => {
-                    incoming.drain(..used);
-                    self.incoming = incoming;
-                    reached
-                }
+            let reached = match self.process_carried(Goal::Read) {
+                Ok(reached) => reached,
                 Err(e) => {
                     self.send_alert(cx);
                     return Poll::Ready(Err(e));
@@ -191,6 +177,26 @@ impl ServerTlsStream {
                 Poll::Ready(Ok(())) => {}
             }
         }
+    }
+
+    /// Runs [`process`] over the bytes carried from earlier reads (no new
+    /// ones) towards `goal`, and keeps what it did not use.
+    fn process_carried(&mut self, goal: Goal<'_>) -> Result<Reached, TlsStreamError> {
+        let mut incoming = std::mem::take(&mut self.incoming);
+        let result = process(
+            &mut self.conn,
+            &mut incoming,
+            None,
+            &mut self.plain,
+            &mut self.outgoing,
+            &mut self.read_eof,
+            goal,
+        );
+        if let Ok((used, _)) = &result {
+            incoming.drain(..*used);
+        }
+        self.incoming = incoming;
+        result.map(|(_, reached)| reached)
     }
 
     /// After a fatal error rustls queues an alert for the peer: send it if
@@ -337,24 +343,7 @@ fn process(
                 }
             }
             ConnectionState::EncodeTlsData(mut encoder) => {
-                let start = outgoing.len();
-                let mut want = 4096;
-                loop {
-                    outgoing.resize(start + want, 0);
-                    match encoder.encode(&mut outgoing[start..]) {
-                        Ok(n) => {
-                            outgoing.truncate(start + n);
-                            break;
-                        }
-                        Err(EncodeError::InsufficientSize(InsufficientSizeError {
-                            required_size,
-                        })) if required_size > want => want = required_size,
-                        Err(e) => {
-                            outgoing.truncate(start);
-                            return Err(TlsStreamError::Encode(e.to_string()));
-                        }
-                    }
-                }
+                append_with(outgoing, 4096, |buf| encoder.encode(buf))?;
             }
             // The encoded records are in `outgoing`, which is written in
             // order before anything queued after them.
@@ -371,36 +360,14 @@ fn process(
                 match goal {
                     Goal::Read => {}
                     Goal::Write(data) => {
-                        let start = outgoing.len();
                         let records = data.len() / MAX_FRAGMENT + 1;
-                        let mut want = data.len() + records * RECORD_OVERHEAD;
-                        loop {
-                            outgoing.resize(start + want, 0);
-                            match traffic.encrypt(data, &mut outgoing[start..]) {
-                                Ok(n) => {
-                                    outgoing.truncate(start + n);
-                                    break;
-                                }
-                                Err(EncryptError::InsufficientSize(InsufficientSizeError {
-                                    required_size,
-                                })) if required_size > want => want = required_size,
-                                Err(e) => {
-                                    outgoing.truncate(start);
-                                    return Err(TlsStreamError::Encode(e.to_string()));
-                                }
-                            }
-                        }
+                        let want = data.len() + records * RECORD_OVERHEAD;
+                        append_with(outgoing, want, |buf| traffic.encrypt(data, buf))?;
                     }
                     Goal::Close => {
-                        let start = outgoing.len();
-                        outgoing.resize(start + RECORD_OVERHEAD, 0);
-                        match traffic.queue_close_notify(&mut outgoing[start..]) {
-                            Ok(n) => outgoing.truncate(start + n),
-                            Err(e) => {
-                                outgoing.truncate(start);
-                                return Err(TlsStreamError::Encode(e.to_string()));
-                            }
-                        }
+                        append_with(outgoing, RECORD_OVERHEAD, |buf| {
+                            traffic.queue_close_notify(buf)
+                        })?;
                     }
                 }
                 return Ok(((used + discard).min(len), Reached::Traffic));
@@ -411,6 +378,59 @@ fn process(
             _ => return Err(TlsStreamError::Unexpected("unknown")),
         }
         used = (used + discard + extra).min(len);
+    }
+}
+
+/// rustls's "the buffer you gave me is too small" errors.
+trait NeedsRoom: std::fmt::Display {
+    fn required_size(&self) -> Option<usize>;
+}
+
+impl NeedsRoom for EncodeError {
+    fn required_size(&self) -> Option<usize> {
+        match self {
+            EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => {
+                Some(*required_size)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl NeedsRoom for EncryptError {
+    fn required_size(&self) -> Option<usize> {
+        match self {
+            EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => {
+                Some(*required_size)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Appends what `write` puts into a buffer to `outgoing`: it is offered
+/// `want` bytes of room first, then as many as rustls asks for.
+fn append_with<E: NeedsRoom>(
+    outgoing: &mut Vec<u8>,
+    mut want: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
+) -> Result<(), TlsStreamError> {
+    let start = outgoing.len();
+    loop {
+        outgoing.resize(start + want, 0);
+        match write(&mut outgoing[start..]) {
+            Ok(n) => {
+                outgoing.truncate(start + n);
+                return Ok(());
+            }
+            Err(e) => {
+                outgoing.truncate(start);
+                match e.required_size() {
+                    Some(required) if required > want => want = required,
+                    _ => return Err(TlsStreamError::Encode(e.to_string())),
+                }
+            }
+        }
     }
 }
 
@@ -473,22 +493,8 @@ impl AsyncWrite for ServerTlsStream {
             return Poll::Ready(Ok(0));
         }
         let data = &data[..data.len().min(MAX_WRITE)];
-        let mut incoming = std::mem::take(&mut this.incoming);
-        let result = process(
-            &mut this.conn,
-            &mut incoming,
-            None,
-            &mut this.plain,
-            &mut this.outgoing,
-            &mut this.read_eof,
-            Goal::Write(data),
-        );
-        let reached = match result {
-            Ok((used, reached)) => {
-                incoming.drain(..used);
-                this.incoming = incoming;
-                reached
-            }
+        let reached = match this.process_carried(Goal::Write(data)) {
+            Ok(reached) => reached,
             Err(e) => {
                 let e = io::Error::from(e);
                 this.broken = Some(e.kind());
@@ -516,20 +522,8 @@ impl AsyncWrite for ServerTlsStream {
         let this = self.get_mut();
         if !this.close_sent && this.broken.is_none() {
             this.close_sent = true;
-            let mut incoming = std::mem::take(&mut this.incoming);
             // A connection rustls already failed has no close_notify to send.
-            if let Ok((used, _)) = process(
-                &mut this.conn,
-                &mut incoming,
-                None,
-                &mut this.plain,
-                &mut this.outgoing,
-                &mut this.read_eof,
-                Goal::Close,
-            ) {
-                incoming.drain(..used);
-            }
-            this.incoming = incoming;
+            let _ = this.process_carried(Goal::Close);
         }
         ready!(this.poll_write_out(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
