@@ -131,11 +131,6 @@ pub async fn accept(
 }
 
 impl ServerTlsStream {
-    /// The socket underneath.
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.tcp
-    }
-
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TlsStreamError>> {
         loop {
             let reached = match self.process_carried(Goal::Read) {
