@@ -40,6 +40,10 @@ thread_local! {
     /// Where ciphertext is read and decrypted in place; one per runtime
     /// thread, shared by all of its connections.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Where outgoing records are encrypted before they are written; the
+    /// part the socket does not take is copied to the connection's
+    /// `outgoing`.
+    static WRITE_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Errors of a TLS connection.
@@ -133,7 +137,7 @@ pub async fn accept(
 impl ServerTlsStream {
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TlsStreamError>> {
         loop {
-            let reached = match self.process_carried(Goal::Read) {
+            let reached = match self.process_carried(Goal::Read, None) {
                 Ok(reached) => reached,
                 Err(e) => {
                     self.send_alert(cx);
@@ -176,14 +180,19 @@ impl ServerTlsStream {
 
     /// Runs [`process`] over the bytes carried from earlier reads (no new
     /// ones) towards `goal`, and keeps what it did not use.
-    fn process_carried(&mut self, goal: Goal<'_>) -> Result<Reached, TlsStreamError> {
+    /// Records to send go to `target`, or to `outgoing` without one.
+    fn process_carried(
+        &mut self,
+        goal: Goal<'_>,
+        target: Option<&mut Vec<u8>>,
+    ) -> Result<Reached, TlsStreamError> {
         let mut incoming = std::mem::take(&mut self.incoming);
         let result = process(
             &mut self.conn,
             &mut incoming,
             None,
             &mut self.plain,
-            &mut self.outgoing,
+            target.unwrap_or(&mut self.outgoing),
             &mut self.read_eof,
             goal,
         );
@@ -192,6 +201,30 @@ impl ServerTlsStream {
         }
         self.incoming = incoming;
         result.map(|(_, reached)| reached)
+    }
+
+    /// Encrypts `data` into `scratch` and writes what the socket takes now;
+    /// the rest waits in `outgoing` and goes first on the next write or
+    /// flush. The caller has emptied `outgoing`, so order is kept.
+    fn encrypt_and_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &[u8],
+        scratch: &mut Vec<u8>,
+    ) -> Result<Reached, TlsStreamError> {
+        scratch.clear();
+        let reached = self.process_carried(Goal::Write(data), Some(scratch))?;
+        let mut sent = 0;
+        while sent < scratch.len() {
+            match Pin::new(&mut self.tcp).poll_write(cx, &scratch[sent..]) {
+                Poll::Ready(Ok(0)) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Poll::Ready(Ok(n)) => sent += n,
+                Poll::Ready(Err(e)) => return Err(e.into()),
+                Poll::Pending => break,
+            }
+        }
+        self.outgoing.extend_from_slice(&scratch[sent..]);
+        Ok(reached)
     }
 
     /// After a fatal error rustls queues an alert for the peer: send it if
@@ -488,23 +521,21 @@ impl AsyncWrite for ServerTlsStream {
             return Poll::Ready(Ok(0));
         }
         let data = &data[..data.len().min(MAX_WRITE)];
-        let reached = match this.process_carried(Goal::Write(data)) {
-            Ok(reached) => reached,
+        let written = WRITE_SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut scratch) => this.encrypt_and_send(cx, data, &mut scratch),
+            // Polls do not nest; should one ever, a temporary buffer keeps
+            // the stream correct.
+            Err(_) => this.encrypt_and_send(cx, data, &mut Vec::new()),
+        });
+        match written {
+            Ok(Reached::Traffic) => Poll::Ready(Ok(data.len())),
+            Ok(_) => Poll::Ready(Err(TlsStreamError::Closed.into())),
             Err(e) => {
                 let e = io::Error::from(e);
                 this.broken = Some(e.kind());
-                return Poll::Ready(Err(e));
+                Poll::Ready(Err(e))
             }
-        };
-        if reached != Reached::Traffic {
-            return Poll::Ready(Err(TlsStreamError::Closed.into()));
         }
-        // Accepted: what the socket does not take now waits in `outgoing`
-        // and goes first on the next write or flush.
-        if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {
-            return Poll::Ready(Err(e));
-        }
-        Poll::Ready(Ok(data.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -518,7 +549,7 @@ impl AsyncWrite for ServerTlsStream {
         if !this.close_sent && this.broken.is_none() {
             this.close_sent = true;
             // A connection rustls already failed has no close_notify to send.
-            let _ = this.process_carried(Goal::Close);
+            let _ = this.process_carried(Goal::Close, None);
         }
         ready!(this.poll_write_out(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
