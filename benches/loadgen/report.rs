@@ -42,6 +42,39 @@ struct Metric {
     get: fn(&Run) -> Option<f64>,
 }
 
+/// A summed count (errors and the like): not ratioed, never a headline.
+fn count(name: &'static str, get: fn(&Run) -> Option<f64>) -> Metric {
+    Metric {
+        name,
+        higher_better: None,
+        agg: Agg::Sum,
+        decimals: 0,
+        headline: false,
+        get,
+    }
+}
+
+const HIGHER: bool = true;
+const LOWER: bool = false;
+
+/// A figure reported as the median over repetitions.
+fn median(
+    name: &'static str,
+    higher_better: bool,
+    decimals: usize,
+    headline: bool,
+    get: fn(&Run) -> Option<f64>,
+) -> Metric {
+    Metric {
+        name,
+        higher_better: Some(higher_better),
+        agg: Agg::Median,
+        decimals,
+        headline,
+        get,
+    }
+}
+
 fn num(v: &Value, path: &[&str]) -> Option<f64> {
     let mut cur = v;
     for p in path {
@@ -64,14 +97,9 @@ fn metrics(mode: &str, test: &str) -> Vec<Metric> {
     let big = test.contains("64k");
     match mode {
         "throughput" => vec![
-            Metric {
-                name: "proxy CPU µs/msg",
-                higher_better: Some(false),
-                agg: Agg::Median,
-                decimals: 2,
-                headline: true,
-                get: |r| cpu_per(r, "messages"),
-            },
+            median("proxy CPU µs/msg", LOWER, 2, true, |r| {
+                cpu_per(r, "messages")
+            }),
             Metric {
                 name: "msgs/s",
                 higher_better: Some(true),
@@ -80,179 +108,51 @@ fn metrics(mode: &str, test: &str) -> Vec<Metric> {
                 headline: !big,
                 get: |r| j(r, &["msgs_per_sec"]),
             },
-            Metric {
-                name: "MiB/s",
-                higher_better: Some(true),
-                agg: Agg::Median,
-                decimals: 1,
-                headline: big,
-                get: |r| j(r, &["mib_per_sec"]),
-            },
-            Metric {
-                name: "verification errors",
-                higher_better: None,
-                agg: Agg::Sum,
-                decimals: 0,
-                headline: false,
-                get: |r| j(r, &["verification_errors"]),
-            },
-            Metric {
-                name: "lost msgs",
-                higher_better: None,
-                agg: Agg::Sum,
-                decimals: 0,
-                headline: false,
-                get: |r| j(r, &["lost_messages"]),
-            },
-            Metric {
-                name: "conn errors",
-                higher_better: None,
-                agg: Agg::Sum,
-                decimals: 0,
-                headline: false,
-                get: |r| j(r, &["connection_errors"]),
-            },
+            median("MiB/s", HIGHER, 1, big, |r| j(r, &["mib_per_sec"])),
+            count("verification errors", |r| j(r, &["verification_errors"])),
+            count("lost msgs", |r| j(r, &["lost_messages"])),
+            count("conn errors", |r| j(r, &["connection_errors"])),
         ],
         "latency" => {
             let many = !test.contains("-c1-");
             vec![
-                Metric {
-                    name: "p50 µs",
-                    higher_better: Some(false),
-                    agg: Agg::Median,
-                    decimals: 1,
-                    headline: true,
-                    get: |r| j(r, &["p50_us"]),
-                },
-                Metric {
-                    name: "p90 µs",
-                    higher_better: Some(false),
-                    agg: Agg::Median,
-                    decimals: 1,
-                    headline: false,
-                    get: |r| j(r, &["p90_us"]),
-                },
-                Metric {
-                    name: "p99 µs",
-                    higher_better: Some(false),
-                    agg: Agg::Median,
-                    decimals: 1,
-                    headline: true,
-                    get: |r| j(r, &["p99_us"]),
-                },
-                Metric {
-                    name: "p99.9 µs",
-                    higher_better: Some(false),
-                    agg: Agg::Median,
-                    decimals: 1,
-                    headline: many,
-                    get: |r| j(r, &["p999_us"]),
-                },
-                Metric {
-                    name: "msgs/s",
-                    higher_better: Some(true),
-                    agg: Agg::Median,
-                    decimals: 0,
-                    headline: false,
-                    get: |r| j(r, &["msgs_per_sec"]),
-                },
-                Metric {
-                    name: "proxy CPU µs/msg",
-                    higher_better: Some(false),
-                    agg: Agg::Median,
-                    decimals: 2,
-                    headline: false,
-                    get: |r| cpu_per(r, "messages"),
-                },
-                Metric {
-                    name: "verification errors",
-                    higher_better: None,
-                    agg: Agg::Sum,
-                    decimals: 0,
-                    headline: false,
-                    get: |r| j(r, &["verification_errors"]),
-                },
-                Metric {
-                    name: "conn errors",
-                    higher_better: None,
-                    agg: Agg::Sum,
-                    decimals: 0,
-                    headline: false,
-                    get: |r| j(r, &["connection_errors"]),
-                },
+                median("p50 µs", LOWER, 1, true, |r| j(r, &["p50_us"])),
+                median("p90 µs", LOWER, 1, false, |r| j(r, &["p90_us"])),
+                median("p99 µs", LOWER, 1, true, |r| j(r, &["p99_us"])),
+                median("p99.9 µs", LOWER, 1, many, |r| j(r, &["p999_us"])),
+                median("msgs/s", HIGHER, 0, false, |r| j(r, &["msgs_per_sec"])),
+                median("proxy CPU µs/msg", LOWER, 2, false, |r| {
+                    cpu_per(r, "messages")
+                }),
+                count("verification errors", |r| j(r, &["verification_errors"])),
+                count("conn errors", |r| j(r, &["connection_errors"])),
             ]
         }
         "handshake" => vec![
-            Metric {
-                name: "handshakes/s",
-                higher_better: Some(true),
-                agg: Agg::Median,
-                decimals: 0,
-                headline: true,
-                get: |r| j(r, &["handshakes_per_sec"]),
-            },
-            Metric {
-                name: "proxy CPU µs/handshake",
-                higher_better: Some(false),
-                agg: Agg::Median,
-                decimals: 1,
-                headline: true,
-                get: |r| cpu_per(r, "handshakes"),
-            },
-            Metric {
-                name: "p50 ms",
-                higher_better: Some(false),
-                agg: Agg::Median,
-                decimals: 2,
-                headline: false,
-                get: |r| j(r, &["handshake_time", "p50_us"]).map(|v| v / 1000.0),
-            },
-            Metric {
-                name: "p99 ms",
-                higher_better: Some(false),
-                agg: Agg::Median,
-                decimals: 2,
-                headline: false,
-                get: |r| j(r, &["handshake_time", "p99_us"]).map(|v| v / 1000.0),
-            },
-            Metric {
-                name: "errors",
-                higher_better: None,
-                agg: Agg::Sum,
-                decimals: 0,
-                headline: false,
-                get: |r| j(r, &["errors"]),
-            },
+            median("handshakes/s", HIGHER, 0, true, |r| {
+                j(r, &["handshakes_per_sec"])
+            }),
+            median("proxy CPU µs/handshake", LOWER, 1, true, |r| {
+                cpu_per(r, "handshakes")
+            }),
+            median("p50 ms", LOWER, 2, false, |r| {
+                j(r, &["handshake_time", "p50_us"]).map(|v| v / 1000.0)
+            }),
+            median("p99 ms", LOWER, 2, false, |r| {
+                j(r, &["handshake_time", "p99_us"]).map(|v| v / 1000.0)
+            }),
+            count("errors", |r| j(r, &["errors"])),
         ],
         "idle" => vec![
-            Metric {
-                name: "RSS growth KiB/conn",
-                higher_better: Some(false),
-                agg: Agg::Median,
-                decimals: 2,
-                headline: true,
-                get: |r| {
-                    let (before, held) = r.rss?;
-                    let n = j(r, &["opened"])?;
-                    (n > 0.0).then(|| (held - before) / n)
-                },
-            },
-            Metric {
-                name: "RSS held MiB",
-                higher_better: Some(false),
-                agg: Agg::Median,
-                decimals: 1,
-                headline: false,
-                get: |r| r.rss.map(|(_, held)| held / 1024.0),
-            },
-            Metric {
-                name: "open time s",
-                higher_better: Some(false),
-                agg: Agg::Median,
-                decimals: 2,
-                headline: false,
-                get: |r| j(r, &["open_secs"]),
-            },
+            median("RSS growth KiB/conn", LOWER, 2, true, |r| {
+                let (before, held) = r.rss?;
+                let n = j(r, &["opened"])?;
+                (n > 0.0).then(|| (held - before) / n)
+            }),
+            median("RSS held MiB", LOWER, 1, false, |r| {
+                r.rss.map(|(_, held)| held / 1024.0)
+            }),
+            median("open time s", LOWER, 2, false, |r| j(r, &["open_secs"])),
             Metric {
                 name: "opened",
                 higher_better: None,
@@ -269,14 +169,7 @@ fn metrics(mode: &str, test: &str) -> Vec<Metric> {
                 headline: false,
                 get: |r| j(r, &["alive_after_hold"]),
             },
-            Metric {
-                name: "failed",
-                higher_better: None,
-                agg: Agg::Sum,
-                decimals: 0,
-                headline: false,
-                get: |r| j(r, &["failed"]),
-            },
+            count("failed", |r| j(r, &["failed"])),
         ],
         _ => Vec::new(),
     }
