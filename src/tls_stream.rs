@@ -816,6 +816,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_fin_without_close_notify_reads_as_the_end() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = server_config(&[&rustls::version::TLS13]);
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = accept(tcp, config).await.unwrap();
+            let mut got = Vec::new();
+            let end = tls.read_to_end(&mut got).await.map_err(|e| e.kind());
+            (got, end)
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = client().connect(name, tcp).await.unwrap();
+        tls.write_all(b"bye").await.unwrap();
+        tls.flush().await.unwrap();
+        // The client's TCP side closes; no TLS close_notify is sent.
+        tls.get_mut().0.shutdown().await.unwrap();
+        let (got, end) = server.await.unwrap();
+        assert_eq!(got, b"bye");
+        assert_eq!(end, Ok(3), "the same as a FIN on a plain connection");
+    }
+
+    #[tokio::test]
     async fn plain_http_fails_the_handshake_with_an_alert() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
