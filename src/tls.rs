@@ -5,10 +5,10 @@
 //! reports a missing file or a key that does not match its certificate.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls::crypto::ring;
-use rustls::server::ServerSessionMemoryCache;
+use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions};
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -35,6 +35,37 @@ pub enum TlsError {
     },
     #[error("{key}: unusable private key: {source}")]
     BadKey { key: String, source: rustls::Error },
+    #[error("cannot create the TLS session ticket keys: {source}")]
+    Ticketer { source: rustls::Error },
+}
+
+/// TLS 1.2 sessions resumable by session ID (TLS 1.3 and ticket-capable
+/// TLS 1.2 clients use stateless tickets instead and need no entry).
+const SESSION_CACHE_ENTRIES: usize = 4096;
+
+/// Session resumption state: one per process, shared by every TLS listener
+/// and every config load, so that a reload, which builds new server configs,
+/// keeps the sessions clients already hold. rustls resumes a session only
+/// under the SNI it was made for.
+struct Resumption {
+    cache: Arc<dyn StoresServerSessions>,
+    /// Stateless tickets; rustls rotates the key every 6 hours and accepts
+    /// tickets for 12.
+    ticketer: Arc<dyn ProducesTickets>,
+}
+
+static RESUMPTION: OnceLock<Resumption> = OnceLock::new();
+
+fn resumption() -> Result<&'static Resumption, TlsError> {
+    if let Some(r) = RESUMPTION.get() {
+        return Ok(r);
+    }
+    let ticketer = ring::Ticketer::new().map_err(|source| TlsError::Ticketer { source })?;
+    // A racing first load may win; either ticketer is as good.
+    Ok(RESUMPTION.get_or_init(|| Resumption {
+        cache: ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES),
+        ticketer,
+    }))
 }
 
 /// The crypto provider berth uses everywhere (one, explicitly, so that no
@@ -102,8 +133,8 @@ pub fn server_config_from_der(
             certified,
         ))));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    // Session resumption: stateful cache for TLS 1.2 and 1.3 (tickets are the
-    // rustls default for 1.3 via the cache as well).
-    config.session_storage = ServerSessionMemoryCache::new(4096);
+    let resumption = resumption()?;
+    config.session_storage = Arc::clone(&resumption.cache);
+    config.ticketer = Arc::clone(&resumption.ticketer);
     Ok(Arc::new(config))
 }

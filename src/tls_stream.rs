@@ -581,6 +581,7 @@ mod tests {
             .with_no_client_auth()
             .with_cert_resolver(Arc::clone(&base.cert_resolver));
         config.session_storage = Arc::clone(&base.session_storage);
+        config.ticketer = Arc::clone(&base.ticketer);
         Arc::new(config)
     }
 
@@ -775,15 +776,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_returning_client_resumes_its_session() {
+    async fn a_returning_client_resumes_its_session_after_a_reload() {
         for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let config = server_config(&[version]);
             tokio::spawn(async move {
                 for _ in 0..2 {
+                    // Each connection meets a freshly loaded config, as after
+                    // a reload: the resumption state outlives it.
+                    let config = server_config(&[version]);
                     let (tcp, _) = listener.accept().await.unwrap();
-                    let mut tls = accept(tcp, Arc::clone(&config)).await.unwrap();
+                    let mut tls = accept(tcp, config).await.unwrap();
                     let mut buf = [0u8; 4];
                     tls.read_exact(&mut buf).await.unwrap();
                     tls.write_all(&buf).await.unwrap();

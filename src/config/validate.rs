@@ -86,11 +86,14 @@ enum Zero {
     Rejected,
 }
 
-/// How a TLS failure maps onto the `tls` keys.
-fn tls_error_key(err: &TlsError) -> &'static str {
+/// How a TLS failure maps onto the `tls` keys (None: the table itself).
+fn tls_error_key(err: &TlsError) -> Option<&'static str> {
     match err {
-        TlsError::ReadCert { .. } | TlsError::NoCert { .. } => "cert",
-        TlsError::ReadKey { .. } | TlsError::Mismatch { .. } | TlsError::BadKey { .. } => "key",
+        TlsError::ReadCert { .. } | TlsError::NoCert { .. } => Some("cert"),
+        TlsError::ReadKey { .. } | TlsError::Mismatch { .. } | TlsError::BadKey { .. } => {
+            Some("key")
+        }
+        TlsError::Ticketer { .. } => None,
     }
 }
 
@@ -298,10 +301,11 @@ impl Checker<'_> {
                 server_config,
             }),
             Err(err) => {
-                self.push(
-                    &path(base, &[Seg::Key(tls_error_key(&err))]),
-                    err.to_string(),
-                );
+                let at = match tls_error_key(&err) {
+                    Some(key) => path(base, &[Seg::Key(key)]),
+                    None => base.to_vec(),
+                };
+                self.push(&at, err.to_string());
                 None
             }
         }
