@@ -22,7 +22,7 @@
 #   IDLE_HOLD     seconds the idle connections are held [6 / 3]
 #   TARGETS       targets, in column order [berth nginx haproxy direct]
 #   TESTS         tests to run [all: tp64-ws tp64-wss tp64k-wss lat-c1-wss
-#                 lat-c100-wss hs-c50-wss idle-ws idle-wss]
+#                 lat-c100-wss hs-c50-wss hs-c50-wss-resume idle-ws idle-wss]
 #   PROXY_CORE    core for the proxy [0];  LOAD_CORE: core for load + backends [1]
 #   OUT           the report [benches/results/latest.md]
 #   KEEP_WORK=1   keep the work directory (configs, logs, raw JSON) afterwards
@@ -47,7 +47,7 @@ else
     IDLE_HOLD=${IDLE_HOLD:-6}
 fi
 read -r -a TARGETS <<<"${TARGETS:-berth nginx haproxy direct}"
-read -r -a TESTS <<<"${TESTS:-tp64-ws tp64-wss tp64k-wss lat-c1-wss lat-c100-wss hs-c50-wss idle-ws idle-wss}"
+read -r -a TESTS <<<"${TESTS:-tp64-ws tp64-wss tp64k-wss lat-c1-wss lat-c100-wss hs-c50-wss hs-c50-wss-resume idle-ws idle-wss}"
 PROXY_CORE=${PROXY_CORE:-0}
 LOAD_CORE=${LOAD_CORE:-1}
 OUT=${OUT:-benches/results/latest.md}
@@ -373,7 +373,8 @@ describe() {
     tp64k-wss) echo "64 KiB messages, 10 connections × 4 in flight, wss" ;;
     lat-c1-wss) echo "latency, 1 connection, one 64 B message in flight, wss" ;;
     lat-c100-wss) echo "latency, 100 connections, one 64 B message in flight each, wss" ;;
-    hs-c50-wss) echo "handshakes: TCP + TLS + upgrade, one echo, close; 50 concurrent, wss" ;;
+    hs-c50-wss) echo "handshakes: TCP + TLS + upgrade, one echo, close; 50 concurrent, wss; full TLS handshakes" ;;
+    hs-c50-wss-resume) echo "handshakes as hs-c50-wss, but the client resumes TLS sessions (the proxy's tickets or session cache)" ;;
     idle-ws) echo "$IDLE_CONNS idle connections held ${IDLE_HOLD}s, ws" ;;
     idle-wss) echo "$IDLE_CONNS idle connections held ${IDLE_HOLD}s, wss" ;;
     *) die "unknown test $1" ;;
@@ -383,7 +384,7 @@ describe() {
 # loadgen_args TEST: the loadgen arguments (after start_target set the URLs).
 loadgen_args() {
     local url=$URL_WS
-    case $1 in *-wss) url=$URL_WSS ;; esac
+    case $1 in *-wss | *-wss-*) url=$URL_WSS ;; esac
     local common=(--url "$url" --ca "$CERT")
     case $1 in
     tp64-ws | tp64-wss) echo throughput "${common[@]}" --connections 100 --window 8 --size 64 --duration "$DURATION" ;;
@@ -391,6 +392,7 @@ loadgen_args() {
     lat-c1-wss) echo latency "${common[@]}" --connections 1 --duration "$DURATION" ;;
     lat-c100-wss) echo latency "${common[@]}" --connections 100 --duration "$DURATION" ;;
     hs-c50-wss) echo handshake "${common[@]}" --concurrency 50 --duration "$DURATION" --source-ips "$SOURCE_IPS" ;;
+    hs-c50-wss-resume) echo handshake "${common[@]}" --concurrency 50 --duration "$DURATION" --source-ips "$SOURCE_IPS" --resume ;;
     idle-ws | idle-wss) echo idle "${common[@]}" --connections "$IDLE_CONNS" --hold "$IDLE_HOLD" --source-ips "$SOURCE_IPS" ;;
     esac
 }
@@ -453,7 +455,7 @@ run_one() { # TEST TARGET REP
     case $test in
     tp*) log "$test $target #$rep: $(jget "$base.json" msgs_per_sec) msgs/s, cpu $(jget "$base.json" proxy_cpu_secs)s, verification errors ${verr:-?}" ;;
     lat*) log "$test $target #$rep: p50 $(jget "$base.json" p50_us) µs, p99 $(jget "$base.json" p99_us) µs, verification errors ${verr:-?}" ;;
-    hs*) log "$test $target #$rep: $(jget "$base.json" handshakes_per_sec) handshakes/s, errors $(jget "$base.json" errors)" ;;
+    hs*) log "$test $target #$rep: $(jget "$base.json" handshakes_per_sec) handshakes/s, $(jget "$base.json" resumed) resumed, errors $(jget "$base.json" errors)" ;;
     idle*) log "$test $target #$rep: opened $(jget "$base.json" opened), alive $(jget "$base.json" alive_after_hold), rss $(cat "$base.rss" 2>/dev/null || echo -)" ;;
     esac
     if [ -f "$base.fail" ]; then log "$test $target #$rep: FAILED: $(cat "$base.fail")"; fi

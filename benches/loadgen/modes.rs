@@ -768,6 +768,7 @@ pub async fn handshake(c: Client, o: HandshakeOpts) -> anyhow::Result<Value> {
         let concurrency = o.concurrency;
         set.spawn(async move {
             let mut ok = 0u64;
+            let mut resumed = 0u64;
             let mut errors = Errors::default();
             let mut durations = Vec::new();
             let mut rng = Rng::new(rand::random());
@@ -779,6 +780,7 @@ pub async fn handshake(c: Client, o: HandshakeOpts) -> anyhow::Result<Value> {
                 let t = Instant::now();
                 let r = async {
                     let (mut conn, mut buf) = target.connect_timeout(source, ECHO_LIMIT).await?;
+                    let was_resumed = conn.resumed();
                     echo_once(
                         &mut conn,
                         &mut buf,
@@ -788,12 +790,14 @@ pub async fn handshake(c: Client, o: HandshakeOpts) -> anyhow::Result<Value> {
                         rng.mask(),
                     )
                     .await?;
-                    close_handshake(&mut conn, &mut buf, rng.mask(), ECHO_LIMIT).await
+                    close_handshake(&mut conn, &mut buf, rng.mask(), ECHO_LIMIT).await?;
+                    Ok::<_, StageError>(was_resumed)
                 }
                 .await;
                 match r {
-                    Ok(()) => {
+                    Ok(was_resumed) => {
                         ok += 1;
+                        resumed += u64::from(was_resumed);
                         durations.push(t.elapsed().as_nanos() as u64);
                     }
                     Err(e) => {
@@ -803,15 +807,17 @@ pub async fn handshake(c: Client, o: HandshakeOpts) -> anyhow::Result<Value> {
                     }
                 }
             }
-            (ok, errors, durations)
+            (ok, resumed, errors, durations)
         });
     }
     let mut ok = 0u64;
+    let mut resumed = 0u64;
     let mut errors = Errors::default();
     let mut durations = Vec::new();
     while let Some(r) = set.join_next().await {
-        let (o, e, d) = r?;
+        let (o, res, e, d) = r?;
         ok += o;
+        resumed += res;
         errors.merge(e);
         durations.extend(d);
     }
@@ -824,6 +830,7 @@ pub async fn handshake(c: Client, o: HandshakeOpts) -> anyhow::Result<Value> {
         "elapsed_secs": round3(elapsed),
         "handshakes": ok,
         "handshakes_per_sec": (ok as f64 / elapsed).round(),
+        "resumed": resumed,
         "errors": errors.total(),
         "error_detail": errors.json(),
     });

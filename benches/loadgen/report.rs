@@ -141,6 +141,7 @@ fn metrics(mode: &str, test: &str) -> Vec<Metric> {
             median("p99 ms", LOWER, 2, false, |r| {
                 j(r, &["handshake_time", "p99_us"]).map(|v| v / 1000.0)
             }),
+            count("TLS sessions resumed", |r| j(r, &["resumed"])),
             count("errors", |r| j(r, &["errors"])),
         ],
         "idle" => vec![
