@@ -764,7 +764,9 @@ pub async fn handshake(c: Client, o: HandshakeOpts) -> anyhow::Result<Value> {
     let deadline = t0 + o.duration;
     let mut set = tokio::task::JoinSet::new();
     for w in 0..o.concurrency {
-        let (target, ips, pattern) = (c.target.clone(), c.source_ips.clone(), pattern.clone());
+        // Each worker is one returning client, with its own TLS sessions.
+        let target = c.target.separate_client();
+        let (ips, pattern) = (c.source_ips.clone(), pattern.clone());
         let concurrency = o.concurrency;
         set.spawn(async move {
             let mut ok = 0u64;

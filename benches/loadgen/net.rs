@@ -80,6 +80,8 @@ pub struct Target {
     pub host: String,
     pub path: String,
     pub tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// Whether TLS sessions are resumed (`--resume`).
+    resume: bool,
 }
 
 /// What a client stage failed at (handshake mode counts errors by stage).
@@ -197,7 +199,29 @@ impl Target {
             host: authority.to_string(),
             path: path.to_string(),
             tls,
+            resume,
         })
+    }
+
+    /// The same target for a client of its own: with `--resume`, a TLS
+    /// session cache of its own, as every real client has. (One cache shared
+    /// by all workers holds at most 8 tickets per server, which a burst of
+    /// concurrent connects exhausts, so some would do full handshakes.)
+    pub fn separate_client(&self) -> Target {
+        let tls = self.tls.as_ref().map(|(connector, name)| {
+            let mut config = rustls::ClientConfig::clone(connector.config());
+            if self.resume {
+                config.resumption = rustls::client::Resumption::default();
+            }
+            (TlsConnector::from(Arc::new(config)), name.clone())
+        });
+        Target {
+            addr: self.addr,
+            host: self.host.clone(),
+            path: self.path.clone(),
+            tls,
+            resume: self.resume,
+        }
     }
 
     /// TCP connect (from `source` if given), TLS, and the WebSocket upgrade.
