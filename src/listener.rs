@@ -200,6 +200,13 @@ async fn serve_connection(
                         .tls_duration
                         .with_label_values(&[&spec.name])
                         .observe(started.elapsed().as_secs_f64());
+                    if s.resumed() {
+                        shared
+                            .metrics
+                            .tls_resumed
+                            .with_label_values(&[&spec.name])
+                            .inc();
+                    }
                     ClientStream::Tls(Box::new(s))
                 }
                 Ok(Err(e)) => {

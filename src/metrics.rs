@@ -55,6 +55,7 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
     pub tls_handshakes: IntCounterVec,
+    pub tls_resumed: IntCounterVec,
     pub tls_duration: HistogramVec,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: Gauge,
@@ -211,6 +212,12 @@ impl Metrics {
                 "berth_tls_handshakes_total",
                 "TLS handshakes on listeners by result.",
                 &["listener", "result"],
+            )?,
+            tls_resumed: counter(
+                &r,
+                "berth_tls_resumed_handshakes_total",
+                "Successful TLS handshakes that resumed an earlier session.",
+                &["listener"],
             )?,
             tls_duration: histogram(
                 &r,

@@ -135,6 +135,11 @@ pub async fn accept(
 }
 
 impl ServerTlsStream {
+    /// Whether the handshake resumed an earlier session.
+    pub fn resumed(&self) -> bool {
+        self.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+    }
+
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TlsStreamError>> {
         loop {
             let reached = match self.process_carried(Goal::Read, None) {

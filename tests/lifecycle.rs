@@ -627,7 +627,6 @@ async fn reload_swaps_the_certificate_without_dropping_the_listener() {
 
 #[tokio::test]
 async fn sighup_keeps_tls_sessions_resumable() {
-    use rustls_pki_types::pem::PemObject;
     // A reload builds new TLS server configs; the session ticket keys and the
     // session cache outlive them, so clients resume instead of paying a full
     // handshake each after every deploy of the config.
@@ -641,46 +640,10 @@ async fn sighup_keeps_tls_sessions_resumable() {
         &format!("name = \"tls\"\nbind = \"{tls}\""),
     );
     let berth = BerthProcess::spawn(&toml, &[], std::process::Stdio::null()).await;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::CertificateDer::pem_file_iter(CERT).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
     for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
         // One client config, so one client session cache, per version.
-        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[version])
-        .unwrap()
-        .with_root_certificates(roots.clone())
-        .with_no_client_auth();
-        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-        // A handshake and a request berth answers itself (426: wrong
-        // WebSocket version); reading the answer takes in TLS 1.3's tickets.
-        let handshake = || async {
-            let tcp = tokio::net::TcpStream::connect(tls).await.unwrap();
-            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-            let mut conn = connector.connect(name, tcp).await.unwrap();
-            conn.write_all(
-                b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-                  Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-                  Sec-WebSocket-Version: 12\r\n\r\n",
-            )
-            .await
-            .unwrap();
-            let mut buf = [0u8; 64];
-            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-                .await
-                .expect("an answer")
-                .unwrap();
-            assert!(
-                buf[..n].starts_with(b"HTTP/1.1 426"),
-                "{:?}",
-                String::from_utf8_lossy(&buf[..n])
-            );
-            conn.get_ref().1.handshake_kind()
-        };
-        let first = handshake().await;
+        let client = tls_client_config_for(&[version]);
+        let first = tls_handshake_kind(tls, &client).await;
         let reloads = reload_count(berth.admin).await;
         berth.signal("HUP");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -688,7 +651,7 @@ async fn sighup_keeps_tls_sessions_resumable() {
             assert!(Instant::now() < deadline, "SIGHUP did not reload");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let second = handshake().await;
+        let second = tls_handshake_kind(tls, &client).await;
         assert_eq!(
             [first, second],
             [

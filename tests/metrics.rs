@@ -748,6 +748,7 @@ async fn tls_handshakes_are_counted_by_result() {
     let ok = [("listener", "tls"), ("result", "ok")];
     let error = [("listener", "tls"), ("result", "error")];
     let duration_count = "berth_tls_handshake_duration_seconds_count";
+    let resumed = "berth_tls_resumed_handshakes_total";
 
     let before = scrape(&proxy).await;
     let mut ws = ws_connect(tls_addr, true, "/").await;
@@ -767,6 +768,34 @@ async fn tls_handshakes_are_counted_by_result() {
         after.series(duration_count)
     );
     close_ws(ws, None).await;
+    assert_eq!(
+        delta(&before, &after, resumed, &[("listener", "tls")]),
+        0.0,
+        "a first connection is a full handshake"
+    );
+
+    // A returning client (the same session cache) resumes.
+    let before = scrape(&proxy).await;
+    let client = tls_client_config();
+    let kinds = [
+        tls_handshake_kind(tls_addr, &client).await,
+        tls_handshake_kind(tls_addr, &client).await,
+    ];
+    assert_eq!(
+        kinds,
+        [
+            Some(rustls::HandshakeKind::Full),
+            Some(rustls::HandshakeKind::Resumed)
+        ]
+    );
+    let after = scrape_until(&proxy, |s| delta(&before, s, handshakes, &ok) >= 2.0).await;
+    assert_eq!(delta(&before, &after, handshakes, &ok), 2.0);
+    assert_eq!(
+        delta(&before, &after, resumed, &[("listener", "tls")]),
+        1.0,
+        "{:#?}",
+        after.series(resumed)
+    );
 
     // Plain HTTP on the TLS port is not a ClientHello.
     let before = scrape(&proxy).await;

@@ -348,8 +348,16 @@ fn tokio_stream_from<T: Send + 'static>(
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
 }
 
-/// A rustls client config that trusts the test certificate.
+/// A rustls client config that trusts the test certificate (a session cache
+/// of its own, as every new config has).
 pub fn tls_client_config() -> Arc<rustls::ClientConfig> {
+    tls_client_config_for(rustls::DEFAULT_VERSIONS)
+}
+
+/// [`tls_client_config`] restricted to `versions`.
+pub fn tls_client_config_for(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pki_types::CertificateDer::pem_file_iter(CERT).unwrap() {
@@ -358,12 +366,42 @@ pub fn tls_client_config() -> Arc<rustls::ClientConfig> {
     let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
-    .with_safe_default_protocol_versions()
+    .with_protocol_versions(versions)
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(cfg)
+}
+
+/// One TLS connection to `addr` with `config` (whose session cache decides
+/// whether it can resume) and a request berth answers itself (426: wrong
+/// WebSocket version). Reading the answer also takes in TLS 1.3's session
+/// tickets. Returns how the handshake went.
+pub async fn tls_handshake_kind(
+    addr: SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+) -> Option<rustls::HandshakeKind> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut conn = tokio_rustls::TlsConnector::from(Arc::clone(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let head =
+        upgrade_head("/", "").replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 12");
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 426"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    conn.get_ref().1.handshake_kind()
 }
 
 pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
