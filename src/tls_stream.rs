@@ -607,6 +607,29 @@ mod tests {
         tokio_rustls::TlsConnector::from(Arc::new(config))
     }
 
+    /// A listener on 127.0.0.1:0 whose first connection goes to `serve`.
+    async fn serve_once<T, F, Fut>(serve: F) -> (std::net::SocketAddr, tokio::task::JoinHandle<T>)
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            serve(tcp).await
+        });
+        (addr, task)
+    }
+
+    /// A TLS client connection to `addr` (a new client session cache each).
+    async fn connect(addr: std::net::SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        client().connect(name, tcp).await.unwrap()
+    }
+
     /// A server that echoes through `ServerTlsStream`, reading with a small
     /// buffer so decrypted records overflow into `plain`; after `total`
     /// bytes it reports whether the connection holds any buffer, then waits
@@ -618,10 +641,7 @@ mod tests {
         std::net::SocketAddr,
         tokio::task::JoinHandle<(usize, [usize; 3], usize)>,
     ) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
+        serve_once(move |tcp| async move {
             let mut tls = accept(tcp, config).await.unwrap();
             let mut buf = [0u8; 1000];
             let mut echoed = 0;
@@ -640,16 +660,14 @@ mod tests {
             // The client's close_notify reads as the end.
             let after = tls.read(&mut buf).await.unwrap();
             (echoed, held, after)
-        });
-        (addr, task)
+        })
+        .await
     }
 
     async fn round_trip(config: Arc<ServerConfig>, rekey: bool) {
         const TOTAL: usize = 1 << 20;
         let (addr, server) = echo_server(config, TOTAL).await;
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let mut tls = client().connect(name, tcp).await.unwrap();
+        let mut tls = connect(addr).await;
         let sent: Vec<u8> = (0..TOTAL).map(|i| (i * 7 % 251) as u8).collect();
         let mut got = vec![0u8; 10_000];
         // Chunk by chunk: each is echoed before the next (10 kB fits in the
@@ -688,11 +706,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_forged_record_after_the_handshake_is_a_read_error() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let config = server_config(&[&rustls::version::TLS13]);
-        let server = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
+        let (addr, server) = serve_once(move |tcp| async move {
             let mut tls = accept(tcp, config).await.unwrap();
             let mut buf = [0u8; 64];
             let first = tls.read(&mut buf).await.map(|n| buf[..n].to_vec());
@@ -701,10 +716,9 @@ mod tests {
             let third = tls.read(&mut buf).await.map_err(|e| e.kind());
             let write = tls.write(b"x").await.map_err(|e| e.kind());
             (first.unwrap(), second, third, write)
-        });
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let mut tls = client().connect(name, tcp).await.unwrap();
+        })
+        .await;
+        let mut tls = connect(addr).await;
         tls.write_all(b"hello").await.unwrap();
         tls.flush().await.unwrap();
         // An application-data record whose bytes were not encrypted with
@@ -726,12 +740,9 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_does_not_read_pushes_back_instead_of_growing_buffers() {
         const TOTAL: usize = 32 << 20;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let config = server_config(&[&rustls::version::TLS13]);
         let (start_tx, start_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
+        let (addr, server) = serve_once(move |tcp| async move {
             let mut tls = accept(tcp, config).await.unwrap();
             let chunk: Vec<u8> = (0..MAX_WRITE).map(|i| (i % 251) as u8).collect();
             let mut sent = 0;
@@ -757,10 +768,9 @@ mod tests {
             tls.write_all(&rest[..TOTAL - sent]).await.unwrap();
             tls.shutdown().await.unwrap();
             blocked_at
-        });
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let mut tls = client().connect(name, tcp).await.unwrap();
+        })
+        .await;
+        let mut tls = connect(addr).await;
         start_rx.await.unwrap();
         let mut received = Vec::with_capacity(TOTAL);
         tls.read_to_end(&mut received).await.unwrap();
@@ -825,19 +835,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_fin_without_close_notify_reads_as_the_end() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let config = server_config(&[&rustls::version::TLS13]);
-        let server = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
+        let (addr, server) = serve_once(move |tcp| async move {
             let mut tls = accept(tcp, config).await.unwrap();
             let mut got = Vec::new();
             let end = tls.read_to_end(&mut got).await.map_err(|e| e.kind());
             (got, end)
-        });
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let mut tls = client().connect(name, tcp).await.unwrap();
+        })
+        .await;
+        let mut tls = connect(addr).await;
         tls.write_all(b"bye").await.unwrap();
         tls.flush().await.unwrap();
         // The client's TCP side closes; no TLS close_notify is sent.
@@ -849,13 +855,12 @@ mod tests {
 
     #[tokio::test]
     async fn plain_http_fails_the_handshake_with_an_alert() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let config = server_config(&[&rustls::version::TLS13, &rustls::version::TLS12]);
-        let server = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            accept(tcp, config).await.err().map(|e| e.to_string())
-        });
+        let (addr, server) =
+            serve_once(
+                move |tcp| async move { accept(tcp, config).await.err().map(|e| e.to_string()) },
+            )
+            .await;
         let mut tcp = TcpStream::connect(addr).await.unwrap();
         tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
@@ -869,13 +874,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_leaves_mid_handshake_is_an_error() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let config = server_config(&[&rustls::version::TLS13]);
-        let server = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            accept(tcp, config).await.err()
-        });
+        let (addr, server) =
+            serve_once(move |tcp| async move { accept(tcp, config).await.err() }).await;
         let mut tcp = TcpStream::connect(addr).await.unwrap();
         // The first bytes of a ClientHello record, then gone.
         tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
