@@ -821,6 +821,51 @@ async fn tls_handshakes_are_counted_by_result() {
     proxy.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_stalled_tls_handshake_is_cut_off_and_counted_as_timeout() {
+    // A client that opens TCP and sends half a ClientHello holds a socket
+    // until handshake_timeout; then berth closes it and counts a timeout.
+    let backends = ws_backends(&["b1"]).await;
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let toml = config_for(&addrs, "").replace(
+        "tls = { cert = \"{CERT}\", key = \"{KEY}\" }",
+        "tls = { cert = \"{CERT}\", key = \"{KEY}\" }\nhandshake_timeout = \"300ms\"",
+    );
+    let proxy = Proxy::start(&toml).await;
+    let handshakes = "berth_tls_handshakes_total";
+    let timeout = [("listener", "tls"), ("result", "timeout")];
+    let before = scrape(&proxy).await;
+    let started = Instant::now();
+    let mut stalled = TcpStream::connect(proxy.tls_addr.unwrap()).await.unwrap();
+    stalled
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut sink)).await;
+    assert!(
+        closed.is_ok(),
+        "berth kept a stalled handshake open for 5 s"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250),
+        "closed before the timeout: {waited:?}"
+    );
+    let after = scrape_until(&proxy, |s| delta(&before, s, handshakes, &timeout) >= 1.0).await;
+    assert_eq!(delta(&before, &after, handshakes, &timeout), 1.0);
+    assert_eq!(
+        delta(
+            &before,
+            &after,
+            handshakes,
+            &[("listener", "tls"), ("result", "error")]
+        ),
+        0.0
+    );
+    proxy.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------
 // 7. Backend state, process and config gauges.
 // ---------------------------------------------------------------------------
