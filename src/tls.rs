@@ -138,3 +138,19 @@ pub fn server_config_from_der(
     config.ticketer = Arc::clone(&resumption.ticketer);
     Ok(Arc::new(config))
 }
+
+/// A client config that trusts the certificates in the PEM file `cert` (the
+/// unit tests' TLS client).
+#[cfg(test)]
+pub(crate) fn test_client_config(cert: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(cert).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}

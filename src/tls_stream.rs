@@ -591,20 +591,9 @@ mod tests {
     }
 
     fn client() -> tokio_rustls::TlsConnector {
-        use rustls_pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in
-            rustls_pki_types::CertificateDer::pem_file_iter(Path::new(CERTS).join("example.crt"))
-                .unwrap()
-        {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tokio_rustls::TlsConnector::from(Arc::new(config))
+        tokio_rustls::TlsConnector::from(crate::tls::test_client_config(
+            &Path::new(CERTS).join("example.crt"),
+        ))
     }
 
     /// A listener on 127.0.0.1:0 whose first connection goes to `serve`.

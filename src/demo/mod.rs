@@ -295,27 +295,13 @@ mod tests {
     use std::time::Duration;
 
     use futures_util::{SinkExt as _, StreamExt as _};
-    use rustls_pki_types::pem::PemObject as _;
-    use rustls_pki_types::{CertificateDer, ServerName};
+    use rustls_pki_types::ServerName;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio_tungstenite::tungstenite::Message;
 
     use super::*;
 
     const LOOPBACK_ANY: SocketAddr = ANY_ADMIN;
-
-    fn client_config(cert: &Path) -> Arc<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(cert).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Arc::new(config)
-    }
 
     async fn next_json<S>(ws: &mut S) -> serde_json::Value
     where
@@ -377,7 +363,7 @@ mod tests {
             guide.contains(&format!("wss://localhost:{}/ws", proxy.port())),
             "{guide}"
         );
-        let tls = client_config(&dir.join("cert.pem"));
+        let tls = crate::tls::test_client_config(&dir.join("cert.pem"));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let served = tokio::spawn(demo.serve(async {
             let _ = stop_rx.await;
