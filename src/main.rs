@@ -1,13 +1,17 @@
-//! The `berth` binary: command line, logging, signals. Everything else lives
-//! in the library.
+//! The `berth` binary: command line, logging, signals, the pid file, and
+//! the shell completions and man page generated from the command line's own
+//! definition. Everything else lives in the library.
 
-use std::path::PathBuf;
+use std::future::Future;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::OnceLock;
 
 use anyhow::Context as _;
 use berth::app::App;
-use berth::config::{Config, ConfigError};
-use clap::{Parser, Subcommand, ValueEnum};
+use berth::config::Config;
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 
 /// jemalloc keeps idle connections smaller than glibc's malloc: with 9,000
 /// idle ws connections held (BERTH_WORKERS=1), RSS grew 2.3 KiB per
@@ -30,11 +34,44 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 pub static MALLOC_CONF: &[u8; 67] =
     b"background_thread:true,max_background_threads:1,dirty_decay_ms:300\0";
 
+/// `berth --version`: the crate version and the commit it was built from
+/// (see build.rs; "unknown" outside a git checkout).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("BERTH_GIT_COMMIT"),
+    ")"
+);
+
+/// The exit codes, for `--help` and the man page. The README's command
+/// table says the same.
+const EXIT_CODES: [(u8, &str); 3] = [
+    (
+        0,
+        "success; run and demo: stopped cleanly after SIGTERM or SIGINT",
+    ),
+    (
+        1,
+        "runtime failure: a listener or the admin API cannot bind, the pid file cannot be \
+         written, or a second signal forced the exit",
+    ),
+    (
+        2,
+        "invalid or unreadable config file (check, run), or an invalid command line",
+    ),
+];
+
+/// Exit code 2: the config file (or the command line) is wrong.
+const EXIT_INVALID_CONFIG: u8 = 2;
+
 #[derive(Parser)]
 #[command(
     name = "berth",
-    version,
-    about = "A WebSocket-aware, TLS-terminating reverse proxy and sticky load balancer"
+    version = VERSION,
+    about = "A WebSocket-aware, TLS-terminating reverse proxy and sticky load balancer",
+    long_about = "A WebSocket-aware, TLS-terminating reverse proxy and sticky load balancer.\n\n\
+        berth reads one TOML config file: `berth check` validates it, `berth run` serves it. \
+        The README documents every key, the admin API and the metrics."
 )]
 struct Cli {
     /// Log format: human-readable text or one JSON object per line.
@@ -53,6 +90,25 @@ enum LogFormat {
     Json,
 }
 
+/// The config file, given as `FILE` or as `--config FILE`.
+#[derive(Args)]
+struct ConfigPath {
+    /// Path to the TOML config file (default config/berth.toml).
+    #[arg(value_name = "FILE", conflicts_with = "config")]
+    file: Option<PathBuf>,
+    /// Path to the TOML config file, as an option (the same as FILE).
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigPath {
+    fn path(self) -> PathBuf {
+        self.file
+            .or(self.config)
+            .unwrap_or_else(|| PathBuf::from("config/berth.toml"))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy with a config file. Validates it fully before binding anything.
@@ -61,16 +117,18 @@ enum Command {
     /// stays); SIGTERM or SIGINT stop accepting, close WebSockets with 1001 spread
     /// over shutdown_window, and exit 0; a second signal exits at once.
     Run {
-        /// Path to the TOML config file.
-        #[arg(long, short, default_value = "config/berth.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigPath,
+        /// Write berth's process id to this file once every socket is bound
+        /// (and the signal handlers are in place); it is removed on exit.
+        #[arg(long, value_name = "FILE")]
+        pid_file: Option<PathBuf>,
     },
     /// Validate a config file: exit 0 if it is valid, or print every problem
     /// as FILE:LINE: KEY: MESSAGE and exit 2.
     Check {
-        /// Path to the TOML config file.
-        #[arg(long, short, default_value = "config/berth.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigPath,
     },
     /// Start a self-contained demo: three WebSocket backends on loopback and
     /// the proxy on https://localhost:8443 with a self-signed certificate.
@@ -79,35 +137,92 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8443")]
         bind: std::net::SocketAddr,
     },
+    /// Print a shell completion script for berth to standard output.
+    ///
+    /// bash: berth completions bash > /usr/share/bash-completion/completions/berth;
+    /// zsh: berth completions zsh > "${fpath[1]}/_berth";
+    /// fish: berth completions fish > ~/.config/fish/completions/berth.fish.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print berth's man page (roff) to standard output.
+    ///
+    /// View it with `berth manpage | man -l -`, or install it with
+    /// `berth manpage > /usr/local/share/man/man1/berth.1`.
+    Manpage,
+}
+
+/// The command line's definition, with the exit codes in `--help`.
+fn cli_command() -> clap::Command {
+    let mut exit = String::from("Exit status:");
+    for (code, meaning) in EXIT_CODES {
+        exit.push_str(&format!("\n  {code}  {meaning}"));
+    }
+    Cli::command().after_long_help(exit)
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(cli.log_format, cli.log_level.as_deref());
+    let matches = cli_command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(2)
-            }
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cli_command(), "berth", &mut script);
+            write_stdout(&script)
+        }
+        Command::Manpage => match manpage() {
+            Ok(page) => write_stdout(&page),
+            Err(e) => exit_code(Err(
+                anyhow::Error::new(e).context("cannot render the man page")
+            )),
         },
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e @ (ConfigError::Invalid { .. } | ConfigError::Read { .. })) => {
+        Command::Check { config } => {
+            init_logging(cli.log_format, cli.log_level.as_deref());
+            let config = config.path();
+            match Config::load(&config) {
+                Ok(_) => {
+                    println!("{}: ok", config.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
                     eprintln!("{e}");
-                    return ExitCode::from(2);
+                    ExitCode::from(EXIT_INVALID_CONFIG)
+                }
+            }
+        }
+        Command::Run { config, pid_file } => {
+            init_logging(cli.log_format, cli.log_level.as_deref());
+            let config = match Config::load(&config.path()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_INVALID_CONFIG);
                 }
             };
-            exit_code(runtime().and_then(|rt| rt.block_on(run(config))))
+            exit_code(runtime().and_then(|rt| rt.block_on(run(config, pid_file))))
         }
-        Command::Demo { bind } => exit_code(
-            runtime().and_then(|rt| rt.block_on(berth::demo::run(bind, shutdown_signal()))),
-        ),
+        Command::Demo { bind } => {
+            init_logging(cli.log_format, cli.log_level.as_deref());
+            exit_code(runtime().and_then(|rt| {
+                rt.block_on(async { berth::demo::run(bind, shutdown_signal()).await })
+            }))
+        }
+    }
+}
+
+/// Writes generated text to stdout. A reader that stops early (`| head`)
+/// is not an error.
+fn write_stdout(bytes: &[u8]) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => exit_code(Err(anyhow::Error::new(e).context("cannot write to stdout"))),
     }
 }
 
@@ -115,10 +230,28 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("berth: {e:#}");
+            eprintln!("berth: {}", error_message(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each said once: an error that
+/// already quotes its source (as "cannot bind ...: {os error}" does) is not
+/// followed by that source again.
+fn error_message(e: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -136,23 +269,71 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the tokio runtime")
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, pid_file: Option<PathBuf>) -> anyhow::Result<()> {
     raise_fd_limit();
     let app = App::bind(config).await.context("cannot start")?;
     let shared = app.shared();
+    // Every signal handler is installed before the pid file exists: a
+    // SIGHUP sent the moment it appears must reload, not kill, berth.
+    let shutdown = shutdown_signal();
     // SIGHUP re-reads the config file; a bad file is logged and ignored.
     #[cfg(unix)]
-    tokio::spawn(async move {
+    {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            let _ = berth::reload::reload(&shared).await;
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        let _ = berth::reload::reload(&shared).await;
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot handle SIGHUP: reload through the admin API")
+            }
         }
-    });
-    app.run(shutdown_signal()).await;
+    }
+    if let Some(path) = pid_file {
+        write_pid_file(&path)?;
+        // Only a path whose file was written is ever removed.
+        let _ = PID_FILE.set(path);
+    }
+    app.run(shutdown).await;
+    remove_pid_file();
     Ok(())
+}
+
+/// The pid file this process wrote, if any.
+static PID_FILE: OnceLock<PathBuf> = OnceLock::new();
+
+/// Writes this process's id to `path`. The file is written beside it and
+/// renamed into place, so a reader never sees it empty or half-written.
+fn write_pid_file(path: &Path) -> anyhow::Result<()> {
+    let pid = std::process::id();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{pid}.tmp"));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, format!("{pid}\n"))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+        .with_context(|| format!("cannot write the pid file {}", path.display()))
+}
+
+/// Removes the pid file on exit, unless another process has written its own
+/// id there since (two berths pointed at one file).
+fn remove_pid_file() {
+    let Some(path) = PID_FILE.get() else {
+        return;
+    };
+    let ours = std::fs::read_to_string(path)
+        .is_ok_and(|text| text.trim() == std::process::id().to_string());
+    if ours {
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove the pid file");
+        }
+    }
 }
 
 /// Raises RLIMIT_NOFILE to its hard limit: every proxied WebSocket costs two
@@ -165,38 +346,64 @@ fn raise_fd_limit() {
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
-async fn shutdown_signal() {
-    wait_for_signal().await;
-    tokio::spawn(async {
-        wait_for_signal().await;
-        tracing::warn!("second signal: exiting now");
-        std::process::exit(1);
-    });
+/// The handlers are installed when this is called (inside the runtime), not
+/// when the future is first polled, so no signal in between kills berth.
+fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    let mut signals = Signals::install();
+    async move {
+        signals.next().await;
+        tokio::spawn(async move {
+            signals.next().await;
+            tracing::warn!("second signal: exiting now");
+            remove_pid_file();
+            std::process::exit(1);
+        });
+    }
 }
 
-async fn wait_for_signal() {
+/// SIGTERM and SIGINT handlers (Ctrl-C only where there are no Unix signals,
+/// or where installing them failed).
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    handlers: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let handlers = match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(term), Ok(int)) => Some((term, int)),
+                _ => None,
+            };
+            Signals { handlers }
         }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    #[cfg(not(unix))]
-    {
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some((term, int)) = &mut self.handlers {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            return;
+        }
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// Colour in the text logs only for a person at a terminal: never when
+/// stderr is a file or a pipe, and never with NO_COLOR set (no-color.org).
+fn log_colour() -> bool {
+    use std::io::IsTerminal as _;
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
 }
 
 fn init_logging(format: LogFormat, level: Option<&str>) {
@@ -209,7 +416,128 @@ fn init_logging(format: LogFormat, level: Option<&str>) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.with_ansi(log_colour()).init(),
+        LogFormat::Json => builder.with_ansi(false).json().flatten_event(true).init(),
     }
+}
+
+/// berth(1): the top-level command's sections as clap_mangen renders them,
+/// then a COMMANDS section with every subcommand's usage, description and
+/// options, then the exit status. All of it comes from the clap definition.
+fn manpage() -> std::io::Result<Vec<u8>> {
+    use clap_mangen::roff::{bold, roman, Roff};
+    let mut cmd = cli_command();
+    cmd.build();
+    let man = clap_mangen::Man::new(cmd.clone()).title("BERTH");
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    for render in [
+        clap_mangen::Man::render_name_section,
+        clap_mangen::Man::render_synopsis_section,
+        clap_mangen::Man::render_description_section,
+        clap_mangen::Man::render_options_section,
+    ] {
+        let mut part = Vec::new();
+        render(&man, &mut part)?;
+        page.extend_from_slice(without_preamble(&part));
+    }
+
+    let mut roff = Roff::default();
+    roff.control("SH", ["COMMANDS"]);
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("berth {}", sub.get_name());
+        roff.control("SS", [name.as_str()]);
+        let usage = sub.clone().render_usage().to_string();
+        let usage = usage.trim().trim_start_matches("Usage:").trim();
+        roff.text([bold(usage)]);
+        if let Some(about) = sub.get_long_about().or_else(|| sub.get_about()) {
+            for paragraph in about.to_string().split("\n\n") {
+                roff.control("PP", []);
+                roff.text([roman(paragraph.replace('\n', " "))]);
+            }
+        }
+        for arg in sub
+            .get_arguments()
+            .filter(|a| !a.is_hide_set() && !a.is_global_set() && a.get_id().as_str() != "help")
+        {
+            roff.control("TP", []);
+            roff.text([bold(arg_label(arg))]);
+            let mut help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            // clap drops the full stop that ends a one-line doc comment.
+            if !help.is_empty() && !help.ends_with('.') {
+                help.push('.');
+            }
+            let values: Vec<String> = arg
+                .get_possible_values()
+                .iter()
+                .filter(|v| !v.is_hide_set())
+                .map(|v| v.get_name().to_string())
+                .collect();
+            if !values.is_empty() {
+                help.push_str(&format!(" One of: {}.", values.join(", ")));
+            }
+            if let Some(default) = arg.get_default_values().first() {
+                help.push_str(&format!(" Default: {}.", default.to_string_lossy()));
+            }
+            roff.text([roman(help.trim())]);
+        }
+    }
+    roff.control("SH", ["EXIT STATUS"]);
+    for (code, meaning) in EXIT_CODES {
+        roff.control("TP", []);
+        roff.text([bold(code.to_string())]);
+        roff.text([roman(meaning)]);
+    }
+    let mut part = Vec::new();
+    roff.to_writer(&mut part)?;
+    page.extend_from_slice(without_preamble(&part));
+
+    let mut part = Vec::new();
+    man.render_version_section(&mut part)?;
+    page.extend_from_slice(without_preamble(&part));
+    Ok(page)
+}
+
+/// The roff crate starts every rendering with the same two lines that
+/// define the apostrophe string; the page needs them once, at the top.
+fn without_preamble(part: &[u8]) -> &[u8] {
+    let mut rest = part;
+    for prefix in [&b".ie \\n(.g .ds Aq"[..], &b".el .ds Aq"[..]] {
+        if rest.starts_with(prefix) {
+            let end = rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(rest.len(), |i| i + 1);
+            rest = &rest[end..];
+        }
+    }
+    rest
+}
+
+/// How an argument is written on the command line: `-c, --config <FILE>`,
+/// `--pid-file <FILE>` or `[FILE]`.
+fn arg_label(arg: &clap::Arg) -> String {
+    let value = arg
+        .get_value_names()
+        .map(|names| names.join(" "))
+        .unwrap_or_else(|| arg.get_id().as_str().to_uppercase());
+    if arg.is_positional() {
+        return if arg.is_required_set() {
+            format!("<{value}>")
+        } else {
+            format!("[{value}]")
+        };
+    }
+    let mut names = Vec::new();
+    if let Some(short) = arg.get_short() {
+        names.push(format!("-{short}"));
+    }
+    if let Some(long) = arg.get_long() {
+        names.push(format!("--{long}"));
+    }
+    let mut label = names.join(", ");
+    if arg.get_action().takes_values() {
+        label.push_str(&format!(" <{value}>"));
+    }
+    label
 }
