@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it. Installs what a fresh machine lacks
 # (Debian packages), then runs formatting, lints, unit and integration tests,
-# and the benchmark smoke test.
+# the packaging checks and the benchmark smoke test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +9,12 @@ need_apt=()
 # promtool and the Prometheus server (the metrics tests scrape berth for real).
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# systemd-analyze verifies the systemd unit (scripts/check-packaging.sh);
+# groff checks the man page that `berth manpage` renders (tests/cli.rs).
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+# verify opens the unit's Documentation=man:berth(1) with man.
+command -v man >/dev/null 2>&1 || need_apt+=(man-db)
+command -v groff >/dev/null 2>&1 || need_apt+=(groff-base)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> installing: ${need_apt[*]}"
     if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -24,6 +30,8 @@ echo "==> cargo clippy"
 cargo clippy --all-targets -- -D warnings
 echo "==> cargo test"
 cargo test --all-targets 2>&1 | tee target/test-output.txt
+echo "==> packaging (systemd unit, Dockerfile)"
+./scripts/check-packaging.sh target/debug/berth
 echo "==> benchmark smoke test (loadgen + echo backend, direct and through berth)"
 ./benches/smoke.sh 2>&1 | tee -a target/test-output.txt
 # A plain summary line that CI reads across test binaries.
