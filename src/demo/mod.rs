@@ -3,10 +3,12 @@
 //! Starts three in-process backends (`demo-1` to `demo-3`, see `backend.rs`)
 //! on loopback, makes a self-signed certificate for `localhost` and
 //! `127.0.0.1` in a fresh temp directory, and runs berth in front of them:
-//! one TLS listener (round robin, heartbeats every 20s) and the admin API.
-//! The config goes through the same validation as a config file. On
-//! shutdown berth drains first, then the backends stop and the temp
-//! directory is removed.
+//! one TLS listener and the admin API. The pool is sticky (cookie affinity,
+//! with a secret made for the run; new clients are placed round robin), so
+//! a reload of the page comes back to the same backend and a drain shows
+//! the re-pin; heartbeats every 20s. The config goes through the same
+//! validation as a config file. On shutdown berth drains first, then the
+//! backends stop and the temp directory is removed.
 
 mod backend;
 
@@ -25,6 +27,10 @@ use backend::Backends;
 
 /// Backend ids, in pool order.
 const BACKEND_IDS: [&str; 3] = ["demo-1", "demo-2", "demo-3"];
+/// The demo pool's name, in the admin API's paths.
+const POOL: &str = "demo";
+/// The affinity cookie that pins a browser to a backend.
+const COOKIE: &str = "berth_demo";
 /// Where the admin API goes unless that port is taken.
 const PREFERRED_ADMIN: SocketAddr =
     SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9900);
@@ -64,8 +70,13 @@ impl Demo {
         let backends = Backends::start(&BACKEND_IDS).await?;
         let dir = TempDir::create(dir)?;
         let (cert, key) = write_certificate(&dir.0, bind.ip())?;
+        // A fresh cookie secret per run: 32 random bytes, hex.
+        let secret: String = rand::random::<[u8; 32]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let config_for = |admin: SocketAddr| -> anyhow::Result<Config> {
-            let text = config_toml(bind, admin, &cert, &key, backends.addrs())?;
+            let text = config_toml(bind, admin, &cert, &key, &secret, backends.addrs())?;
             Config::from_toml_str(&text, "berth demo config").context("the demo config is invalid")
         };
         // The admin socket is bound after the listener, so an admin error
@@ -111,13 +122,13 @@ impl Demo {
         let mut g = String::new();
         let _ = writeln!(
             g,
-            "berth demo: TLS proxy on {} -> round robin over {backends}",
+            "berth demo: TLS proxy on {} -> sticky pool over {backends}",
             self.proxy
         );
         let _ = writeln!(g);
         let _ = writeln!(
             g,
-            "  {base:<36} the chat page (reload it to reach another backend)"
+            "  {base:<36} the chat page (reloads stay on one backend: sticky)"
         );
         let _ = writeln!(g, "  {ws:<36} WebSocket: hello, echo and chat as JSON");
         let _ = writeln!(g, "  {events:<36} Server-Sent Events, one per second");
@@ -133,10 +144,48 @@ impl Demo {
             let _ = writeln!(g, "  {pools:<36} pools and backends as JSON{note}");
         }
         let _ = writeln!(g);
+        let _ = writeln!(
+            g,
+            "Sticky sessions: the first response pins a browser to one backend with the"
+        );
+        let _ = writeln!(
+            g,
+            "cookie {COOKIE} (new browsers are spread round robin); reloads and the"
+        );
+        let _ = writeln!(g, "page's WebSocket stay on that backend.");
+        if let Some(admin) = self.admin {
+            let backend = format!("http://{admin}/admin/pools/{POOL}/backends/ID");
+            let _ = writeln!(
+                g,
+                "Drain the page's backend (ID as shown on the page): its WebSockets get Close"
+            );
+            let _ = writeln!(
+                g,
+                "1012, the page reconnects, and berth re-pins it to another backend:"
+            );
+            let _ = writeln!(g, "  curl -X POST {backend}/drain");
+            let _ = writeln!(g, "  curl -X POST {backend}/undrain");
+        }
+        let _ = writeln!(g);
         let _ = writeln!(g, "Try:");
         let _ = writeln!(g, "  curl -k {base}");
         let _ = writeln!(g, "  curl -kN {events}");
-        let _ = writeln!(g, "  websocat -k {ws}");
+        let _ = writeln!(
+            g,
+            "  curl -kN --http1.1 -H 'Connection: Upgrade' -H 'Upgrade: websocket' \\"
+        );
+        let _ = writeln!(
+            g,
+            "       -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' {base}ws"
+        );
+        let _ = writeln!(
+            g,
+            "    (curl shows the 101 answer and the frames that arrive: hello, then chat)"
+        );
+        let _ = writeln!(
+            g,
+            "  An interactive WebSocket client: `cargo install websocat`, then websocat -k {ws}"
+        );
         let _ = writeln!(g);
         let _ = writeln!(
             g,
@@ -236,6 +285,7 @@ fn config_toml(
     admin: SocketAddr,
     cert: &Path,
     key: &Path,
+    cookie_secret: &str,
     backends: &[(String, SocketAddr)],
 ) -> anyhow::Result<String> {
     let path_str = |p: &Path| -> anyhow::Result<String> {
@@ -263,15 +313,26 @@ fn config_toml(
     let _ = writeln!(t);
     let _ = writeln!(t, "[[routes]]");
     let _ = writeln!(t, "path_prefix = \"/\"");
-    let _ = writeln!(t, "pool = \"demo\"");
+    let _ = writeln!(t, "pool = \"{POOL}\"");
     let _ = writeln!(t);
-    let _ = writeln!(t, "[pools.demo]");
+    let _ = writeln!(t, "[pools.{POOL}]");
     let _ = writeln!(t, "balance = \"round_robin\"");
+    let _ = writeln!(t, "affinity = \"cookie\"");
     let _ = writeln!(t, "ping_interval = \"20s\"");
     let _ = writeln!(t, "idle_timeout = \"5m\"");
+    // Short, so a drain in the demo is over in moments.
+    let _ = writeln!(t, "drain_window = \"3s\"");
+    let _ = writeln!(t);
+    let _ = writeln!(t, "[pools.{POOL}.cookie]");
+    let _ = writeln!(t, "name = \"{COOKIE}\"");
+    let _ = writeln!(
+        t,
+        "secret = {}",
+        toml::Value::String(cookie_secret.to_string())
+    );
     for (id, addr) in backends {
         let _ = writeln!(t);
-        let _ = writeln!(t, "[[pools.demo.backends]]");
+        let _ = writeln!(t, "[[pools.{POOL}.backends]]");
         let _ = writeln!(t, "id = \"{id}\"");
         let _ = writeln!(t, "address = \"{addr}\"");
     }
@@ -333,6 +394,7 @@ mod tests {
             PREFERRED_ADMIN,
             &cert,
             &key,
+            "0123456789abcdef0123456789abcdef",
             &backends,
         )
         .unwrap();
@@ -343,6 +405,135 @@ mod tests {
         assert_eq!(pool.idle_timeout, Some(Duration::from_secs(300)));
         assert_eq!(pool.backends.len(), 2);
         assert!(config.listeners[0].tls.is_some());
+        assert!(matches!(pool.affinity, crate::config::Affinity::Cookie(_)));
+    }
+
+    /// An HTTPS request through the demo proxy; the response as text.
+    async fn https(
+        proxy: SocketAddr,
+        tls: &Arc<rustls::ClientConfig>,
+        path: &str,
+        cookie: Option<&str>,
+    ) -> String {
+        let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        let mut stream = tokio_rustls::TlsConnector::from(Arc::clone(tls))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let cookie = cookie.map_or(String::new(), |c| format!("Cookie: {c}\r\n"));
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{cookie}Connection: close\r\n\r\n");
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        // A TLS peer that closes without close_notify still gave us the
+        // whole response.
+        let _ = stream.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// The value of a response header (first occurrence), case-insensitive.
+    fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+        response.split("\r\n\r\n").next()?.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    /// `berth_demo=...` from a Set-Cookie value.
+    fn cookie_pair(set_cookie: &str) -> String {
+        set_cookie.split(';').next().unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn the_pool_is_sticky_and_a_drain_re_pins_the_browser() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("demo");
+        let demo = Demo::start(LOOPBACK_ANY, LOOPBACK_ANY, dir.clone())
+            .await
+            .unwrap();
+        let (proxy, admin) = (demo.proxy, demo.admin.unwrap());
+        assert!(demo.guide().contains(&format!(
+            "http://{admin}/admin/pools/demo/backends/ID/drain"
+        )));
+        let tls = crate::tls::test_client_config(&dir.join("cert.pem"));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(demo.serve(async {
+            let _ = stop_rx.await;
+        }));
+
+        // The page pins the browser; reloads come back to the same backend.
+        let page = https(proxy, &tls, "/", None).await;
+        let pinned = header(&page, "x-demo-backend").unwrap().to_string();
+        let cookie = cookie_pair(header(&page, "set-cookie").expect("a pin cookie"));
+        assert!(cookie.starts_with("berth_demo="), "{cookie}");
+        for _ in 0..5 {
+            let again = https(proxy, &tls, "/", Some(&cookie)).await;
+            assert_eq!(header(&again, "x-demo-backend"), Some(pinned.as_str()));
+        }
+        assert!(page.contains("sticky"), "the page says so");
+
+        // So does the page's WebSocket.
+        let url = format!("wss://localhost:{}/ws", proxy.port());
+        let ws_with = |cookie: String| {
+            let tls = Arc::clone(&tls);
+            let url = url.clone();
+            async move {
+                use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+                let mut req = url.into_client_request().unwrap();
+                req.headers_mut().insert("cookie", cookie.parse().unwrap());
+                tokio_tungstenite::connect_async_tls_with_config(
+                    req,
+                    None,
+                    false,
+                    Some(tokio_tungstenite::Connector::Rustls(tls)),
+                )
+                .await
+                .unwrap()
+            }
+        };
+        let (mut ws, _) = ws_with(cookie.clone()).await;
+        assert_eq!(next_json(&mut ws).await["backend"], pinned.as_str());
+
+        // Drain the pinned backend: its WebSocket gets 1012, and the
+        // reconnect (with the old cookie) is re-pinned elsewhere.
+        let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+        let req = format!(
+            "POST /admin/pools/demo/backends/{pinned}/drain HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let close = loop {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .unwrap()
+            {
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a Close, got {other:?}"),
+            }
+        };
+        assert_eq!(close.map(|f| u16::from(f.code)), Some(1012));
+        let (mut ws, response) = ws_with(cookie.clone()).await;
+        let moved = next_json(&mut ws).await["backend"].clone();
+        assert_ne!(moved, pinned.as_str());
+        let new_cookie = response
+            .headers()
+            .get("set-cookie")
+            .and_then(|v| v.to_str().ok())
+            .map(cookie_pair)
+            .expect("a new pin cookie");
+        assert_ne!(new_cookie, cookie);
+        let page = https(proxy, &tls, "/", Some(&new_cookie)).await;
+        assert_eq!(header(&page, "x-demo-backend"), moved.as_str());
+
+        drop(ws);
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(15), served)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]
