@@ -1,14 +1,23 @@
 //! Configuration: the TOML file as written (`file.rs`), and the validated
 //! [`Config`] the rest of berth runs on.
 //!
-//! The pipeline is `text -> FileConfig (serde, unknown keys rejected) ->
-//! validate -> Config`. Validation collects every problem in one pass; each
-//! problem names the file, the line and the dotted key (`locate.rs` maps a key
-//! path back to a line of the source text), in the form
+//! The pipeline is `text -> TOML document -> FileConfig (file.rs: unknown
+//! keys and wrong types) -> validate (validate.rs, with the per-value rules
+//! of rules.rs) -> Config`. Every problem of every stage after the TOML
+//! syntax goes into one report, so one run shows them all; each names the
+//! file, the line and the dotted key (`locate.rs` maps a key path back to a
+//! line of the source text), in the form
 //! `config/berth.toml:14: pools.chat.backends[1].address: invalid socket address "10.0.0.1"`.
+//!
+//! The validated types are what the rest of berth runs on: durations within
+//! their documented ranges, hash keys as [`HashKey`], CIDRs as
+//! [`ipnet::IpNet`], so nothing is parsed again at run time. This module is
+//! at the bottom of the layers: it imports nothing of berth but `tls`.
 
 mod file;
 mod locate;
+mod report;
+mod rules;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -119,11 +128,23 @@ impl Affinity {
     }
 }
 
+/// The affinity cookie's `SameSite` attribute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SameSite {
     Lax,
     Strict,
     None,
+}
+
+impl SameSite {
+    /// The attribute value as written in `Set-Cookie`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SameSite::Lax => "Lax",
+            SameSite::Strict => "Strict",
+            SameSite::None => "None",
+        }
+    }
 }
 
 #[derive(Clone, PartialEq)]
@@ -152,13 +173,39 @@ impl std::fmt::Debug for CookieConfig {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct HashConfig {
-    /// `client_ip`, `header:NAME`, `cookie:NAME` or `query:NAME` (checked).
-    pub key: String,
+    pub key: HashKey,
     /// No backend takes more than this many times the average live
-    /// connections (consistent hashing with bounded loads); > 1.0.
+    /// connections (consistent hashing with bounded loads); above 1.0 and
+    /// at most 100.
     pub bounded_load: Option<f64>,
-    /// CIDRs whose `X-Forwarded-For` is believed for `client_ip` (checked).
-    pub trusted_proxies: Vec<String>,
+    /// CIDRs (host bits cleared) whose `X-Forwarded-For` is believed for
+    /// `client_ip`.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// What a hash-affinity pool hashes on (`key` in `[pools.NAME.hash]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashKey {
+    /// `client_ip`: the client address, through trusted proxies.
+    ClientIp,
+    /// `header:NAME`: a request header (all its lines, comma-joined).
+    Header(http::HeaderName),
+    /// `cookie:NAME`: a request cookie.
+    Cookie(String),
+    /// `query:NAME`: a query-string parameter (form-decoded).
+    Query(String),
+}
+
+impl std::fmt::Display for HashKey {
+    /// As written in the config.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HashKey::ClientIp => f.write_str("client_ip"),
+            HashKey::Header(name) => write!(f, "header:{name}"),
+            HashKey::Cookie(name) => write!(f, "cookie:{name}"),
+            HashKey::Query(name) => write!(f, "query:{name}"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -250,3 +297,6 @@ impl Config {
         self.pools.get(name)
     }
 }
+
+#[cfg(test)]
+mod tests;
