@@ -179,3 +179,93 @@ fn run_refuses_an_invalid_config_before_binding() {
         "{err}"
     );
 }
+
+#[test]
+fn values_out_of_range_are_rejected_with_their_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "close_timeout",
+            "close_timeout = \"500000000000y\"",
+            ":9: pools.chat.close_timeout: duration must be between 100ms and 10m, got \"500000000000y\"",
+        ),
+        (
+            "ping_interval",
+            "ping_interval = \"1ns\"",
+            ":9: pools.chat.ping_interval: duration must be \"0s\" (off) or between 10ms and 1h, got \"1ns\"",
+        ),
+        (
+            "pong_timeout",
+            "pong_timeout = \"1ns\"",
+            ":9: pools.chat.pong_timeout: duration must be between 100ms and 10m, got \"1ns\"",
+        ),
+        (
+            "idle_timeout",
+            "idle_timeout = \"8d\"",
+            ":9: pools.chat.idle_timeout: duration must be \"0s\" (off) or between 100ms and 7d, got \"8d\"",
+        ),
+        (
+            "drain_window",
+            "drain_window = \"2d\"",
+            ":9: pools.chat.drain_window: duration must be between 0s and 1d, got \"2d\"",
+        ),
+    ];
+    for (name, line, expected) in cases {
+        let text = GOOD.replace("connect_timeout = \"3s\"", line);
+        let path = write(dir.path(), &format!("{name}.toml"), &text);
+        let (code, err) = check(&path);
+        assert_eq!(code, 2, "{name}: {err}");
+        assert_eq!(err.trim_end(), format!("{path}{expected}"), "{name}");
+    }
+    let text = GOOD.replace(
+        "address = \"127.0.0.1:9002\"",
+        "address = \"127.0.0.1:9002\"\nweight = 1001\nmax_connections = 0",
+    );
+    let path = write(dir.path(), "numbers.toml", &text);
+    let (code, err) = check(&path);
+    assert_eq!(code, 2);
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "{path}:18: pools.chat.backends[1].weight: weight must be between 1 and 1000, got 1001\n\
+             {path}:19: pools.chat.backends[1].max_connections: max_connections must be between \
+             1 and 1000000, got 0 (omit it for no cap)"
+        )
+    );
+}
+
+#[test]
+fn unknown_keys_do_not_hide_other_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("shutdown_windw = \"1s\"\n{GOOD}")
+        .replace(
+            "connect_timeout = \"3s\"",
+            "conect_timeout = \"3s\"\npong_timeout = \"1ns\"",
+        )
+        .replace("id = \"chat-2\"", "id = \"chat-2\"\nwieght = 2")
+        .replace(
+            "address = \"127.0.0.1:9001\"",
+            "address = \"10.0.0.1\"\nweight = \"heavy\"",
+        )
+        .replace("pool = \"chat\"", "pool = \"chats\"");
+    let path = write(dir.path(), "many.toml", &text);
+    let (code, err) = check(&path);
+    assert_eq!(code, 2, "{err}");
+    let found: Vec<&str> = err.lines().collect();
+    let expected = [
+        ":1: shutdown_windw: unknown field `shutdown_windw`",
+        ":7: routes[0].pool: unknown pool \"chats\"",
+        ":10: pools.chat.conect_timeout: unknown field `conect_timeout`",
+        ":11: pools.chat.pong_timeout: duration must be between 100ms and 10m, got \"1ns\"",
+        ":15: pools.chat.backends[0].address: invalid socket address \"10.0.0.1\"",
+        ":16: pools.chat.backends[0].weight: invalid type: string \"heavy\", expected i64",
+        ":20: pools.chat.backends[1].wieght: unknown field `wieght`",
+    ];
+    assert_eq!(found.len(), expected.len(), "{err}");
+    for (line, want) in found.iter().zip(expected) {
+        assert!(
+            line.starts_with(&format!("{path}{want}")),
+            "expected {want:?} in:\n{err}"
+        );
+    }
+}
