@@ -13,9 +13,14 @@
 //! their documented ranges, hash keys as [`HashKey`], CIDRs as
 //! [`ipnet::IpNet`], so nothing is parsed again at run time. This module is
 //! at the bottom of the layers: it imports nothing of berth but `tls`.
+//!
+//! Files the config names are read by `read.rs`: regular files only, with a
+//! size cap, relative paths against the config file's directory. Loading
+//! is synchronous; [`Config::load_async`] runs it off the async runtime.
 
 mod file;
 mod locate;
+mod read;
 mod report;
 mod rules;
 mod validate;
@@ -272,22 +277,58 @@ fn render_problems(origin: &str, problems: &[Problem]) -> String {
     out
 }
 
+/// How long [`Config::load_async`] waits for a load before giving up.
+pub const LOAD_TIME_LIMIT: Duration = Duration::from_secs(10);
+
 impl Config {
-    /// Reads and validates a config file. Relative TLS paths are resolved
-    /// against the current directory (as the README's commands assume).
+    /// Reads and validates a config file. Relative paths in it (`tls` files,
+    /// a cookie `secret_file`) are resolved against the file's directory.
+    ///
+    /// This is blocking file I/O: on the async runtime use
+    /// [`Config::load_async`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
+        let origin = path.display().to_string();
+        let text = read::config_text(path).map_err(|source| ConfigError::Read {
+            path: origin.clone(),
             source,
         })?;
-        let mut config = Self::from_toml_str(&text, &path.display().to_string())?;
+        // `berth.toml` has the parent "", which joins as the working directory.
+        let base = path.parent().unwrap_or(Path::new(""));
+        let mut config = validate::parse_and_validate(&text, Some(base))
+            .map_err(|problems| ConfigError::Invalid { origin, problems })?;
         config.source = Some(path.to_path_buf());
         Ok(config)
     }
 
+    /// [`Config::load`] for async callers (a reload): the load runs on
+    /// tokio's blocking pool, so no file can stall the runtime, and gives up
+    /// after [`LOAD_TIME_LIMIT`] (a file on a stalled network mount; the
+    /// blocked thread is left to finish on its own).
+    pub async fn load_async(path: PathBuf) -> Result<Config, ConfigError> {
+        Self::load_within(path, LOAD_TIME_LIMIT).await
+    }
+
+    async fn load_within(path: PathBuf, limit: Duration) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        let task = tokio::task::spawn_blocking(move || Config::load(&path));
+        let failed = |message: String| ConfigError::Read {
+            path: origin.clone(),
+            source: std::io::Error::other(message),
+        };
+        match tokio::time::timeout(limit, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(failed(format!("loading the config failed: {join}"))),
+            Err(_) => Err(failed(format!(
+                "reading the config and the files it names took longer than {}",
+                rules::human(limit)
+            ))),
+        }
+    }
+
     /// Parses and validates TOML text; `origin` names it in error messages.
+    /// Relative paths in it resolve against the working directory.
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        validate::parse_and_validate(text).map_err(|problems| ConfigError::Invalid {
+        validate::parse_and_validate(text, None).map_err(|problems| ConfigError::Invalid {
             origin: origin.to_string(),
             problems,
         })

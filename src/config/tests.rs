@@ -44,9 +44,22 @@ fn problems(text: &str) -> Vec<Problem> {
     }
 }
 
+const CONFIG_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
+
+/// A shipped config, loaded from its file (its relative paths resolve
+/// against config/).
+fn shipped(name: &str) -> Config {
+    let path = Path::new(CONFIG_DIR).join(name);
+    Config::load(&path).unwrap_or_else(|e| panic!("{name} should be valid, got:\n{e}"))
+}
+
 #[test]
 fn example_config_validates() {
-    let config = load(include_str!("../../config/berth.toml"));
+    let config = shipped("berth.toml");
+    assert_eq!(
+        config.source.as_deref(),
+        Some(Path::new(CONFIG_DIR).join("berth.toml").as_path())
+    );
     assert_eq!(config.shutdown_window, Duration::from_secs(10));
     assert_eq!(config.listeners.len(), 2);
     assert_eq!(config.listeners[0].name, "public");
@@ -56,8 +69,8 @@ fn example_config_validates() {
         .tls
         .as_ref()
         .expect("public-tls has TLS");
-    assert_eq!(tls.cert, Path::new("certs/example.crt"));
-    assert_eq!(tls.key, Path::new("certs/example.key"));
+    assert_eq!(tls.cert, Path::new(CONFIG_DIR).join("../certs/example.crt"));
+    assert_eq!(tls.key, Path::new(CONFIG_DIR).join("../certs/example.key"));
     assert_eq!(tls.server_config.alpn_protocols, vec![b"http/1.1".to_vec()]);
     let admin = config.admin.as_ref().expect("admin table");
     assert_eq!(admin.bind, "127.0.0.1:9900".parse().unwrap());
@@ -987,4 +1000,171 @@ fn cidrs_are_typed() {
          berth.toml:13: pools.chat.hash.trusted_proxies[2]: invalid CIDR \"fe80::/129\" \
          (expected e.g. \"10.0.0.0/8\" or \"::1/128\")"
     );
+}
+
+// ---- files named by the config ----
+
+/// `BASE` with cookie affinity reading its secret from `secret_file`.
+fn with_secret_file(secret_file: &str) -> String {
+    BASE.replace(
+        "[pools.chat]",
+        &format!(
+            "[pools.chat]\naffinity = \"cookie\"\n\n[pools.chat.cookie]\nsecret_file = {secret_file:?}"
+        ),
+    )
+}
+
+fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo");
+    assert!(status.success());
+}
+
+#[test]
+fn relative_paths_resolve_against_the_config_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etc = dir.path().join("etc");
+    std::fs::create_dir_all(etc.join("tls")).expect("mkdir");
+    write_cert(&etc.join("tls"), "site");
+    std::fs::write(etc.join("secret"), format!("{}\n", "k".repeat(40))).expect("write");
+    let text = with_tls(Path::new("tls/site.crt"), Path::new("tls/site.key"))
+        .replace("[pools.chat]\n", "")
+        .replace(
+            "\n[[pools.chat.backends]]",
+            "\n[pools.chat]\naffinity = \"cookie\"\n\n[pools.chat.cookie]\nsecret_file = \"secret\"\n\n[[pools.chat.backends]]",
+        );
+    let file = etc.join("berth.toml");
+    std::fs::write(&file, &text).expect("write");
+    let config = Config::load(&file).unwrap_or_else(|e| panic!("{e}"));
+    let tls = config.listeners[0].tls.as_ref().expect("tls");
+    assert_eq!(tls.cert, etc.join("tls/site.crt"));
+    let Affinity::Cookie(cookie) = &config.pools["chat"].affinity else {
+        panic!("cookie affinity");
+    };
+    // The trailing newline is not part of the secret.
+    assert_eq!(cookie.secret, "k".repeat(40).into_bytes());
+
+    // The same text from a string resolves against the working directory,
+    // where these files are not; the error names the path as written.
+    let rendered = errors(&text);
+    assert!(
+        rendered.starts_with(
+            "berth.toml:4: listeners[0].tls.cert: tls/site.crt: cannot read certificate file: "
+        ),
+        "{rendered}"
+    );
+    // A missing file is reported with the path it was resolved to.
+    std::fs::remove_file(etc.join("secret")).expect("rm");
+    let err = Config::load(&file).expect_err("secret gone").to_string();
+    let expected = format!(
+        "{}:14: pools.chat.cookie.secret_file: {}: cannot read secret file: ",
+        file.display(),
+        etc.join("secret").display()
+    );
+    assert!(err.starts_with(&expected), "{err}");
+}
+
+#[test]
+fn only_regular_files_of_bounded_size_are_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("fifo");
+    mkfifo(&fifo);
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![b'x'; 64 * 1024 + 1]).expect("write");
+    let largest = dir.path().join("largest");
+    std::fs::write(&largest, vec![b'x'; 64 * 1024]).expect("write");
+    let path = |p: &Path| p.display().to_string();
+    let cases = [
+        (
+            path(&fifo),
+            "secret file must be a regular file, not a FIFO".to_string(),
+        ),
+        (
+            "/dev/zero".to_string(),
+            "secret file must be a regular file, not a character device".to_string(),
+        ),
+        (
+            path(dir.path()),
+            "secret file must be a regular file, not a directory".to_string(),
+        ),
+        (
+            path(&big),
+            "secret file is larger than 64 KiB (the limit for this key)".to_string(),
+        ),
+    ];
+    for (file, message) in cases {
+        let started = std::time::Instant::now();
+        assert_eq!(
+            errors(&with_secret_file(&file)),
+            format!("berth.toml:12: pools.chat.cookie.secret_file: {file}: {message}")
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "{file}");
+    }
+    load(&with_secret_file(&path(&largest)));
+
+    // PEM files: the same rules, with a 1 MiB cap; both keys are checked.
+    let huge = dir.path().join("huge.pem");
+    std::fs::write(&huge, vec![b'-'; 1024 * 1024 + 1]).expect("write");
+    assert_eq!(
+        errors(&with_tls(Path::new("/dev/zero"), &fifo)),
+        format!(
+            "berth.toml:4: listeners[0].tls.cert: /dev/zero: certificate file must be a regular \
+             file, not a character device\n\
+             berth.toml:4: listeners[0].tls.key: {}: private key must be a regular file, not a FIFO",
+            fifo.display()
+        )
+    );
+    let (cert, _) = write_cert(dir.path(), "ok");
+    assert_eq!(
+        errors(&with_tls(&cert, &huge)),
+        format!(
+            "berth.toml:4: listeners[0].tls.key: {}: private key is larger than 1 MiB (the limit \
+             for this key)",
+            huge.display()
+        )
+    );
+}
+
+#[tokio::test]
+async fn load_async_gives_up_on_a_stalled_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, BASE).expect("write");
+    let config = Config::load_async(good.clone()).await.expect("valid");
+    assert_eq!(config.source.as_deref(), Some(good.as_path()));
+
+    // A FIFO as the config file itself blocks its open until a writer
+    // comes; the async load gives up without blocking the runtime.
+    let fifo = dir.path().join("berth.toml");
+    mkfifo(&fifo);
+    let err = Config::load_within(fifo.clone(), Duration::from_millis(200))
+        .await
+        .expect_err("stalled");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: cannot read config file: reading the config and the files it names took longer than 200ms",
+            fifo.display()
+        )
+    );
+    // Let the blocked thread finish, so that the runtime can shut down.
+    drop(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fifo)
+            .expect("open writer"),
+    );
+}
+
+#[test]
+fn shipped_configs_validate() {
+    for name in ["berth.toml", "cookie-affinity.toml", "hash-affinity.toml"] {
+        shipped(name);
+    }
+    let Affinity::Cookie(cookie) = &shipped("cookie-affinity.toml").pools["chat"].affinity else {
+        panic!("cookie affinity");
+    };
+    assert!(cookie.secret.len() >= 32);
 }

@@ -13,7 +13,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Duration;
 
 use super::file::{
@@ -21,6 +21,7 @@ use super::file::{
     FileRoute, FileTls,
 };
 use super::locate::{line_at, path_at, Seg};
+use super::read;
 use super::report::Report;
 use super::rules::{self, DurationKey, IntKey};
 use super::{
@@ -29,8 +30,10 @@ use super::{
 };
 use crate::tls::TlsError;
 
-/// Parses and validates config text.
-pub(super) fn parse_and_validate(text: &str) -> Result<Config, Vec<Problem>> {
+/// Parses and validates config text; relative paths in it are resolved
+/// against `base` (the config file's directory), or the working directory
+/// without one.
+pub(super) fn parse_and_validate(text: &str, base: Option<&Path>) -> Result<Config, Vec<Problem>> {
     let doc: toml::Table = match toml::from_str(text) {
         Ok(doc) => doc,
         Err(err) => return Err(vec![toml_problem(text, &err)]),
@@ -39,6 +42,7 @@ pub(super) fn parse_and_validate(text: &str) -> Result<Config, Vec<Problem>> {
     let file = super::file::read(&doc, &mut report);
     let config = Checker {
         report: &mut report,
+        base,
     }
     .config(&file);
     report.finish().map(|()| config)
@@ -84,9 +88,24 @@ fn path<'a>(base: &[Seg<'a>], rest: &[Seg<'a>]) -> Vec<Seg<'a>> {
 
 struct Checker<'r, 't> {
     report: &'r mut Report<'t>,
+    base: Option<&'r Path>,
 }
 
 impl Checker<'_, '_> {
+    /// The contents of the file that key `at` names (resolved against the
+    /// config's directory), or a problem at `at`.
+    fn file(
+        &mut self,
+        at: &[Seg<'_>],
+        name: &str,
+        what: &'static str,
+        limit: u64,
+    ) -> Option<Vec<u8>> {
+        let resolved = read::resolve(self.base, name);
+        let result = read::regular_file(&resolved, what, limit).map_err(|e| e.to_string());
+        self.check(at, result)
+    }
+
     fn push(&mut self, at: &[Seg<'_>], message: impl Into<String>) {
         self.report.push(at, message);
     }
@@ -221,18 +240,25 @@ impl Checker<'_, '_> {
     }
 
     fn tls(&mut self, base: &[Seg<'_>], raw: &FileTls) -> Option<TlsConfig> {
+        let cert_at = path(base, &[Seg::Key("cert")]);
+        let key_at = path(base, &[Seg::Key("key")]);
         let cert = self.required(
-            &path(base, &[Seg::Key("cert")]),
+            &cert_at,
             raw.cert.as_deref(),
             "cert = \"certs/example.crt\"",
         );
-        let key = self.required(
-            &path(base, &[Seg::Key("key")]),
-            raw.key.as_deref(),
-            "key = \"certs/example.key\"",
+        let key = self.required(&key_at, raw.key.as_deref(), "key = \"certs/example.key\"");
+        // With both keys given, both files are read, so that a problem with
+        // each is reported.
+        let (cert, key) = (cert?, key?);
+        let cert_pem = self.file(&cert_at, cert, "certificate file", read::PEM_LIMIT);
+        let key_pem = self.file(&key_at, key, "private key", read::PEM_LIMIT);
+        let (cert, key) = (
+            read::resolve(self.base, cert),
+            read::resolve(self.base, key),
         );
-        let (cert, key) = (PathBuf::from(cert?), PathBuf::from(key?));
-        match crate::tls::load_server_config(&cert, &key) {
+        let (cert_name, key_name) = (cert.display().to_string(), key.display().to_string());
+        match crate::tls::server_config_from_pem(&cert_pem?, &key_pem?, &cert_name, &key_name) {
             Ok(server_config) => Some(TlsConfig {
                 cert,
                 key,
@@ -593,17 +619,14 @@ impl Checker<'_, '_> {
                 self.check(&key("secret"), rules::cookie_secret(s.as_bytes().to_vec()))
             }
             (None, Some(file)) => {
-                let read = std::fs::read(file)
-                    .map_err(|e| format!("{file}: cannot read secret file: {e}"));
-                self.check(
-                    &key("secret_file"),
-                    read.and_then(|mut bytes| {
+                let at = key("secret_file");
+                self.file(&at, file, "secret file", read::SECRET_LIMIT)
+                    .and_then(|mut bytes| {
                         while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
                             bytes.pop();
                         }
-                        rules::cookie_secret(bytes)
-                    }),
-                )
+                        self.check(&at, rules::cookie_secret(bytes))
+                    })
             }
         };
         let name = raw.name.clone().unwrap_or_else(|| format!("berth_{pool}"));
