@@ -2,8 +2,11 @@
 //! listeners (TLS 1.2 and 1.3 only, ALPN `http/1.1`, ring as the provider).
 //!
 //! Everything here is synchronous and runs at config load, so `berth check`
-//! reports a missing file or a key that does not match its certificate.
+//! reports a bad certificate or a key that does not match it. The PEM files
+//! themselves are read by config loading (regular files only, size-capped);
+//! this module only parses them.
 
+#[cfg(test)]
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
@@ -74,28 +77,44 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(ring::default_provider())
 }
 
-/// Loads a PEM certificate chain and private key and builds the server config.
-pub fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let cert_name = cert.display().to_string();
-    let key_name = key.display().to_string();
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|source| TlsError::ReadCert {
-            path: cert_name.clone(),
-            source,
-        })?
+/// Builds the server config from a PEM certificate chain and private key
+/// already read into memory (config loading reads the files, with its caps
+/// on type and size); `cert_name` and `key_name` name them in errors.
+pub fn server_config_from_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    cert_name: &str,
+    key_name: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|source| TlsError::ReadCert {
-            path: cert_name.clone(),
+            path: cert_name.to_string(),
             source,
         })?;
     if chain.is_empty() {
-        return Err(TlsError::NoCert { path: cert_name });
+        return Err(TlsError::NoCert {
+            path: cert_name.to_string(),
+        });
     }
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::ReadKey {
-        path: key_name.clone(),
+    let key_der = PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| TlsError::ReadKey {
+        path: key_name.to_string(),
         source,
     })?;
-    server_config_from_der(chain, key_der, &cert_name, &key_name)
+    server_config_from_der(chain, key_der, cert_name, key_name)
+}
+
+/// Reads a PEM certificate chain and private key (trusted test files) and
+/// builds the server config.
+#[cfg(test)]
+pub(crate) fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    server_config_from_pem(
+        &read(cert),
+        &read(key),
+        &cert.display().to_string(),
+        &key.display().to_string(),
+    )
 }
 
 /// Builds the server config from DER material (the demo uses this with an

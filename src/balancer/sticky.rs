@@ -16,11 +16,13 @@ use std::sync::Arc;
 use http::{HeaderMap, Uri};
 
 use super::{Backend, Pool};
+use ipnet::IpNet;
+
 use crate::affinity::{
     find_cookie, hash_key_value, pick_bounded, rendezvous_pick, set_cookie_value, CookieSigner,
-    CookieSpec, HashKey, IpNet, SameSite,
+    CookieSpec,
 };
-use crate::config::{self, Affinity};
+use crate::config::{Affinity, HashKey};
 
 /// A pool's affinity, ready to use.
 pub enum Sticky {
@@ -37,8 +39,7 @@ pub enum Sticky {
 }
 
 impl Sticky {
-    /// Builds from validated config (validation already checked every
-    /// string that is parsed here).
+    /// Builds from validated config, whose values are already typed.
     pub fn from_config(affinity: &Affinity) -> Sticky {
         match affinity {
             Affinity::None => Sticky::None,
@@ -48,28 +49,14 @@ impl Sticky {
                     name: c.name.clone(),
                     path: c.path.clone(),
                     domain: c.domain.clone(),
-                    same_site: match c.same_site {
-                        config::SameSite::Lax => SameSite::Lax,
-                        config::SameSite::Strict => SameSite::Strict,
-                        config::SameSite::None => SameSite::None,
-                    },
+                    same_site: c.same_site,
                     max_age: c.max_age,
                 },
             },
-            Affinity::Hash(h) => match h.key.parse::<HashKey>() {
-                Ok(key) => Sticky::Hash {
-                    key,
-                    bounded_load: h.bounded_load,
-                    trusted_proxies: h
-                        .trusted_proxies
-                        .iter()
-                        .filter_map(|c| c.parse().ok())
-                        .collect(),
-                },
-                Err(e) => {
-                    tracing::error!(error = %e, "hash key rejected after validation; affinity off");
-                    Sticky::None
-                }
+            Affinity::Hash(h) => Sticky::Hash {
+                key: h.key.clone(),
+                bounded_load: h.bounded_load,
+                trusted_proxies: h.trusted_proxies.clone(),
             },
         }
     }

@@ -1,84 +1,73 @@
-//! The config file as written: raw serde types for `berth.toml`.
+//! The config file as written: the raw types for `berth.toml` and the reader
+//! that fills them from a parsed TOML document.
 //!
-//! These types own the TOML *shape* only. Every table rejects unknown keys,
-//! and everything that needs checking beyond its TOML type is kept raw here
-//! (durations and addresses as strings, required keys as `Option`) so that
-//! `validate.rs` can report each problem with its key path and line instead
-//! of serde stopping at the first one.
+//! These types own the TOML *shape* only: which keys each table has and the
+//! TOML type of each value. Everything that needs checking beyond that is
+//! kept raw (durations and addresses as strings, required keys as `Option`)
+//! for `validate.rs`.
 //!
-//! To add a key: add an `Option` field to the right `File*` struct, then
+//! The reader does not stop at the first problem, as serde's derive would:
+//! it reports every unknown key and every value of the wrong type into the
+//! [`Report`] and carries on, treating a bad value as absent (and a bad table
+//! as empty), so that one run shows every problem in the file.
+//!
+//! To add a key: add an `Option` field to the right `File*` struct and its
+//! name to the table's `*_KEYS`, read it in the table's function below, then
 //! validate it and copy it into the validated type in `validate.rs`.
 
 use std::collections::BTreeMap;
 
-use std::path::PathBuf;
+use serde::de::{DeserializeOwned, Error as _};
+use toml::{Table, Value};
 
-use serde::Deserialize;
+use super::locate::Seg;
+use super::report::Report;
 
 /// The whole file.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, Default)]
 pub struct FileConfig {
-    /// Duration, default `10s`.
     pub shutdown_window: Option<String>,
-    #[serde(default)]
     pub listeners: Vec<FileListener>,
     pub admin: Option<FileAdmin>,
-    #[serde(default)]
     pub routes: Vec<FileRoute>,
     /// Pools by name.
-    #[serde(default)]
     pub pools: BTreeMap<String, FilePool>,
 }
 
 /// One `[[listeners]]` entry.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, Default)]
 pub struct FileListener {
-    /// Required, unique.
     pub name: Option<String>,
-    /// Required: `IP:port` or `localhost:PORT`.
     pub bind: Option<String>,
     pub tls: Option<FileTls>,
-    /// Duration, default `10s`.
     pub handshake_timeout: Option<String>,
 }
 
 /// A listener's `tls = { cert = "...", key = "..." }`.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, Default)]
 pub struct FileTls {
-    /// Required: PEM certificate chain.
     pub cert: Option<String>,
-    /// Required: PEM private key.
     pub key: Option<String>,
 }
 
 /// The optional `[admin]` table.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, Default)]
 pub struct FileAdmin {
-    /// Required: `IP:port` or `localhost:PORT`.
     pub bind: Option<String>,
     pub token: Option<String>,
 }
 
 /// One `[[routes]]` entry.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, Default)]
 pub struct FileRoute {
     pub host: Option<String>,
-    /// Default `/`.
     pub path_prefix: Option<String>,
-    /// Required: a name in `[pools]`.
     pub pool: Option<String>,
 }
 
 /// One `[pools.NAME]` table.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, Default)]
 pub struct FilePool {
-    /// `least_connections` (default) or `round_robin`.
     pub balance: Option<String>,
     pub connect_timeout: Option<String>,
     pub response_timeout: Option<String>,
@@ -87,24 +76,20 @@ pub struct FilePool {
     pub pong_timeout: Option<String>,
     pub close_timeout: Option<String>,
     pub drain_window: Option<String>,
-    /// Origins allowed to open WebSockets (absent: any).
     pub allowed_origins: Option<Vec<String>>,
-    /// `cookie`, `hash` or `none` (default).
     pub affinity: Option<String>,
     pub cookie: Option<FileCookie>,
     pub hash: Option<FileHash>,
     pub health: Option<FileHealth>,
-    #[serde(default)]
     pub backends: Vec<FileBackend>,
 }
 
 /// `[pools.NAME.cookie]`: the signed affinity cookie.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, Default)]
 pub struct FileCookie {
     pub name: Option<String>,
     pub secret: Option<String>,
-    pub secret_file: Option<PathBuf>,
+    pub secret_file: Option<String>,
     pub max_age: Option<String>,
     pub path: Option<String>,
     pub domain: Option<String>,
@@ -112,8 +97,7 @@ pub struct FileCookie {
 }
 
 /// `[pools.NAME.hash]`: consistent-hash affinity.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, Default)]
 pub struct FileHash {
     pub key: Option<String>,
     pub bounded_load: Option<f64>,
@@ -121,26 +105,294 @@ pub struct FileHash {
 }
 
 /// `[pools.NAME.health]`: active HTTP health checks.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, Default)]
 pub struct FileHealth {
     pub path: Option<String>,
     pub interval: Option<String>,
     pub timeout: Option<String>,
+    /// Signed, so that a negative count gets a range message.
     pub rise: Option<i64>,
     pub fall: Option<i64>,
 }
 
 /// One `[[pools.NAME.backends]]` entry.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, Default)]
 pub struct FileBackend {
-    /// Required, unique within the pool.
     pub id: Option<String>,
-    /// Required: `host:port`.
     pub address: Option<String>,
-    /// Default 1; signed so that a negative weight gets a range message.
     pub weight: Option<i64>,
-    /// Optional cap on live upgraded connections.
     pub max_connections: Option<i64>,
+}
+
+// The keys of each table, in the order the messages list them.
+const ROOT_KEYS: &[&str] = &["shutdown_window", "listeners", "admin", "routes", "pools"];
+const LISTENER_KEYS: &[&str] = &["name", "bind", "tls", "handshake_timeout"];
+const TLS_KEYS: &[&str] = &["cert", "key"];
+const ADMIN_KEYS: &[&str] = &["bind", "token"];
+const ROUTE_KEYS: &[&str] = &["host", "path_prefix", "pool"];
+const POOL_KEYS: &[&str] = &[
+    "balance",
+    "connect_timeout",
+    "response_timeout",
+    "idle_timeout",
+    "ping_interval",
+    "pong_timeout",
+    "close_timeout",
+    "drain_window",
+    "allowed_origins",
+    "affinity",
+    "cookie",
+    "hash",
+    "health",
+    "backends",
+];
+const COOKIE_KEYS: &[&str] = &[
+    "name",
+    "secret",
+    "secret_file",
+    "max_age",
+    "path",
+    "domain",
+    "same_site",
+];
+const HASH_KEYS: &[&str] = &["key", "bounded_load", "trusted_proxies"];
+const HEALTH_KEYS: &[&str] = &["path", "interval", "timeout", "rise", "fall"];
+const BACKEND_KEYS: &[&str] = &["id", "address", "weight", "max_connections"];
+
+/// Reads a parsed document into [`FileConfig`], reporting every unknown key
+/// and every value of the wrong type.
+pub(super) fn read(doc: &Table, report: &mut Report<'_>) -> FileConfig {
+    let root = Fields::open(doc, Vec::new(), ROOT_KEYS, report);
+    FileConfig {
+        shutdown_window: root.get(report, "shutdown_window"),
+        listeners: root
+            .tables(report, "listeners", LISTENER_KEYS)
+            .into_iter()
+            .map(|t| listener(&t, report))
+            .collect(),
+        admin: root.table(report, "admin", ADMIN_KEYS).map(|t| FileAdmin {
+            bind: t.get(report, "bind"),
+            token: t.get(report, "token"),
+        }),
+        routes: root
+            .tables(report, "routes", ROUTE_KEYS)
+            .into_iter()
+            .map(|t| FileRoute {
+                host: t.get(report, "host"),
+                path_prefix: t.get(report, "path_prefix"),
+                pool: t.get(report, "pool"),
+            })
+            .collect(),
+        pools: root
+            .named_tables(report, "pools", POOL_KEYS)
+            .into_iter()
+            .map(|(name, t)| (name.to_string(), pool(&t, report)))
+            .collect(),
+    }
+}
+
+fn listener(t: &Fields<'_>, report: &mut Report<'_>) -> FileListener {
+    FileListener {
+        name: t.get(report, "name"),
+        bind: t.get(report, "bind"),
+        tls: t.table(report, "tls", TLS_KEYS).map(|tls| FileTls {
+            cert: tls.get(report, "cert"),
+            key: tls.get(report, "key"),
+        }),
+        handshake_timeout: t.get(report, "handshake_timeout"),
+    }
+}
+
+fn pool(t: &Fields<'_>, report: &mut Report<'_>) -> FilePool {
+    FilePool {
+        balance: t.get(report, "balance"),
+        connect_timeout: t.get(report, "connect_timeout"),
+        response_timeout: t.get(report, "response_timeout"),
+        idle_timeout: t.get(report, "idle_timeout"),
+        ping_interval: t.get(report, "ping_interval"),
+        pong_timeout: t.get(report, "pong_timeout"),
+        close_timeout: t.get(report, "close_timeout"),
+        drain_window: t.get(report, "drain_window"),
+        allowed_origins: t.get(report, "allowed_origins"),
+        affinity: t.get(report, "affinity"),
+        cookie: t.table(report, "cookie", COOKIE_KEYS).map(|c| FileCookie {
+            name: c.get(report, "name"),
+            secret: c.get(report, "secret"),
+            secret_file: c.get(report, "secret_file"),
+            max_age: c.get(report, "max_age"),
+            path: c.get(report, "path"),
+            domain: c.get(report, "domain"),
+            same_site: c.get(report, "same_site"),
+        }),
+        hash: t.table(report, "hash", HASH_KEYS).map(|h| FileHash {
+            key: h.get(report, "key"),
+            bounded_load: h.get(report, "bounded_load"),
+            trusted_proxies: h.get(report, "trusted_proxies"),
+        }),
+        health: t.table(report, "health", HEALTH_KEYS).map(|h| FileHealth {
+            path: h.get(report, "path"),
+            interval: h.get(report, "interval"),
+            timeout: h.get(report, "timeout"),
+            rise: h.get(report, "rise"),
+            fall: h.get(report, "fall"),
+        }),
+        backends: t
+            .tables(report, "backends", BACKEND_KEYS)
+            .into_iter()
+            .map(|b| FileBackend {
+                id: b.get(report, "id"),
+                address: b.get(report, "address"),
+                weight: b.get(report, "weight"),
+                max_connections: b.get(report, "max_connections"),
+            })
+            .collect(),
+    }
+}
+
+/// One table of the document and where it is. A table that is present but
+/// not a table reads as an empty one (its problem is already reported).
+struct Fields<'d> {
+    table: Option<&'d Table>,
+    at: Vec<Seg<'d>>,
+}
+
+impl<'d> Fields<'d> {
+    /// Reports every key of `table` that is not in `known`.
+    fn open(
+        table: &'d Table,
+        at: Vec<Seg<'d>>,
+        known: &'static [&'static str],
+        report: &mut Report<'_>,
+    ) -> Self {
+        for key in table.keys().filter(|k| !known.contains(&k.as_str())) {
+            let message = toml::de::Error::unknown_field(key, known);
+            report.push(&child(&at, Seg::Key(key)), message.message());
+            // A misspelt key stands for a known one that is then absent:
+            // that one is not reported as missing as well.
+            let meant = known
+                .iter()
+                .filter(|k| !table.contains_key(**k))
+                .map(|k| (strsim::osa_distance(k, key), *k))
+                .min()
+                .filter(|(distance, _)| *distance <= 2);
+            if let Some((_, meant)) = meant {
+                report.cover(&child(&at, Seg::Key(meant)));
+            }
+        }
+        Fields {
+            table: Some(table),
+            at,
+        }
+    }
+
+    /// A placeholder for a value that should have been a table.
+    fn bad(at: Vec<Seg<'d>>) -> Self {
+        Fields { table: None, at }
+    }
+
+    /// Reads `value` as a `T`, or reports why it is not one.
+    fn value<T: DeserializeOwned>(
+        at: &[Seg<'_>],
+        value: &Value,
+        report: &mut Report<'_>,
+    ) -> Option<T> {
+        match T::deserialize(value.clone()) {
+            Ok(v) => Some(v),
+            Err(err) => {
+                report.push(at, err.message());
+                None
+            }
+        }
+    }
+
+    /// The value of `key`: `None` when absent or of the wrong type.
+    fn get<T: DeserializeOwned>(&self, report: &mut Report<'_>, key: &'static str) -> Option<T> {
+        let value = self.table?.get(key)?;
+        Self::value(&child(&self.at, Seg::Key(key)), value, report)
+    }
+
+    /// The sub-table `key`, when present.
+    fn table(
+        &self,
+        report: &mut Report<'_>,
+        key: &'d str,
+        known: &'static [&'static str],
+    ) -> Option<Fields<'d>> {
+        let value = self.table?.get(key)?;
+        Some(Self::as_table(
+            child(&self.at, Seg::Key(key)),
+            value,
+            known,
+            report,
+        ))
+    }
+
+    fn as_table(
+        at: Vec<Seg<'d>>,
+        value: &'d Value,
+        known: &'static [&'static str],
+        report: &mut Report<'_>,
+    ) -> Fields<'d> {
+        match value {
+            Value::Table(table) => Fields::open(table, at, known, report),
+            other => {
+                Self::value::<Table>(&at, other, report);
+                Fields::bad(at)
+            }
+        }
+    }
+
+    /// The array of tables `key`, one entry per element, so that indexes
+    /// match the file.
+    fn tables(
+        &self,
+        report: &mut Report<'_>,
+        key: &'d str,
+        known: &'static [&'static str],
+    ) -> Vec<Fields<'d>> {
+        let Some(value) = self.table.and_then(|t| t.get(key)) else {
+            return Vec::new();
+        };
+        let at = child(&self.at, Seg::Key(key));
+        let Value::Array(items) = value else {
+            Self::value::<Vec<Table>>(&at, value, report);
+            return Vec::new();
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| Self::as_table(child(&at, Seg::Index(i)), item, known, report))
+            .collect()
+    }
+
+    /// The table of named tables `key` (`[pools.NAME]`).
+    fn named_tables(
+        &self,
+        report: &mut Report<'_>,
+        key: &'d str,
+        known: &'static [&'static str],
+    ) -> Vec<(&'d str, Fields<'d>)> {
+        let Some(value) = self.table.and_then(|t| t.get(key)) else {
+            return Vec::new();
+        };
+        let at = child(&self.at, Seg::Key(key));
+        let Value::Table(table) = value else {
+            Self::value::<Table>(&at, value, report);
+            return Vec::new();
+        };
+        table
+            .iter()
+            .map(|(name, item)| {
+                let fields = Self::as_table(child(&at, Seg::Key(name)), item, known, report);
+                (name.as_str(), fields)
+            })
+            .collect()
+    }
+}
+
+fn child<'a>(at: &[Seg<'a>], seg: Seg<'a>) -> Vec<Seg<'a>> {
+    let mut out = Vec::with_capacity(at.len() + 1);
+    out.extend_from_slice(at);
+    out.push(seg);
+    out
 }

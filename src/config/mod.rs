@@ -1,14 +1,28 @@
 //! Configuration: the TOML file as written (`file.rs`), and the validated
 //! [`Config`] the rest of berth runs on.
 //!
-//! The pipeline is `text -> FileConfig (serde, unknown keys rejected) ->
-//! validate -> Config`. Validation collects every problem in one pass; each
-//! problem names the file, the line and the dotted key (`locate.rs` maps a key
-//! path back to a line of the source text), in the form
+//! The pipeline is `text -> TOML document -> FileConfig (file.rs: unknown
+//! keys and wrong types) -> validate (validate.rs, with the per-value rules
+//! of rules.rs) -> Config`. Every problem of every stage after the TOML
+//! syntax goes into one report, so one run shows them all; each names the
+//! file, the line and the dotted key (`locate.rs` maps a key path back to a
+//! line of the source text), in the form
 //! `config/berth.toml:14: pools.chat.backends[1].address: invalid socket address "10.0.0.1"`.
+//!
+//! The validated types are what the rest of berth runs on: durations within
+//! their documented ranges, hash keys as [`HashKey`], CIDRs as
+//! [`ipnet::IpNet`], so nothing is parsed again at run time. This module is
+//! at the bottom of the layers: it imports nothing of berth but `tls`.
+//!
+//! Files the config names are read by `read.rs`: regular files only, with a
+//! size cap, relative paths against the config file's directory. Loading
+//! is synchronous; [`Config::load_async`] runs it off the async runtime.
 
 mod file;
 mod locate;
+mod read;
+mod report;
+mod rules;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -119,11 +133,23 @@ impl Affinity {
     }
 }
 
+/// The affinity cookie's `SameSite` attribute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SameSite {
     Lax,
     Strict,
     None,
+}
+
+impl SameSite {
+    /// The attribute value as written in `Set-Cookie`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SameSite::Lax => "Lax",
+            SameSite::Strict => "Strict",
+            SameSite::None => "None",
+        }
+    }
 }
 
 #[derive(Clone, PartialEq)]
@@ -152,13 +178,39 @@ impl std::fmt::Debug for CookieConfig {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct HashConfig {
-    /// `client_ip`, `header:NAME`, `cookie:NAME` or `query:NAME` (checked).
-    pub key: String,
+    pub key: HashKey,
     /// No backend takes more than this many times the average live
-    /// connections (consistent hashing with bounded loads); > 1.0.
+    /// connections (consistent hashing with bounded loads); above 1.0 and
+    /// at most 100.
     pub bounded_load: Option<f64>,
-    /// CIDRs whose `X-Forwarded-For` is believed for `client_ip` (checked).
-    pub trusted_proxies: Vec<String>,
+    /// CIDRs (host bits cleared) whose `X-Forwarded-For` is believed for
+    /// `client_ip`.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// What a hash-affinity pool hashes on (`key` in `[pools.NAME.hash]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashKey {
+    /// `client_ip`: the client address, through trusted proxies.
+    ClientIp,
+    /// `header:NAME`: a request header (all its lines, comma-joined).
+    Header(http::HeaderName),
+    /// `cookie:NAME`: a request cookie.
+    Cookie(String),
+    /// `query:NAME`: a query-string parameter (form-decoded).
+    Query(String),
+}
+
+impl std::fmt::Display for HashKey {
+    /// As written in the config.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HashKey::ClientIp => f.write_str("client_ip"),
+            HashKey::Header(name) => write!(f, "header:{name}"),
+            HashKey::Cookie(name) => write!(f, "cookie:{name}"),
+            HashKey::Query(name) => write!(f, "query:{name}"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -225,22 +277,58 @@ fn render_problems(origin: &str, problems: &[Problem]) -> String {
     out
 }
 
+/// How long [`Config::load_async`] waits for a load before giving up.
+pub const LOAD_TIME_LIMIT: Duration = Duration::from_secs(10);
+
 impl Config {
-    /// Reads and validates a config file. Relative TLS paths are resolved
-    /// against the current directory (as the README's commands assume).
+    /// Reads and validates a config file. Relative paths in it (`tls` files,
+    /// a cookie `secret_file`) are resolved against the file's directory.
+    ///
+    /// This is blocking file I/O: on the async runtime use
+    /// [`Config::load_async`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
+        let origin = path.display().to_string();
+        let text = read::config_text(path).map_err(|source| ConfigError::Read {
+            path: origin.clone(),
             source,
         })?;
-        let mut config = Self::from_toml_str(&text, &path.display().to_string())?;
+        // `berth.toml` has the parent "", which joins as the working directory.
+        let base = path.parent().unwrap_or(Path::new(""));
+        let mut config = validate::parse_and_validate(&text, Some(base))
+            .map_err(|problems| ConfigError::Invalid { origin, problems })?;
         config.source = Some(path.to_path_buf());
         Ok(config)
     }
 
+    /// [`Config::load`] for async callers (a reload): the load runs on
+    /// tokio's blocking pool, so no file can stall the runtime, and gives up
+    /// after [`LOAD_TIME_LIMIT`] (a file on a stalled network mount; the
+    /// blocked thread is left to finish on its own).
+    pub async fn load_async(path: PathBuf) -> Result<Config, ConfigError> {
+        Self::load_within(path, LOAD_TIME_LIMIT).await
+    }
+
+    async fn load_within(path: PathBuf, limit: Duration) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        let task = tokio::task::spawn_blocking(move || Config::load(&path));
+        let failed = |message: String| ConfigError::Read {
+            path: origin.clone(),
+            source: std::io::Error::other(message),
+        };
+        match tokio::time::timeout(limit, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(failed(format!("loading the config failed: {join}"))),
+            Err(_) => Err(failed(format!(
+                "reading the config and the files it names took longer than {}",
+                rules::human(limit)
+            ))),
+        }
+    }
+
     /// Parses and validates TOML text; `origin` names it in error messages.
+    /// Relative paths in it resolve against the working directory.
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        validate::parse_and_validate(text).map_err(|problems| ConfigError::Invalid {
+        validate::parse_and_validate(text, None).map_err(|problems| ConfigError::Invalid {
             origin: origin.to_string(),
             problems,
         })
@@ -250,3 +338,6 @@ impl Config {
         self.pools.get(name)
     }
 }
+
+#[cfg(test)]
+mod tests;
