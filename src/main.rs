@@ -139,7 +139,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 async fn run(config: Config) -> anyhow::Result<()> {
     raise_fd_limit();
     let app = App::bind(config).await.context("cannot start")?;
-    let shared = app.shared();
+    let reloader = app.reloader();
     // SIGHUP re-reads the config file; a bad file is logged and ignored.
     #[cfg(unix)]
     tokio::spawn(async move {
@@ -148,7 +148,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             return;
         };
         while hup.recv().await.is_some() {
-            let _ = berth::reload::reload(&shared).await;
+            let _ = reloader.reload().await;
         }
     });
     app.run(shutdown_signal()).await;

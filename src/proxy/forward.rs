@@ -8,23 +8,23 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::{Body, Incoming};
 
 use super::headers::{add_forwarded, host_without_port, request_host, strip_hop_by_hop};
-use super::{ConnInfo, ProxyBody, ProxyError};
+use super::{ConnInfo, ProxyContext, ProxyError};
+use crate::body::ProxyBody;
 use std::sync::Arc;
 
-use crate::app::Shared;
 use crate::balancer::RequestFacts;
 use crate::metrics::status_class;
 
 pub async fn handle(
     req: Request<Incoming>,
     conn: &ConnInfo,
-    shared: &Shared,
+    ctx: &ProxyContext,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let host = request_host(&req);
-    let runtime = shared.live.load();
+    let runtime = ctx.routing.load();
     let Some(pool) = runtime.route(host.as_deref().map(host_without_port).as_deref(), &path) else {
         let err = ProxyError::NoRoute;
         tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %method, path = %path, status = 404u16, "no route");
@@ -108,8 +108,7 @@ pub async fn handle(
                     rparts.headers.append(http::header::SET_COOKIE, cookie);
                 }
                 if let Some(result) = choice.result {
-                    shared
-                        .metrics
+                    ctx.metrics
                         .affinity
                         .with_label_values(&[
                             &pool.config.name,
@@ -120,13 +119,11 @@ pub async fn handle(
                 }
                 let status = rparts.status.as_u16();
                 let elapsed = started.elapsed();
-                shared
-                    .metrics
+                ctx.metrics
                     .http_requests
                     .with_label_values(&[&pool.config.name, &backend.id, status_class(status)])
                     .inc();
-                shared
-                    .metrics
+                ctx.metrics
                     .http_duration
                     .with_label_values(&[&pool.config.name])
                     .observe(elapsed.as_secs_f64());
@@ -158,8 +155,7 @@ pub async fn handle(
     }
     let resp = last_err.response();
     let backend = tried.last().map_or("", |b| b.id.as_str());
-    shared
-        .metrics
+    ctx.metrics
         .http_requests
         .with_label_values(&[
             &pool.config.name,

@@ -14,18 +14,24 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::Request;
 
-use crate::app::Shared;
+use crate::body::{text_response, ProxyBody};
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+use crate::routing::Routing;
 use crate::ws::handshake::{classify, UpgradeKind};
 
-/// Bodies berth sends: a backend's streamed body or a short text of its own.
-pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+/// What the request service needs, and all it may touch: the routing table,
+/// the metrics, and the lifecycle (shutdown, task tracker, relay registry).
+/// It knows nothing of listeners, the admin API or reloads.
+pub struct ProxyContext {
+    pub routing: Arc<Routing>,
+    pub metrics: Metrics,
+    pub lifecycle: Arc<Lifecycle>,
+}
 
 /// Facts about the client connection a request arrived on. It lives as
 /// long as the connection does, upgraded ones included (the relay task holds
@@ -125,35 +131,16 @@ impl ProxyError {
     }
 }
 
-/// A short plain-text response from berth itself.
-pub fn text_response(status: StatusCode, body: &str) -> Response<ProxyBody> {
-    let mut resp = Response::new(full(Bytes::from(body.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
-
-/// A complete body as a [`ProxyBody`].
-pub fn full(bytes: Bytes) -> ProxyBody {
-    Full::new(bytes)
-        .map_err(|never: Infallible| match never {})
-        .boxed_unsync()
-}
-
 /// hyper service entry point: never fails, every error becomes a response.
 pub async fn serve(
     req: Request<Incoming>,
     conn: Arc<ConnInfo>,
-    shared: Arc<Shared>,
+    ctx: Arc<ProxyContext>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let resp = match classify(&req) {
-        UpgradeKind::WebSocket => upgrade::handle(req, &conn, &shared).await,
+        UpgradeKind::WebSocket => upgrade::handle(req, &conn, &ctx).await,
         UpgradeKind::Unsupported => {
-            shared
-                .metrics
+            ctx.metrics
                 .ws_upgrades
                 .with_label_values(&["", "", "not_websocket"])
                 .inc();
@@ -162,7 +149,7 @@ pub async fn serve(
                 "berth proxies only WebSocket upgrades (GET, HTTP/1.1, Upgrade: websocket)\n",
             )
         }
-        UpgradeKind::None => forward::handle(req, &conn, &shared).await,
+        UpgradeKind::None => forward::handle(req, &conn, &ctx).await,
     };
     Ok(resp)
 }

@@ -14,20 +14,19 @@ use tokio::net::TcpStream;
 
 use super::headers::{add_forwarded, host_without_port, request_host, strip_hop_by_hop};
 use super::tunnel::Tunnel;
-use super::{text_response, ConnInfo, ProxyBody, ProxyError};
-use crate::app::Shared;
+use super::{ConnInfo, ProxyContext, ProxyError};
 use crate::balancer::{Backend, Choice, Pool, RequestFacts};
+use crate::body::{text_response, ProxyBody};
 use crate::ws::handshake::{accept_matches, validate, HandshakeError};
 use crate::ws::relay::RelayConfig;
 
 pub async fn handle(
     mut req: Request<Incoming>,
     conn: &Arc<ConnInfo>,
-    shared: &Arc<Shared>,
+    ctx: &Arc<ProxyContext>,
 ) -> Response<ProxyBody> {
     let count = |pool: &str, backend: &str, result: &str| {
-        shared
-            .metrics
+        ctx.metrics
             .ws_upgrades
             .with_label_values(&[pool, backend, result])
             .inc();
@@ -52,7 +51,7 @@ pub async fn handle(
     };
     // 2. Route.
     let host = request_host(&req);
-    let runtime = shared.live.load();
+    let runtime = ctx.routing.load();
     let Some(pool) = runtime
         .route(
             host.as_deref().map(host_without_port).as_deref(),
@@ -110,8 +109,7 @@ pub async fn handle(
 
     let backend = Arc::clone(&choice.backend);
     if let Some(result) = choice.result {
-        shared
-            .metrics
+        ctx.metrics
             .affinity
             .with_label_values(&[&pool_name, pool.config.affinity.mode(), result])
             .inc();
@@ -148,10 +146,10 @@ pub async fn handle(
     };
     let mut resp = match tokio::time::timeout(pool.config.response_timeout, exchange).await {
         Ok(Ok(resp)) => resp,
-        Ok(Err(err)) => return fail(shared, &pool_name, &backend, err),
+        Ok(Err(err)) => return fail(ctx, &pool_name, &backend, err),
         Err(_) => {
             return fail(
-                shared,
+                ctx,
                 &pool_name,
                 &backend,
                 ProxyError::ResponseTimeout(backend.id.clone()),
@@ -168,7 +166,7 @@ pub async fn handle(
     if !accept_matches(resp.headers(), &key) {
         // The backend connection is dropped with `resp`.
         return fail(
-            shared,
+            ctx,
             &pool_name,
             &backend,
             ProxyError::BadAccept(backend.id.clone()),
@@ -179,7 +177,7 @@ pub async fn handle(
             Ok(parts) => (parts.io.into_inner(), parts.read_buf),
             Err(_) => {
                 return fail(
-                    shared,
+                    ctx,
                     &pool_name,
                     &backend,
                     ProxyError::BadAccept(backend.id.clone()),
@@ -188,7 +186,7 @@ pub async fn handle(
         },
         Err(source) => {
             return fail(
-                shared,
+                ctx,
                 &pool_name,
                 &backend,
                 ProxyError::Backend {
@@ -227,8 +225,8 @@ pub async fn handle(
         close_timeout: pool.config.close_timeout,
     };
     // The tunnel keeps the client connection's info (and its gauge) alive.
-    shared.tracker.spawn(Tunnel::new(
-        Arc::clone(shared),
+    ctx.lifecycle.tracker.spawn(Tunnel::new(
+        Arc::clone(ctx),
         Arc::clone(conn),
         guard,
         client_upgrade,
@@ -255,9 +253,8 @@ fn origin_allowed(allowed: &[String], headers: &http::HeaderMap) -> bool {
     }
 }
 
-fn fail(shared: &Shared, pool: &str, backend: &Backend, err: ProxyError) -> Response<ProxyBody> {
-    shared
-        .metrics
+fn fail(ctx: &ProxyContext, pool: &str, backend: &Backend, err: ProxyError) -> Response<ProxyBody> {
+    ctx.metrics
         .ws_upgrades
         .with_label_values(&[pool, &backend.id, err.upgrade_result()])
         .inc();
