@@ -1,12 +1,15 @@
 //! The per-request service: routes each request and hands it to the plain
 //! HTTP path (`forward`) or the WebSocket path (`upgrade`).
 //!
-//! Errors carry the side that caused them (client, backend or berth itself);
-//! [`ProxyError::status`] and [`ProxyError::upgrade_result`] are the one place
-//! that maps them to a status code and a metric label.
+//! [`ProxyContext`] is everything the service may touch. [`serve`] runs
+//! inside the listener's connection task; the only task the proxy starts
+//! is a `tunnel` per upgraded connection, tracked by the lifecycle's tracker.
+//! [`ProxyError::status`] and [`ProxyError::upgrade_result`] are the one
+//! place that maps errors to a status code and a metric label.
 
 pub mod forward;
 pub mod headers;
+pub mod request;
 pub mod tunnel;
 pub mod upgrade;
 
@@ -51,22 +54,20 @@ impl Drop for ConnInfo {
     }
 }
 
-/// Which party a failure is attributed to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    Client,
-    Backend,
-    Internal,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no route matches this host and path")]
     NoRoute,
+    #[error("unusable request target")]
+    BadTarget,
     #[error("no backend of pool {0:?} is available")]
     NoBackend(String),
-    #[error("connecting to backend {backend} failed: {reason}")]
-    Connect { backend: String, reason: String },
+    #[error("connecting to backend {backend} failed: {source}")]
+    Connect {
+        backend: String,
+        #[source]
+        source: request::ConnectError,
+    },
     #[error("backend {0} did not answer within response_timeout")]
     ResponseTimeout(String),
     #[error("backend {0} answered 101 with a wrong or missing Sec-WebSocket-Accept")]
@@ -83,21 +84,19 @@ pub enum ProxyError {
         #[source]
         source: hyper_util::client::legacy::Error,
     },
+    /// berth's own failure: the upgraded backend connection was not the
+    /// stream berth opened.
+    #[error("berth could not take over the connection to backend {0}")]
+    Handover(String),
 }
 
 impl ProxyError {
-    pub fn side(&self) -> Side {
-        match self {
-            ProxyError::NoRoute => Side::Client,
-            ProxyError::NoBackend(_) => Side::Internal,
-            _ => Side::Backend,
-        }
-    }
-
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::BadTarget => StatusCode::BAD_REQUEST,
             ProxyError::NoBackend(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Handover(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. }
             | ProxyError::BadAccept(_)
@@ -110,12 +109,27 @@ impl ProxyError {
     pub fn upgrade_result(&self) -> &'static str {
         match self {
             ProxyError::NoRoute => "no_route",
+            ProxyError::BadTarget => "bad_request",
             ProxyError::NoBackend(_) => "no_backend",
+            ProxyError::Handover(_) => "internal_error",
             ProxyError::Connect { .. } => "backend_connect_error",
             ProxyError::ResponseTimeout(_) => "backend_timeout",
             ProxyError::BadAccept(_) => "backend_bad_accept",
             ProxyError::Backend { .. } | ProxyError::BackendClient { .. } => {
                 "backend_connect_error"
+            }
+        }
+    }
+
+    /// The backend the failure is attributed to, if one was chosen.
+    pub fn backend(&self) -> Option<&str> {
+        match self {
+            ProxyError::NoRoute | ProxyError::BadTarget | ProxyError::NoBackend(_) => None,
+            ProxyError::Connect { backend, .. }
+            | ProxyError::Backend { backend, .. }
+            | ProxyError::BackendClient { backend, .. } => Some(backend),
+            ProxyError::ResponseTimeout(b) | ProxyError::BadAccept(b) | ProxyError::Handover(b) => {
+                Some(b)
             }
         }
     }
