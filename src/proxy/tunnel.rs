@@ -146,7 +146,12 @@ impl Future for Tunnel {
                     } = *pending;
                     let client = match upgraded.map(|u| u.downcast::<TokioIo<ClientStream>>()) {
                         Ok(Ok(parts)) => parts,
-                        Ok(Err(_)) => return Poll::Ready(()),
+                        Ok(Err(_)) => {
+                            // berth's own failure: hyper handed back a stream
+                            // other than the one the listener gave it.
+                            tracing::error!(client = %this.conn.peer, "upgraded client connection is not a ClientStream");
+                            return Poll::Ready(());
+                        }
                         Err(e) => {
                             tracing::debug!(client = %this.conn.peer, error = %e, "client upgrade did not complete");
                             return Poll::Ready(());
