@@ -90,3 +90,147 @@ async fn spread<T>(
         signal(item);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::proxy::testing;
+
+    const ONE_BACKEND: &str = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:0"
+
+[[routes]]
+pool = "main"
+
+[[pools.main.backends]]
+id = "b1"
+address = "127.0.0.1:9"
+"#;
+
+    /// When each item was signalled, from the start.
+    type Log = Arc<Mutex<Vec<(usize, Duration)>>>;
+
+    fn recorder(log: &Log, start: Instant) -> impl Fn(&(usize, Arc<crate::ws::relay::StopHandle>)) {
+        let log = Arc::clone(log);
+        move |(i, handle)| {
+            handle.stop(StopReason::Drain);
+            log.lock().unwrap().push((*i, start.elapsed()));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_signals_every_handle_once_in_its_own_slot() {
+        let ctx = testing::context(ONE_BACKEND);
+        let backend = Arc::clone(&ctx.routing.load().pools["main"].backends[0]);
+        let n = 8;
+        for _ in 0..n {
+            ctx.lifecycle.relay_started(&backend);
+        }
+        let handles: Vec<_> = ctx
+            .lifecycle
+            .stop_handles(Some(&backend))
+            .into_iter()
+            .enumerate()
+            .collect();
+        assert_eq!(handles.len(), n);
+        assert!(backend.start_drain());
+        let log: Log = Arc::default();
+        let window = Duration::from_secs(8);
+        let shutdown = ctx.lifecycle.shutdown.clone();
+        let record = recorder(&log, Instant::now());
+        drain_schedule(handles, Arc::clone(&backend), window, shutdown, record).await;
+
+        let log = log.lock().unwrap();
+        assert_eq!(log.len(), n, "{log:?}");
+        let slot = window / n as u32;
+        for (k, &(i, at)) in log.iter().enumerate() {
+            assert_eq!(i, k, "signalled out of order: {log:?}");
+            // Handle i of n goes in [i, i+1) slots (the timer rounds up to 1 ms).
+            assert!(at >= slot * i as u32, "{i} at {at:?}");
+            assert!(
+                at <= slot * (i as u32 + 1) + Duration::from_millis(1),
+                "{i} at {at:?}"
+            );
+        }
+        // Jittered inside the slots, not lined up on their starts.
+        assert!(
+            log.iter()
+                .any(|&(i, at)| at > slot * i as u32 + Duration::from_millis(1)),
+            "{log:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_undrain_stops_the_schedule() {
+        let ctx = testing::context(ONE_BACKEND);
+        let backend = Arc::clone(&ctx.routing.load().pools["main"].backends[0]);
+        let handles: Vec<_> = (0..4)
+            .map(|i| (i, ctx.lifecycle.relay_started(&backend).1))
+            .collect();
+        assert!(backend.start_drain());
+        let log: Log = Arc::default();
+        let start = Instant::now();
+        let record = recorder(&log, start);
+        let window = Duration::from_secs(4);
+        let shutdown = ctx.lifecycle.shutdown.clone();
+        let task = tokio::spawn(drain_schedule(
+            handles,
+            Arc::clone(&backend),
+            window,
+            shutdown,
+            record,
+        ));
+        // Slot 0 is over; slot 1 may or may not have fired.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let before = log.lock().unwrap().len();
+        assert!((1..=2).contains(&before), "{before}");
+        assert!(backend.undrain());
+        task.await.unwrap();
+        assert_eq!(log.lock().unwrap().len(), before);
+        // It ended at its next slot, not at the end of the window.
+        assert!(
+            start.elapsed() <= Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_stops_a_drain_schedule() {
+        let ctx = testing::context(ONE_BACKEND);
+        let backend = Arc::clone(&ctx.routing.load().pools["main"].backends[0]);
+        let handles: Vec<_> = (0..4)
+            .map(|i| (i, ctx.lifecycle.relay_started(&backend).1))
+            .collect();
+        assert!(backend.start_drain());
+        let log: Log = Arc::default();
+        let record = recorder(&log, Instant::now());
+        let shutdown = ctx.lifecycle.shutdown.clone();
+        let task = tokio::spawn(drain_schedule(
+            handles,
+            Arc::clone(&backend),
+            Duration::from_secs(4),
+            shutdown,
+            record,
+        ));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        ctx.lifecycle.shutdown.cancel();
+        task.await.unwrap();
+        assert!(log.lock().unwrap().len() <= 1);
+    }
+
+    #[tokio::test]
+    async fn a_backend_drains_once_until_undrained() {
+        let ctx = testing::context(ONE_BACKEND);
+        let backend = Arc::clone(&ctx.routing.load().pools["main"].backends[0]);
+        let window = Duration::from_millis(10);
+        assert!(drain_backend(&ctx.lifecycle, &backend, window));
+        assert!(!drain_backend(&ctx.lifecycle, &backend, window));
+        assert!(backend.undrain());
+        assert!(drain_backend(&ctx.lifecycle, &backend, window));
+    }
+}

@@ -167,3 +167,44 @@ pub async fn serve(
     };
     Ok(resp)
 }
+
+/// Contexts built from a config text, for the unit tests of this layer
+/// and the ones above it.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use super::{ConnInfo, ProxyContext};
+    use crate::config::Config;
+    use crate::lifecycle::Lifecycle;
+    use crate::metrics::Metrics;
+    use crate::routing::{Routing, Runtime};
+
+    /// The validated config of `toml` (panics with the problems if invalid).
+    pub fn config(toml: &str) -> Config {
+        Config::from_toml_str(toml, "test config").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A proxy context serving `toml`, with fresh metrics and lifecycle.
+    pub fn context(toml: &str) -> Arc<ProxyContext> {
+        let metrics = Metrics::new().unwrap();
+        let runtime = Runtime::new(Arc::new(config(toml)), &metrics, None);
+        Arc::new(ProxyContext {
+            routing: Arc::new(Routing::new(runtime)),
+            metrics,
+            lifecycle: Arc::new(Lifecycle::new()),
+        })
+    }
+
+    /// A client connection from 127.0.0.1 on listener `test`.
+    pub fn conn(ctx: &ProxyContext, tls: bool) -> ConnInfo {
+        let open_gauge = ctx.metrics.connections_active.with_label_values(&["test"]);
+        open_gauge.inc();
+        ConnInfo {
+            peer: "127.0.0.1:40000".parse().unwrap(),
+            listener: Arc::from("test"),
+            tls,
+            open_gauge,
+        }
+    }
+}
