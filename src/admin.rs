@@ -212,3 +212,190 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Prox
     );
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::listener::ListenerContext;
+    use crate::proxy::testing;
+
+    const CONFIG: &str = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:0"
+
+[admin]
+bind = "127.0.0.1:0"
+token = "s3cret-token"
+
+[[routes]]
+pool = "main"
+
+[pools.main]
+balance = "round_robin"
+
+[[pools.main.backends]]
+id = "b1"
+address = "127.0.0.1:9001"
+
+[[pools.main.backends]]
+id = "b2"
+address = "127.0.0.1:9002"
+weight = 3
+"#;
+
+    fn context(text: &str) -> AdminContext {
+        let proxy = testing::context(text);
+        let reload = ReloadContext::new(
+            Arc::clone(&proxy.routing),
+            Arc::new(ListenerContext::new(Arc::clone(&proxy))),
+            Arc::clone(&proxy.lifecycle),
+            proxy.metrics.clone(),
+            None,
+        );
+        AdminContext {
+            routing: Arc::clone(&proxy.routing),
+            metrics: proxy.metrics.clone(),
+            lifecycle: Arc::clone(&proxy.lifecycle),
+            reload: Arc::new(reload),
+        }
+    }
+
+    /// Sends `method path` (with `token` as the bearer, if any); returns
+    /// the status, the content type and the body.
+    async fn call(
+        ctx: &AdminContext,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+    ) -> (StatusCode, String, String) {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let resp = route(req.body(()).unwrap(), ctx).await;
+        let status = resp.status();
+        let kind = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, kind, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn status_routes_answer_from_the_context() {
+        let ctx = context(CONFIG);
+        assert_eq!(call(&ctx, "GET", "/healthz", None).await.0, StatusCode::OK);
+        let (status, _, body) = call(&ctx, "GET", "/readyz", None).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        );
+        ctx.lifecycle.set_ready(true);
+        assert_eq!(call(&ctx, "GET", "/readyz", None).await.0, StatusCode::OK);
+
+        let (status, kind, body) = call(&ctx, "GET", "/metrics", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(kind, "text/plain; version=0.0.4; charset=utf-8");
+        assert!(
+            body.contains("berth_backend_up{backend=\"b2\",pool=\"main\"} 1"),
+            "{body}"
+        );
+
+        let (status, kind, body) = call(&ctx, "GET", "/admin/pools", None).await;
+        assert_eq!(
+            (status, kind.as_str()),
+            (StatusCode::OK, "application/json")
+        );
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let pool = &json["pools"]["main"];
+        assert_eq!(pool["balance"], "round_robin");
+        assert_eq!(pool["backends"][1]["id"], "b2");
+        assert_eq!(pool["backends"][1]["weight"], 3);
+        assert_eq!(pool["backends"][0]["state"], "up");
+
+        assert_eq!(
+            call(&ctx, "DELETE", "/healthz", None).await.0,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            call(&ctx, "GET", "/nowhere", None).await.0,
+            StatusCode::NOT_FOUND
+        );
+    }
+
+    #[tokio::test]
+    async fn mutations_need_the_token() {
+        let ctx = context(CONFIG);
+        let drain = "/admin/pools/main/backends/b1/drain";
+        for token in [None, Some("wrong"), Some("s3cret-token-and-more"), Some("")] {
+            let resp = route(
+                {
+                    let mut r = Request::builder().method("POST").uri(drain);
+                    if let Some(t) = token {
+                        r = r.header("authorization", format!("Bearer {t}"));
+                    }
+                    r.body(()).unwrap()
+                },
+                &ctx,
+            )
+            .await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{token:?}");
+            assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+        }
+        let b1 = Arc::clone(ctx.routing.load().pools["main"].find("b1").unwrap());
+        assert_eq!(b1.state(), BackendState::Up);
+    }
+
+    #[tokio::test]
+    async fn drain_and_undrain_a_backend() {
+        let ctx = context(CONFIG);
+        let token = Some("s3cret-token");
+        let drain = "/admin/pools/main/backends/b1/drain";
+        let (status, _, body) = call(&ctx, "POST", drain, token).await;
+        assert_eq!(status, StatusCode::OK);
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["state"], "draining");
+        assert_eq!(json["changed"], true);
+        let again: serde_json::Value =
+            serde_json::from_str(&call(&ctx, "POST", drain, token).await.2).unwrap();
+        assert_eq!(again["changed"], false);
+
+        let undrain = "/admin/pools/main/backends/b1/undrain";
+        let json: serde_json::Value =
+            serde_json::from_str(&call(&ctx, "POST", undrain, token).await.2).unwrap();
+        assert_eq!(
+            (json["state"].as_str(), json["changed"].as_bool()),
+            (Some("up"), Some(true))
+        );
+
+        let (status, _, body) =
+            call(&ctx, "POST", "/admin/pools/main/backends/b9/drain", token).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body, "no backend \"b9\" in pool \"main\"\n");
+        let (status, _, _) = call(&ctx, "POST", "/admin/elsewhere", token).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn reload_without_a_file_is_422() {
+        let ctx = context(CONFIG);
+        let (status, _, body) = call(&ctx, "POST", "/admin/reload", Some("s3cret-token")).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            body,
+            "berth was started without a config file; nothing to reload\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_token_mutations_are_open() {
+        let ctx = context(&CONFIG.replace("token = \"s3cret-token\"\n", ""));
+        let (status, _, _) = call(&ctx, "POST", "/admin/pools/main/backends/b2/drain", None).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+}

@@ -110,3 +110,64 @@ impl Lifecycle {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+    use crate::routing::Runtime;
+
+    fn backends() -> (Arc<Backend>, Arc<Backend>) {
+        let text = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:0"
+
+[[routes]]
+pool = "main"
+
+[[pools.main.backends]]
+id = "b1"
+address = "127.0.0.1:9001"
+
+[[pools.main.backends]]
+id = "b2"
+address = "127.0.0.1:9002"
+"#;
+        let config = Config::from_toml_str(text, "test").unwrap();
+        let runtime = Runtime::new(Arc::new(config), &Metrics::new().unwrap(), None);
+        let pool = &runtime.pools["main"];
+        (Arc::clone(&pool.backends[0]), Arc::clone(&pool.backends[1]))
+    }
+
+    #[test]
+    fn relays_are_registered_per_backend_and_counted() {
+        let (b1, b2) = backends();
+        let life = Lifecycle::new();
+        let (first, _) = life.relay_started(&b1);
+        let (second, _) = life.relay_started(&b1);
+        life.relay_started(&b2);
+        assert_eq!(life.live_websockets(), 3);
+        assert_eq!(life.stop_handles(Some(&b1)).len(), 2);
+        assert_eq!(life.stop_handles(Some(&b2)).len(), 1);
+        assert_eq!(life.stop_handles(None).len(), 3);
+        life.relay_ended(first);
+        // Ending twice (the tunnel's drop after its end) counts once.
+        life.relay_ended(first);
+        assert_eq!(life.live_websockets(), 2);
+        assert_eq!(life.stop_handles(Some(&b1)).len(), 1);
+        assert_ne!(first, second);
+    }
+
+    #[test]
+    fn readiness_follows_the_flag() {
+        let life = Lifecycle::new();
+        assert!(!life.is_ready());
+        life.set_ready(true);
+        assert!(life.is_ready());
+        assert!(!life.is_shutting_down());
+        life.shutdown.cancel();
+        assert!(life.is_shutting_down());
+    }
+}

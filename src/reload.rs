@@ -286,3 +286,217 @@ pub fn diff_backends(old: &Runtime, new: &Runtime) -> BackendDiff {
     }
     BackendDiff { added, removed }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::BackendState;
+    use crate::proxy::testing;
+
+    /// Listeners `(name, bind)` and pools `(pool, id, port)` as a config.
+    fn toml(listeners: &[(&str, &str)], backends: &[(&str, &str, u16)]) -> String {
+        let mut s = String::new();
+        for (name, bind) in listeners {
+            s.push_str(&format!(
+                "[[listeners]]\nname = \"{name}\"\nbind = \"{bind}\"\n\n"
+            ));
+        }
+        let mut pools: Vec<&str> = backends.iter().map(|b| b.0).collect();
+        pools.dedup();
+        for pool in &pools {
+            s.push_str(&format!(
+                "[[routes]]\npath_prefix = \"/{pool}\"\npool = \"{pool}\"\n\n"
+            ));
+        }
+        for (pool, id, port) in backends {
+            s.push_str(&format!(
+                "[[pools.{pool}.backends]]\nid = \"{id}\"\naddress = \"127.0.0.1:{port}\"\n\n"
+            ));
+        }
+        s
+    }
+
+    #[test]
+    fn listener_plan_keeps_binds_and_rebinds_moves() {
+        let wanted = testing::config(&toml(
+            &[
+                ("a", "127.0.0.1:8080"),
+                ("b", "127.0.0.1:9081"),
+                ("d", "127.0.0.1:8083"),
+            ],
+            &[("p", "x", 1)],
+        ))
+        .listeners;
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let running = [
+            ("a", addr("127.0.0.1:8080")),
+            ("b", addr("127.0.0.1:8081")),
+            ("c", addr("127.0.0.1:8082")),
+        ];
+        let names = |idx: &[usize], from: &dyn Fn(usize) -> String| -> Vec<String> {
+            idx.iter().map(|&i| from(i)).collect()
+        };
+        let plan = plan_listeners(&running, &wanted);
+        assert_eq!(plan.keep, vec![(0, 0)]);
+        assert_eq!(names(&plan.bind, &|i| wanted[i].name.clone()), ["b", "d"]);
+        assert_eq!(
+            names(&plan.remove, &|i| running[i].0.to_string()),
+            ["b", "c"]
+        );
+        // The same set again changes nothing.
+        let same: Vec<(&str, SocketAddr)> =
+            wanted.iter().map(|l| (l.name.as_str(), l.bind)).collect();
+        let plan = plan_listeners(&same, &wanted);
+        assert_eq!(plan.keep, vec![(0, 0), (1, 1), (2, 2)]);
+        assert!(plan.bind.is_empty() && plan.remove.is_empty());
+    }
+
+    #[test]
+    fn backend_diff_is_by_pool_id_and_address() {
+        let metrics = Metrics::new().unwrap();
+        let public = [("public", "127.0.0.1:0")];
+        let old = testing::config(&toml(
+            &public,
+            &[
+                ("chat", "b1", 9001),
+                ("chat", "b2", 9002),
+                ("api", "a1", 9101),
+            ],
+        ));
+        let new = testing::config(&toml(
+            &public,
+            // b1 moves, b2 stays, b3 and the pool `feed` are new, `api` goes.
+            &[
+                ("chat", "b1", 9011),
+                ("chat", "b2", 9002),
+                ("chat", "b3", 9003),
+                ("feed", "f1", 9201),
+            ],
+        ));
+        let old = Runtime::new(Arc::new(old), &metrics, None);
+        let new = Runtime::new(Arc::new(new), &metrics, Some(&old));
+        let diff = diff_backends(&old, &new);
+        let mut added = diff.added.clone();
+        added.sort();
+        assert_eq!(added, ["chat/b1", "chat/b3", "feed/f1"]);
+        let mut removed: Vec<String> = diff
+            .removed
+            .iter()
+            .map(|r| format!("{}/{} {}", r.backend.pool, r.backend.id, r.backend.address))
+            .collect();
+        removed.sort();
+        assert_eq!(removed, ["api/a1 127.0.0.1:9101", "chat/b1 127.0.0.1:9001"]);
+        // The backend that stayed is the same one, live counts and all.
+        assert!(Arc::ptr_eq(
+            old.pools["chat"].find("b2").unwrap(),
+            new.pools["chat"].find("b2").unwrap()
+        ));
+    }
+
+    /// A reload context for `text` with its listeners running.
+    fn running(text: &str) -> ReloadContext {
+        let proxy = testing::context(text);
+        let listeners = Arc::new(ListenerContext::new(Arc::clone(&proxy)));
+        for lc in &proxy.routing.load().config.listeners {
+            listeners.start(BoundListener::bind(lc).unwrap());
+        }
+        ReloadContext::new(
+            Arc::clone(&proxy.routing),
+            listeners,
+            Arc::clone(&proxy.lifecycle),
+            proxy.metrics.clone(),
+            None,
+        )
+    }
+
+    fn sorted(mut v: Vec<String>) -> Vec<String> {
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn apply_swaps_listeners_and_pools() {
+        let ctx = running(&toml(
+            &[("a", "127.0.0.1:0"), ("b", "127.0.0.1:0")],
+            &[("chat", "b1", 9001), ("chat", "b2", 9002)],
+        ));
+        let a_addr = ctx.listeners.addrs()["a"];
+        let old_b2 = Arc::clone(ctx.routing.load().pools["chat"].find("b2").unwrap());
+        let old_b1 = Arc::clone(ctx.routing.load().pools["chat"].find("b1").unwrap());
+        let next = testing::config(&toml(
+            &[("a", "127.0.0.1:0"), ("c", "127.0.0.1:0")],
+            &[("chat", "b2", 9002), ("chat", "b3", 9003)],
+        ));
+        let summary = ctx.apply(next).unwrap();
+        assert_eq!(summary.listeners_added, ["c"]);
+        assert_eq!(summary.listeners_removed, ["b"]);
+        assert_eq!(summary.backends_added, ["chat/b3"]);
+        assert_eq!(summary.backends_removed, ["chat/b1"]);
+        // `a` kept its socket; `b` is gone and `c` is accepting.
+        let addrs = ctx.listeners.addrs();
+        assert_eq!(sorted(addrs.keys().cloned().collect()), ["a", "c"]);
+        assert_eq!(addrs["a"], a_addr);
+        tokio::net::TcpStream::connect(addrs["c"]).await.unwrap();
+        // The new table is in force, b2 carried over, b1 draining.
+        let table = ctx.routing.load();
+        assert!(Arc::ptr_eq(
+            table.pools["chat"].find("b2").unwrap(),
+            &old_b2
+        ));
+        assert!(table.pools["chat"].find("b1").is_none());
+        assert_eq!(old_b1.state(), BackendState::Draining);
+    }
+
+    #[tokio::test]
+    async fn a_bind_failure_changes_nothing() {
+        let ctx = running(&toml(&[("a", "127.0.0.1:0")], &[("chat", "b1", 9001)]));
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken_addr = taken.local_addr().unwrap().to_string();
+        let next = testing::config(&toml(&[("z", &taken_addr)], &[("chat", "b9", 9009)]));
+        let err = ctx.apply(next).err().unwrap();
+        assert!(
+            matches!(&err, ReloadError::Bind { name, .. } if name == "z"),
+            "{err}"
+        );
+        assert_eq!(sorted(ctx.listeners.addrs().into_keys().collect()), ["a"]);
+        assert!(ctx.routing.load().pools["chat"].find("b1").is_some());
+    }
+
+    #[tokio::test]
+    async fn reload_reads_the_file_and_counts_the_result() {
+        let text = toml(&[("a", "127.0.0.1:0")], &[("chat", "b1", 9001)]);
+        let mut ctx = running(&text);
+        let count = |ctx: &ReloadContext, result: &str| {
+            ctx.metrics
+                .config_reloads
+                .with_label_values(&[result])
+                .get()
+        };
+        assert!(matches!(ctx.reload().await, Err(ReloadError::NoFile)));
+        assert_eq!(count(&ctx, "failure"), 1);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("berth.toml");
+        ctx.config_path = Some(path.clone());
+        std::fs::write(
+            &path,
+            text.replace("[[pools.chat.backends]]", "[[pools.chat.backendz]]"),
+        )
+        .unwrap();
+        let err = ctx.reload().await.err().unwrap();
+        assert!(matches!(err, ReloadError::Config(_)), "{err}");
+        assert!(err.to_string().contains("berth.toml:"), "{err}");
+        assert_eq!(count(&ctx, "failure"), 2);
+        assert!(ctx.routing.load().pools["chat"].find("b1").is_some());
+
+        std::fs::write(&path, text.replace("\"b1\"", "\"b2\"")).unwrap();
+        let summary = ctx.reload().await.unwrap();
+        assert_eq!(summary.backends_added, ["chat/b2"]);
+        assert_eq!(count(&ctx, "success"), 1);
+        assert!(ctx.routing.load().pools["chat"].find("b2").is_some());
+        assert_eq!(
+            ctx.routing.load().config.source.as_deref(),
+            Some(path.as_path())
+        );
+    }
+}
