@@ -1,12 +1,12 @@
 //! Ending live WebSockets on purpose, without a thundering herd.
 //!
-//! Every relayed connection registers a stop handle in the
-//! [`Lifecycle`](crate::lifecycle::Lifecycle) while it runs. A drain (one
-//! backend) or a shutdown (everything) takes a snapshot of the handles
-//! concerned and one controller task signals them one by one, evenly spread
-//! across the window with jitter inside each slot, so that the clients'
-//! reconnects are spread too. The relay notices its handle at its next poll
-//! and closes at a frame boundary (1012 for a drain, 1001 for a shutdown).
+//! Every relayed connection registers a stop handle in the [`Lifecycle`]
+//! while it runs. A drain (one backend) or a shutdown (everything) takes a
+//! snapshot of the handles concerned and one controller task signals them
+//! one by one, evenly spread across the window with jitter inside each
+//! slot, so that the clients' reconnects are spread too. The relay notices
+//! its handle at its next poll and closes at a frame boundary (1012 for a
+//! drain, 1001 for a shutdown).
 //! A drain's task ends early when the backend is undrained (or drained
 //! again) or berth shuts down.
 //!
