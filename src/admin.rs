@@ -3,23 +3,40 @@
 //! `/admin/pools/{pool}/backends/{id}/drain` and `.../undrain`.
 //! A plain `match` on method and path; it never shares a socket with client
 //! traffic.
+//!
+//! [`AdminContext`] is all the API answers from: the routing table, the
+//! metrics, the lifecycle (readiness, drains) and the reload handle.
+//! [`serve`] runs the accept loop (one untracked task per admin
+//! connection); the wiring module aborts it after shutdown.
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
-use crate::app::Shared;
-use crate::proxy::{full, text_response, ProxyBody};
+use crate::balancer::BackendState;
+use crate::body::{full, text_response, ProxyBody};
+use crate::config::Balance;
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+use crate::reload::ReloadContext;
+use crate::routing::Routing;
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+/// What the admin API reads and acts on.
+pub struct AdminContext {
+    pub routing: Arc<Routing>,
+    pub metrics: Metrics,
+    pub lifecycle: Arc<Lifecycle>,
+    pub reload: Arc<ReloadContext>,
+}
+
+pub async fn serve(listener: TcpListener, ctx: Arc<AdminContext>) {
     loop {
         let (stream, _peer) = match listener.accept().await {
             Ok(s) => s,
@@ -29,11 +46,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let shared = Arc::clone(&shared);
+        let ctx = Arc::clone(&ctx);
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let shared = Arc::clone(&shared);
-                async move { Ok::<_, Infallible>(route(req, &shared).await) }
+                let ctx = Arc::clone(&ctx);
+                async move { Ok::<_, Infallible>(route(req, &ctx).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -44,13 +61,14 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<ProxyBody> {
+/// Answers one admin request (the body is never read).
+pub async fn route<B>(req: Request<B>, ctx: &AdminContext) -> Response<ProxyBody> {
     if req.method() == Method::POST {
-        return mutate(req, shared).await;
+        return mutate(req, ctx).await;
     }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
-            let mut resp = Response::new(full(Bytes::from(shared.metrics.render())));
+            let mut resp = Response::new(full(Bytes::from(ctx.metrics.render())));
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -59,13 +77,13 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<ProxyBo
         }
         (&Method::GET, "/healthz") => text_response(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
-            if shared.ready.load(Ordering::Acquire) {
+            if ctx.lifecycle.is_ready() {
                 text_response(StatusCode::OK, "ready\n")
             } else {
                 text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        (&Method::GET, "/admin/pools") => json_response(StatusCode::OK, &pools_json(shared)),
+        (&Method::GET, "/admin/pools") => json_response(StatusCode::OK, &pools_json(ctx)),
         (_, "/metrics" | "/healthz" | "/readyz" | "/admin/pools") => {
             text_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
@@ -76,35 +94,13 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<ProxyBo
 /// POST routes: reload, drain, undrain. They require the bearer token when
 /// `[admin] token` is set (`check` refuses a non-loopback admin bind
 /// without one).
-async fn mutate(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<ProxyBody> {
-    let token = shared
-        .live
-        .load()
-        .config
-        .admin
-        .as_ref()
-        .and_then(|a| a.token.clone());
-    if let Some(token) = token {
-        let presented = req
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        let ok = presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes()));
-        if !ok {
-            let mut resp =
-                text_response(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
-            resp.headers_mut().insert(
-                http::header::WWW_AUTHENTICATE,
-                http::HeaderValue::from_static("Bearer"),
-            );
-            return resp;
-        }
+async fn mutate<B>(req: Request<B>, ctx: &AdminContext) -> Response<ProxyBody> {
+    if let Some(refused) = authorize(&req, ctx) {
+        return refused;
     }
-    let path = req.uri().path().to_string();
+    let path = req.uri().path();
     if path == "/admin/reload" {
-        return match crate::reload::reload(shared).await {
+        return match ctx.reload.reload().await {
             Ok(summary) => json_response(
                 StatusCode::OK,
                 &serde_json::json!({ "result": "success", "changes": summary }),
@@ -117,45 +113,64 @@ async fn mutate(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<ProxyB
     if let ["admin", "pools", pool, "backends", id, action @ ("drain" | "undrain")] =
         parts.as_slice()
     {
-        let runtime = shared.live.load();
-        let Some(backend) = runtime.pools.get(*pool).and_then(|p| p.find(id)) else {
-            return text_response(
-                StatusCode::NOT_FOUND,
-                &format!("no backend {id:?} in pool {pool:?}\n"),
-            );
-        };
-        let window = runtime
-            .pools
-            .get(*pool)
-            .map_or(std::time::Duration::ZERO, |p| p.config.drain_window);
-        let changed = if *action == "drain" {
-            crate::drain::drain_backend(&shared.registry, backend, window, &shared.shutdown)
-        } else {
-            backend.undrain()
-        };
-        return json_response(
-            StatusCode::OK,
-            &serde_json::json!({
-                "pool": pool,
-                "backend": id,
-                "state": backend.state().as_str(),
-                "changed": changed,
-                "live_connections": backend.live_connections(),
-            }),
-        );
+        return drain_or_undrain(ctx, pool, id, *action == "drain");
     }
     text_response(StatusCode::NOT_FOUND, "not found\n")
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// `None` when the request may mutate; otherwise the 401 to send.
+fn authorize<B>(req: &Request<B>, ctx: &AdminContext) -> Option<Response<ProxyBody>> {
+    let runtime = ctx.routing.load();
+    let token = runtime.config.admin.as_ref()?.token.as_deref()?;
+    let presented = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    // Constant time in the token's bytes, so timing reveals nothing of it.
+    if presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(token.as_bytes()))) {
+        return None;
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let mut resp = text_response(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
+    resp.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Bearer"),
+    );
+    Some(resp)
 }
 
-fn pools_json(shared: &Shared) -> serde_json::Value {
-    let runtime = shared.live.load();
+fn drain_or_undrain(ctx: &AdminContext, pool: &str, id: &str, drain: bool) -> Response<ProxyBody> {
+    let runtime = ctx.routing.load();
+    let Some((pool_cfg, backend)) = runtime
+        .pools
+        .get(pool)
+        .and_then(|p| Some((&p.config, p.find(id)?)))
+    else {
+        return text_response(
+            StatusCode::NOT_FOUND,
+            &format!("no backend {id:?} in pool {pool:?}\n"),
+        );
+    };
+    let changed = if drain {
+        crate::drain::drain_backend(&ctx.lifecycle, backend, pool_cfg.drain_window)
+    } else {
+        backend.undrain()
+    };
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "pool": pool,
+            "backend": id,
+            "state": backend.state().as_str(),
+            "changed": changed,
+            "live_connections": backend.live_connections(),
+        }),
+    )
+}
+
+fn pools_json(ctx: &AdminContext) -> serde_json::Value {
+    let runtime = ctx.routing.load();
     let mut pools = serde_json::Map::new();
     let mut names: Vec<&String> = runtime.pools.keys().collect();
     names.sort();
@@ -171,7 +186,7 @@ fn pools_json(shared: &Shared) -> serde_json::Value {
                     "id": b.id,
                     "address": b.address,
                     "state": b.state().as_str(),
-                    "healthy": b.state() != crate::balancer::BackendState::Down,
+                    "healthy": b.state() != BackendState::Down,
                     "live_connections": b.live_connections(),
                     "weight": b.weight(),
                 })
@@ -180,8 +195,8 @@ fn pools_json(shared: &Shared) -> serde_json::Value {
         pools.insert(
             name.clone(),
             serde_json::json!({ "balance": match pool.config.balance {
-                crate::config::Balance::LeastConnections => "least_connections",
-                crate::config::Balance::RoundRobin => "round_robin",
+                Balance::LeastConnections => "least_connections",
+                Balance::RoundRobin => "round_robin",
             }, "backends": backends }),
         );
     }
@@ -196,4 +211,191 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Prox
         http::HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::listener::ListenerContext;
+    use crate::proxy::testing;
+
+    const CONFIG: &str = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:0"
+
+[admin]
+bind = "127.0.0.1:0"
+token = "s3cret-token"
+
+[[routes]]
+pool = "main"
+
+[pools.main]
+balance = "round_robin"
+
+[[pools.main.backends]]
+id = "b1"
+address = "127.0.0.1:9001"
+
+[[pools.main.backends]]
+id = "b2"
+address = "127.0.0.1:9002"
+weight = 3
+"#;
+
+    fn context(text: &str) -> AdminContext {
+        let proxy = testing::context(text);
+        let reload = ReloadContext::new(
+            Arc::clone(&proxy.routing),
+            Arc::new(ListenerContext::new(Arc::clone(&proxy))),
+            Arc::clone(&proxy.lifecycle),
+            proxy.metrics.clone(),
+            None,
+        );
+        AdminContext {
+            routing: Arc::clone(&proxy.routing),
+            metrics: proxy.metrics.clone(),
+            lifecycle: Arc::clone(&proxy.lifecycle),
+            reload: Arc::new(reload),
+        }
+    }
+
+    /// Sends `method path` (with `token` as the bearer, if any); returns
+    /// the status, the content type and the body.
+    async fn call(
+        ctx: &AdminContext,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+    ) -> (StatusCode, String, String) {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let resp = route(req.body(()).unwrap(), ctx).await;
+        let status = resp.status();
+        let kind = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, kind, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn status_routes_answer_from_the_context() {
+        let ctx = context(CONFIG);
+        assert_eq!(call(&ctx, "GET", "/healthz", None).await.0, StatusCode::OK);
+        let (status, _, body) = call(&ctx, "GET", "/readyz", None).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        );
+        ctx.lifecycle.set_ready(true);
+        assert_eq!(call(&ctx, "GET", "/readyz", None).await.0, StatusCode::OK);
+
+        let (status, kind, body) = call(&ctx, "GET", "/metrics", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(kind, "text/plain; version=0.0.4; charset=utf-8");
+        assert!(
+            body.contains("berth_backend_up{backend=\"b2\",pool=\"main\"} 1"),
+            "{body}"
+        );
+
+        let (status, kind, body) = call(&ctx, "GET", "/admin/pools", None).await;
+        assert_eq!(
+            (status, kind.as_str()),
+            (StatusCode::OK, "application/json")
+        );
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let pool = &json["pools"]["main"];
+        assert_eq!(pool["balance"], "round_robin");
+        assert_eq!(pool["backends"][1]["id"], "b2");
+        assert_eq!(pool["backends"][1]["weight"], 3);
+        assert_eq!(pool["backends"][0]["state"], "up");
+
+        assert_eq!(
+            call(&ctx, "DELETE", "/healthz", None).await.0,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            call(&ctx, "GET", "/nowhere", None).await.0,
+            StatusCode::NOT_FOUND
+        );
+    }
+
+    #[tokio::test]
+    async fn mutations_need_the_token() {
+        let ctx = context(CONFIG);
+        let drain = "/admin/pools/main/backends/b1/drain";
+        for token in [None, Some("wrong"), Some("s3cret-token-and-more"), Some("")] {
+            let resp = route(
+                {
+                    let mut r = Request::builder().method("POST").uri(drain);
+                    if let Some(t) = token {
+                        r = r.header("authorization", format!("Bearer {t}"));
+                    }
+                    r.body(()).unwrap()
+                },
+                &ctx,
+            )
+            .await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{token:?}");
+            assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+        }
+        let b1 = Arc::clone(ctx.routing.load().pools["main"].find("b1").unwrap());
+        assert_eq!(b1.state(), BackendState::Up);
+    }
+
+    #[tokio::test]
+    async fn drain_and_undrain_a_backend() {
+        let ctx = context(CONFIG);
+        let token = Some("s3cret-token");
+        let drain = "/admin/pools/main/backends/b1/drain";
+        let (status, _, body) = call(&ctx, "POST", drain, token).await;
+        assert_eq!(status, StatusCode::OK);
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["state"], "draining");
+        assert_eq!(json["changed"], true);
+        let again: serde_json::Value =
+            serde_json::from_str(&call(&ctx, "POST", drain, token).await.2).unwrap();
+        assert_eq!(again["changed"], false);
+
+        let undrain = "/admin/pools/main/backends/b1/undrain";
+        let json: serde_json::Value =
+            serde_json::from_str(&call(&ctx, "POST", undrain, token).await.2).unwrap();
+        assert_eq!(
+            (json["state"].as_str(), json["changed"].as_bool()),
+            (Some("up"), Some(true))
+        );
+
+        let (status, _, body) =
+            call(&ctx, "POST", "/admin/pools/main/backends/b9/drain", token).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body, "no backend \"b9\" in pool \"main\"\n");
+        let (status, _, _) = call(&ctx, "POST", "/admin/elsewhere", token).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn reload_without_a_file_is_422() {
+        let ctx = context(CONFIG);
+        let (status, _, body) = call(&ctx, "POST", "/admin/reload", Some("s3cret-token")).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            body,
+            "berth was started without a config file; nothing to reload\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_token_mutations_are_open() {
+        let ctx = context(&CONFIG.replace("token = \"s3cret-token\"\n", ""));
+        let (status, _, _) = call(&ctx, "POST", "/admin/pools/main/backends/b2/drain", None).await;
+        assert_eq!(status, StatusCode::OK);
+    }
 }

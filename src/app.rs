@@ -1,6 +1,15 @@
-//! The running proxy: binds every socket up front (so callers learn the real
-//! addresses, port 0 included), then runs accept loops until the shutdown
-//! future resolves, then drains with a deadline.
+//! The wiring module: binds every socket up front (so callers learn the
+//! real addresses, port 0 included), builds each layer's narrow context,
+//! then runs accept loops until the shutdown future resolves, then drains
+//! with a deadline. Nothing in the library imports this module; only the
+//! binary and the demo do.
+//!
+//! The contexts it builds, bottom up: one [`Metrics`], one [`Routing`]
+//! handle and one [`Lifecycle`] shared by all; the [`ProxyContext`]
+//! (routing, metrics, lifecycle); the [`ListenerContext`] (the proxy's plus
+//! the running listeners); the [`ReloadContext`] (routing, listeners,
+//! lifecycle, metrics, config path); the [`AdminContext`] (routing, metrics,
+//! lifecycle, reload).
 //!
 //! Shutdown: the token is cancelled; accept loops stop; HTTP connections
 //! finish their in-flight request; every WebSocket relay sends Close 1001,
@@ -10,20 +19,19 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
+use crate::admin::AdminContext;
 use crate::config::Config;
-use crate::listener::{accept_loop, BoundListener, ListenerSpec};
+use crate::lifecycle::Lifecycle;
+use crate::listener::{BoundListener, ListenerContext};
 use crate::metrics::{Metrics, MetricsError};
-use crate::routing::Runtime;
+use crate::proxy::ProxyContext;
+use crate::reload::{unix_now, ReloadContext};
+use crate::routing::{Routing, Runtime};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -37,50 +45,21 @@ pub enum AppError {
     Metrics(#[from] MetricsError),
 }
 
-/// State every task shares.
-pub struct Shared {
-    /// The routing table in force; replaced whole on reload.
-    pub live: ArcSwap<Runtime>,
-    pub metrics: Metrics,
-    /// Cancelled when berth starts shutting down.
-    pub shutdown: CancellationToken,
-    pub shutdown_window: Duration,
-    /// Every connection and relay task, so shutdown can wait for them.
-    pub tracker: TaskTracker,
-    /// Accept loops (listeners come and go with reloads).
-    pub accept_loops: TaskTracker,
-    /// Listeners accepting now.
-    pub listeners: Mutex<Vec<RunningListener>>,
-    /// One reload at a time.
-    pub reload_lock: tokio::sync::Mutex<()>,
-    /// Live WebSocket connections across all pools.
-    pub ws_live: AtomicU64,
-    /// Live relays, for drains and shutdown.
-    pub registry: crate::drain::Registry,
-    /// True once listeners are bound; false again while shutting down.
-    pub ready: AtomicBool,
-    /// The file reloads re-read, if any.
-    pub config_path: Option<PathBuf>,
-}
-
-/// A listener that is accepting: its spec and addresses.
-pub struct RunningListener {
-    pub spec: Arc<ListenerSpec>,
-    pub bind: SocketAddr,
-    pub addr: SocketAddr,
-}
-
+/// A bound, not yet running berth.
 pub struct App {
-    shared: Arc<Shared>,
+    routing: Arc<Routing>,
+    lifecycle: Arc<Lifecycle>,
+    listeners: Arc<ListenerContext>,
+    reload: Arc<ReloadContext>,
+    admin: Option<(TcpListener, SocketAddr, Arc<AdminContext>)>,
     pending: Vec<BoundListener>,
-    admin: Option<(TcpListener, SocketAddr)>,
+    shutdown_window: Duration,
 }
 
 impl App {
     /// Binds every listener and the admin socket.
     pub async fn bind(config: Config) -> Result<App, AppError> {
         let metrics = Metrics::new()?;
-        let config = Arc::new(config);
         let mut pending = Vec::new();
         for lc in &config.listeners {
             let bound = BoundListener::bind(lc).map_err(|source| AppError::Bind {
@@ -88,13 +67,9 @@ impl App {
                 addr: lc.bind,
                 source,
             })?;
-            metrics
-                .connections_active
-                .with_label_values(&[&lc.name])
-                .set(0);
             pending.push(bound);
         }
-        let admin = match &config.admin {
+        let admin_socket = match &config.admin {
             Some(ac) => {
                 let bind_err = |source| AppError::Bind {
                     name: "admin".into(),
@@ -110,25 +85,41 @@ impl App {
         metrics.config_reloads.with_label_values(&["success"]);
         metrics.config_reloads.with_label_values(&["failure"]);
         metrics.config_last_reload_success.set(unix_now());
-        let runtime = Runtime::new(Arc::clone(&config), &metrics, None);
-        let shared = Arc::new(Shared {
-            live: ArcSwap::from_pointee(runtime),
-            metrics,
-            shutdown: CancellationToken::new(),
-            shutdown_window: config.shutdown_window,
-            tracker: TaskTracker::new(),
-            accept_loops: TaskTracker::new(),
-            listeners: Mutex::new(Vec::new()),
-            ws_live: AtomicU64::new(0),
-            registry: crate::drain::Registry::default(),
-            ready: AtomicBool::new(false),
-            config_path: config.source.clone(),
-            reload_lock: tokio::sync::Mutex::new(()),
+
+        let shutdown_window = config.shutdown_window;
+        let config_path = config.source.clone();
+        let routing = Arc::new(Routing::new(Runtime::new(Arc::new(config), &metrics, None)));
+        let lifecycle = Arc::new(Lifecycle::new());
+        let proxy = Arc::new(ProxyContext {
+            routing: Arc::clone(&routing),
+            metrics: metrics.clone(),
+            lifecycle: Arc::clone(&lifecycle),
+        });
+        let listeners = Arc::new(ListenerContext::new(proxy));
+        let reload = Arc::new(ReloadContext::new(
+            Arc::clone(&routing),
+            Arc::clone(&listeners),
+            Arc::clone(&lifecycle),
+            metrics.clone(),
+            config_path,
+        ));
+        let admin = admin_socket.map(|(l, addr)| {
+            let ctx = Arc::new(AdminContext {
+                routing: Arc::clone(&routing),
+                metrics,
+                lifecycle: Arc::clone(&lifecycle),
+                reload: Arc::clone(&reload),
+            });
+            (l, addr, ctx)
         });
         Ok(App {
-            shared,
-            pending,
+            routing,
+            lifecycle,
+            listeners,
+            reload,
             admin,
+            pending,
+            shutdown_window,
         })
     }
 
@@ -149,39 +140,47 @@ impl App {
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().map(|(_, addr)| *addr)
+        self.admin.as_ref().map(|(_, addr, _)| *addr)
     }
 
-    pub fn shared(&self) -> Arc<Shared> {
-        Arc::clone(&self.shared)
+    /// The reload handle (for SIGHUP), usable while and after `run` runs.
+    pub fn reloader(&self) -> Arc<ReloadContext> {
+        Arc::clone(&self.reload)
     }
 
     /// Serves until `shutdown` resolves, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let shared = self.shared;
-        for bound in self.pending {
-            shared.start_listener(bound);
+        let App {
+            routing,
+            lifecycle,
+            listeners,
+            admin,
+            pending,
+            shutdown_window,
+            ..
+        } = self;
+        for bound in pending {
+            listeners.start(bound);
         }
-        for pool in shared.live.load().pools.values() {
-            crate::balancer::health::start(pool, &shared.metrics, &shared.shutdown);
+        let metrics = &listeners.proxy.metrics;
+        for pool in routing.load().pools.values() {
+            crate::balancer::health::start(pool, metrics, &lifecycle.shutdown);
         }
-        let admin_task = self.admin.map(|(listener, addr)| {
+        let admin_task = admin.map(|(listener, addr, ctx)| {
             tracing::info!(%addr, "admin API listening");
-            tokio::spawn(crate::admin::serve(listener, Arc::clone(&shared)))
+            tokio::spawn(crate::admin::serve(listener, ctx))
         });
-        shared.ready.store(true, Ordering::Release);
+        lifecycle.set_ready(true);
 
         shutdown.await;
-        shared.ready.store(false, Ordering::Release);
-        let live = shared.ws_live.load(Ordering::Relaxed);
-        tracing::info!(websocket_connections = live, window = ?shared.shutdown_window, "shutting down");
-        shared.shutdown.cancel();
-        crate::drain::shut_down_all(&shared.registry, shared.shutdown_window);
-        shared.accept_loops.close();
-        shared.accept_loops.wait().await;
-        shared.tracker.close();
-        let close_timeout = shared
-            .live
+        lifecycle.set_ready(false);
+        let live = lifecycle.live_websockets();
+        tracing::info!(websocket_connections = live, window = ?shutdown_window, "shutting down");
+        lifecycle.shutdown.cancel();
+        crate::drain::shut_down_all(&lifecycle, shutdown_window);
+        listeners.stopped().await;
+        lifecycle.tracker.close();
+        let close_timeout = routing
             .load()
             .config
             .pools
@@ -189,13 +188,13 @@ impl App {
             .map(|p| p.close_timeout)
             .max()
             .unwrap_or(Duration::from_secs(5));
-        let deadline = shared.shutdown_window + close_timeout + Duration::from_secs(1);
-        if tokio::time::timeout(deadline, shared.tracker.wait())
+        let deadline = shutdown_window + close_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(deadline, lifecycle.tracker.wait())
             .await
             .is_err()
         {
             tracing::warn!(
-                remaining = shared.tracker.len(),
+                remaining = lifecycle.tracker.len(),
                 "drain deadline passed; exiting with connections open"
             );
         }
@@ -204,43 +203,4 @@ impl App {
         }
         tracing::info!("stopped");
     }
-}
-
-impl Shared {
-    /// Starts accepting on a bound listener and records it.
-    pub fn start_listener(self: &Arc<Self>, bound: BoundListener) {
-        let settings = bound.spec.settings.load();
-        tracing::info!(listener = %bound.spec.name, addr = %bound.addr, tls = settings.tls.is_some(), "listening");
-        drop(settings);
-        let entry = RunningListener {
-            spec: Arc::clone(&bound.spec),
-            bind: bound.bind,
-            addr: bound.addr,
-        };
-        self.accept_loops
-            .spawn(accept_loop(bound.socket, bound.spec, Arc::clone(self)));
-        match self.listeners.lock() {
-            Ok(mut l) => l.push(entry),
-            Err(poisoned) => poisoned.into_inner().push(entry),
-        }
-    }
-
-    /// The listeners currently accepting, by name and address.
-    pub fn listener_addrs(&self) -> HashMap<String, SocketAddr> {
-        let guard = match self.listeners.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        guard
-            .iter()
-            .map(|l| (l.spec.name.to_string(), l.addr))
-            .collect()
-    }
-}
-
-/// Seconds since the Unix epoch, for timestamp gauges.
-pub fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -2,21 +2,28 @@
 //! balancer.
 //!
 //! # Layout
-//! - `config`: the TOML file, validation, and every problem with file:line: key.
-//! - `tls`: PEM loading and the rustls server configuration.
-//! - `tls_stream`: the server side of a TLS connection on rustls's unbuffered API.
-//! - `app`: binds sockets, runs accept loops, drains on shutdown.
-//! - `listener`: accept loop and per-connection TLS + HTTP/1.1 serving.
-//! - `proxy`: the request service: plain HTTP forwarding and WebSocket upgrades.
-//! - `ws`: handshake checks, the frame-header parser and the frame-aware relay.
-//! - `affinity`: pure sticky-routing functions (signed cookies, rendezvous hashing).
-//! - `balancer`: pools, backends, backend choice, health checks, affinity at run time.
-//! - `routing`: the live routing table swapped on reload.
-//! - `reload`: read, validate, diff and swap a new config.
-//! - `drain`: the registry of live relays and the spread-out closes of drains and shutdown.
-//! - `metrics`: metric names and the registry.
-//! - `admin`: `/metrics`, `/healthz`, `/readyz`, `/admin/pools`.
-//! - `demo`: `berth demo`, three in-process backends behind a TLS listener.
+//! Layers from the top; a module uses its own layer (one way) or lower ones,
+//! never higher (`cargo test --test layers` checks it; see ARCHITECTURE.md).
+//! - 0 `demo`: `berth demo`, three in-process backends behind a TLS listener.
+//! - 1 `app`: the wiring: binds sockets, builds each layer's context, runs,
+//!   drains on shutdown. Only layer 0 uses it.
+//! - 2 `admin`: `/metrics`, `/healthz`, `/readyz`, `/admin/pools`, reload and drains.
+//! - 2 `reload`: read, validate, diff and swap a new config.
+//! - 2 `drain`: the spread-out closes of drains and shutdown.
+//! - 2 `listener`: accept loop and per-connection TLS + HTTP/1.1 serving.
+//! - 3 `proxy`: the request service: one request path for plain HTTP
+//!   forwarding and WebSocket upgrades, and the tunnel task.
+//! - 4 `balancer`: pools, backends, backend choice, health checks, affinity at run time.
+//! - 4 `affinity`: pure sticky-routing functions (signed cookies, rendezvous hashing).
+//! - 4 `ws`: handshake checks, the frame-header parser and the frame-aware relay.
+//! - 4 `routing`: the live routing table and its handle, swapped on reload.
+//! - 4 `lifecycle`: shutdown token, task tracker, readiness, registry of live relays.
+//! - 5 `config`: the TOML file, validation, and every problem with file:line: key.
+//! - 5 `metrics`: metric names and the registry.
+//! - 5 `body`: the response body type and berth's own short responses.
+//! - 5 `io`: the client stream type, plain or TLS.
+//! - 5 `tls`: PEM loading and the rustls server configuration.
+//! - 5 `tls_stream`: the server side of a TLS connection on rustls's unbuffered API.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -24,9 +31,12 @@ pub mod admin;
 pub mod affinity;
 pub mod app;
 pub mod balancer;
+pub mod body;
 pub mod config;
 pub mod demo;
 pub mod drain;
+pub mod io;
+pub mod lifecycle;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;

@@ -272,7 +272,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 async fn run(config: Config, pid_file: Option<PathBuf>) -> anyhow::Result<()> {
     raise_fd_limit();
     let app = App::bind(config).await.context("cannot start")?;
-    let shared = app.shared();
+    let reloader = app.reloader();
     // Every signal handler is installed before the pid file exists: a
     // SIGHUP sent the moment it appears must reload, not kill, berth.
     let shutdown = shutdown_signal();
@@ -284,7 +284,7 @@ async fn run(config: Config, pid_file: Option<PathBuf>) -> anyhow::Result<()> {
             Ok(mut hup) => {
                 tokio::spawn(async move {
                     while hup.recv().await.is_some() {
-                        let _ = berth::reload::reload(&shared).await;
+                        let _ = reloader.reload().await;
                     }
                 });
             }

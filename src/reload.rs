@@ -11,15 +11,24 @@
 //!   connections, counts and state; a new weight applies at once;
 //! - backends that disappeared are drained: no new connections, and their
 //!   WebSockets get Close 1012 spread over the pool's drain window.
+//!
+//! [`ReloadContext`] is what a reload may touch: the routing table, the
+//! listeners, the lifecycle and the metrics. A reload starts the new pools'
+//! health checks, a drain task per removed backend, and a task per removed
+//! backend that forgets its metric series once its last connection is gone
+//! (or at shutdown).
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::app::{unix_now, Shared};
 use crate::balancer::Backend;
-use crate::config::{Config, ConfigError};
-use crate::listener::{BoundListener, ListenerSettings};
-use crate::routing::Runtime;
+use crate::config::{Config, ConfigError, ListenerConfig};
+use crate::lifecycle::Lifecycle;
+use crate::listener::{BoundListener, ListenerContext, ListenerSettings};
+use crate::metrics::Metrics;
+use crate::routing::{Routing, Runtime};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -30,7 +39,7 @@ pub enum ReloadError {
     #[error("cannot bind listener {name:?} on {addr}: {source}")]
     Bind {
         name: String,
-        addr: std::net::SocketAddr,
+        addr: SocketAddr,
         source: std::io::Error,
     },
 }
@@ -44,160 +53,450 @@ pub struct ReloadSummary {
     pub backends_removed: Vec<String>,
 }
 
-/// Re-reads the config file and applies it; counts the result.
-pub async fn reload(shared: &Arc<Shared>) -> Result<ReloadSummary, ReloadError> {
-    let _one_at_a_time = shared.reload_lock.lock().await;
-    let result = match &shared.config_path {
-        None => Err(ReloadError::NoFile),
-        Some(path) => match Config::load(path) {
-            Ok(config) => apply(shared, config),
-            Err(e) => Err(e.into()),
-        },
-    };
-    match &result {
-        Ok(summary) => {
-            shared
-                .metrics
-                .config_reloads
-                .with_label_values(&["success"])
-                .inc();
-            shared.metrics.config_last_reload_success.set(unix_now());
-            tracing::info!(?summary, "config reloaded");
-        }
-        Err(e) => {
-            shared
-                .metrics
-                .config_reloads
-                .with_label_values(&["failure"])
-                .inc();
-            tracing::error!(error = %e, "config reload rejected; the running config stays in force");
-        }
-    }
-    result
+/// What a reload may touch.
+pub struct ReloadContext {
+    pub routing: Arc<Routing>,
+    pub listeners: Arc<ListenerContext>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub metrics: Metrics,
+    /// The file reloads re-read, if any.
+    pub config_path: Option<PathBuf>,
+    /// One reload at a time.
+    lock: tokio::sync::Mutex<()>,
 }
 
-/// Swaps in an already validated config.
-pub fn apply(shared: &Arc<Shared>, mut config: Config) -> Result<ReloadSummary, ReloadError> {
-    let mut summary = ReloadSummary::default();
-    if config.source.is_none() {
-        config.source.clone_from(&shared.config_path);
+/// Seconds since the Unix epoch, for timestamp gauges.
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl ReloadContext {
+    pub fn new(
+        routing: Arc<Routing>,
+        listeners: Arc<ListenerContext>,
+        lifecycle: Arc<Lifecycle>,
+        metrics: Metrics,
+        config_path: Option<PathBuf>,
+    ) -> ReloadContext {
+        ReloadContext {
+            routing,
+            listeners,
+            lifecycle,
+            metrics,
+            config_path,
+            lock: tokio::sync::Mutex::new(()),
+        }
     }
 
-    // 1. Listeners: bind everything new before changing anything.
-    let mut to_bind = Vec::new();
-    let mut keep = Vec::new();
-    {
-        let running = match shared.listeners.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
+    /// Re-reads the config file and applies it; counts the result.
+    pub async fn reload(&self) -> Result<ReloadSummary, ReloadError> {
+        let _one_at_a_time = self.lock.lock().await;
+        let result = match &self.config_path {
+            None => Err(ReloadError::NoFile),
+            Some(path) => match Config::load_async(path.clone()).await {
+                Ok(config) => self.apply(config),
+                Err(e) => Err(e.into()),
+            },
         };
-        for lc in &config.listeners {
-            match running
-                .iter()
-                .find(|r| *r.spec.name == *lc.name && r.bind == lc.bind)
-            {
-                Some(r) => keep.push((Arc::clone(&r.spec), ListenerSettings::from_config(lc))),
-                None => to_bind.push(lc),
+        let label = if result.is_ok() { "success" } else { "failure" };
+        self.metrics
+            .config_reloads
+            .with_label_values(&[label])
+            .inc();
+        match &result {
+            Ok(summary) => {
+                self.metrics.config_last_reload_success.set(unix_now());
+                tracing::info!(?summary, "config reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "config reload rejected; the running config stays in force");
             }
         }
-    }
-    let mut bound = Vec::new();
-    for lc in to_bind {
-        let b = BoundListener::bind(lc).map_err(|source| ReloadError::Bind {
-            name: lc.name.clone(),
-            addr: lc.bind,
-            source,
-        })?;
-        bound.push(b);
-    }
-    for (spec, settings) in keep {
-        spec.settings.store(Arc::new(settings));
-    }
-    {
-        let mut running = match shared.listeners.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        running.retain(|r| {
-            let stays = config
-                .listeners
-                .iter()
-                .any(|lc| *r.spec.name == *lc.name && r.bind == lc.bind);
-            if !stays {
-                r.spec.stop.cancel();
-                summary.listeners_removed.push(r.spec.name.to_string());
-            }
-            stays
-        });
-    }
-    for b in bound {
-        summary.listeners_added.push(b.spec.name.to_string());
-        shared
-            .metrics
-            .connections_active
-            .with_label_values(&[&b.spec.name])
-            .add(0);
-        shared.start_listener(b);
+        result
     }
 
-    // 2. Pools and backends.
-    let old = shared.live.load_full();
-    let runtime = Runtime::new(Arc::new(config), &shared.metrics, Some(&old));
-    let mut removed: Vec<(Arc<Backend>, Duration, Duration)> = Vec::new();
-    for (name, pool) in &old.pools {
-        for b in &pool.backends {
-            let still = runtime
-                .pools
-                .get(name)
-                .and_then(|p| p.find(&b.id))
-                .is_some_and(|nb| Arc::ptr_eq(nb, b));
-            if !still {
-                removed.push((
-                    Arc::clone(b),
-                    pool.config.drain_window,
-                    pool.config.close_timeout,
-                ));
-            }
+    /// Swaps in an already validated config.
+    pub fn apply(&self, mut config: Config) -> Result<ReloadSummary, ReloadError> {
+        if config.source.is_none() {
+            config.source.clone_from(&self.config_path);
         }
+        let (listeners_added, listeners_removed) = self.apply_listeners(&config.listeners)?;
+        let (backends_added, backends_removed) = self.apply_pools(config);
+        Ok(ReloadSummary {
+            listeners_added,
+            listeners_removed,
+            backends_added,
+            backends_removed,
+        })
     }
-    for (name, pool) in &runtime.pools {
-        for b in &pool.backends {
-            let existed = old
-                .pools
-                .get(name)
-                .and_then(|p| p.find(&b.id))
-                .is_some_and(|ob| Arc::ptr_eq(ob, b));
-            if !existed {
-                summary.backends_added.push(format!("{name}/{}", b.id));
-            }
+
+    /// Binds every new listener before changing anything (a bind failure
+    /// aborts the reload), swaps the kept ones' settings, stops the removed
+    /// ones and starts the new. Returns (added, removed) names.
+    fn apply_listeners(
+        &self,
+        wanted: &[ListenerConfig],
+    ) -> Result<(Vec<String>, Vec<String>), ReloadError> {
+        let running = self.listeners.snapshot();
+        let keys: Vec<(&str, SocketAddr)> = running
+            .iter()
+            .map(|(spec, bind)| (&*spec.name, *bind))
+            .collect();
+        let plan = plan_listeners(&keys, wanted);
+        let mut bound = Vec::new();
+        for lc in plan.bind.iter().map(|&i| &wanted[i]) {
+            let b = BoundListener::bind(lc).map_err(|source| ReloadError::Bind {
+                name: lc.name.clone(),
+                addr: lc.bind,
+                source,
+            })?;
+            bound.push(b);
         }
+        for &(r, w) in &plan.keep {
+            let settings = ListenerSettings::from_config(&wanted[w]);
+            running[r].0.settings.store(Arc::new(settings));
+        }
+        let gone: Vec<_> = plan.remove.iter().map(|&r| &running[r].0).collect();
+        let removed = self.listeners.stop(&gone);
+        let mut added = Vec::new();
+        for b in bound {
+            added.push(b.spec.name.to_string());
+            self.listeners.start(b);
+        }
+        Ok((added, removed))
     }
-    let runtime = Arc::new(runtime);
-    shared.live.store(Arc::clone(&runtime));
-    for pool in old.pools.values() {
-        pool.stop.cancel();
+
+    /// Builds the new routing table (keeping the backends that stay), puts
+    /// it in force, moves the health checks over, and drains the backends
+    /// that went away. Returns (added, removed) as `pool/id`.
+    fn apply_pools(&self, config: Config) -> (Vec<String>, Vec<String>) {
+        let old = self.routing.load_full();
+        let runtime = Arc::new(Runtime::new(Arc::new(config), &self.metrics, Some(&old)));
+        let diff = diff_backends(&old, &runtime);
+        self.routing.store(Arc::clone(&runtime));
+        for pool in old.pools.values() {
+            pool.stop.cancel();
+        }
+        for pool in runtime.pools.values() {
+            crate::balancer::health::start(pool, &self.metrics, &self.lifecycle.shutdown);
+        }
+        let mut removed = Vec::new();
+        for gone in diff.removed {
+            removed.push(format!("{}/{}", gone.backend.pool, gone.backend.id));
+            self.retire(gone);
+        }
+        (diff.added, removed)
     }
-    for pool in runtime.pools.values() {
-        crate::balancer::health::start(pool, &shared.metrics, &shared.shutdown);
-    }
-    for (backend, window, close_timeout) in removed {
-        summary
-            .backends_removed
-            .push(format!("{}/{}", backend.pool, backend.id));
-        crate::drain::drain_backend(&shared.registry, &backend, window, &shared.shutdown);
-        // Once its last connection is gone, its labelled series go too.
-        let shared2 = Arc::clone(shared);
+
+    /// Drains a removed backend; once its last connection is gone, its
+    /// labelled series go too.
+    fn retire(&self, gone: Removed) {
+        let Removed {
+            backend,
+            drain_window,
+            close_timeout,
+        } = gone;
+        crate::drain::drain_backend(&self.lifecycle, &backend, drain_window);
+        let shutdown = self.lifecycle.shutdown.clone();
         tokio::spawn(async move {
             let deadline =
-                tokio::time::Instant::now() + window + close_timeout + Duration::from_secs(5);
+                tokio::time::Instant::now() + drain_window + close_timeout + Duration::from_secs(5);
             while backend.live_connections() > 0 && tokio::time::Instant::now() < deadline {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                    _ = shared2.shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return,
                 }
             }
             backend.forget_metrics();
         });
     }
-    Ok(summary)
+}
+
+/// What a reload does with the listeners, as indexes: into the running
+/// list (`keep.0`, `remove`) and into the wanted configs (`keep.1`, `bind`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ListenerPlan {
+    /// Same name and configured bind: the socket stays, settings swap.
+    pub keep: Vec<(usize, usize)>,
+    /// New, or same name on another bind: bound fresh.
+    pub bind: Vec<usize>,
+    /// No longer wanted at that name and bind: stops accepting.
+    pub remove: Vec<usize>,
+}
+
+/// Compares the running listeners (name, configured bind) with the wanted ones.
+pub fn plan_listeners(running: &[(&str, SocketAddr)], wanted: &[ListenerConfig]) -> ListenerPlan {
+    let same = |r: &(&str, SocketAddr), lc: &ListenerConfig| r.0 == lc.name && r.1 == lc.bind;
+    let mut plan = ListenerPlan::default();
+    for (w, lc) in wanted.iter().enumerate() {
+        match running.iter().position(|r| same(r, lc)) {
+            Some(r) => plan.keep.push((r, w)),
+            None => plan.bind.push(w),
+        }
+    }
+    for (r, key) in running.iter().enumerate() {
+        if !wanted.iter().any(|lc| same(key, lc)) {
+            plan.remove.push(r);
+        }
+    }
+    plan
+}
+
+/// A backend the new table no longer has (or has at another address),
+/// with the timings of the pool it was in.
+pub struct Removed {
+    pub backend: Arc<Backend>,
+    pub drain_window: Duration,
+    pub close_timeout: Duration,
+}
+
+/// How the backends differ between two routing tables.
+pub struct BackendDiff {
+    /// `pool/id` of backends new in `new` (a changed address counts as new).
+    pub added: Vec<String>,
+    pub removed: Vec<Removed>,
+}
+
+/// Compares two tables by backend identity: `Runtime::new` keeps a
+/// backend (the same `Arc`) when its pool, id and address stay.
+pub fn diff_backends(old: &Runtime, new: &Runtime) -> BackendDiff {
+    let kept = |from: &Runtime, pool: &str, b: &Arc<Backend>| {
+        from.pools
+            .get(pool)
+            .and_then(|p| p.find(&b.id))
+            .is_some_and(|other| Arc::ptr_eq(other, b))
+    };
+    let mut removed = Vec::new();
+    for (name, pool) in &old.pools {
+        for b in pool.backends.iter().filter(|b| !kept(new, name, b)) {
+            removed.push(Removed {
+                backend: Arc::clone(b),
+                drain_window: pool.config.drain_window,
+                close_timeout: pool.config.close_timeout,
+            });
+        }
+    }
+    let mut added = Vec::new();
+    for (name, pool) in &new.pools {
+        for b in pool.backends.iter().filter(|b| !kept(old, name, b)) {
+            added.push(format!("{name}/{}", b.id));
+        }
+    }
+    BackendDiff { added, removed }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::BackendState;
+    use crate::proxy::testing;
+
+    /// Listeners `(name, bind)` and pools `(pool, id, port)` as a config.
+    fn toml(listeners: &[(&str, &str)], backends: &[(&str, &str, u16)]) -> String {
+        let mut s = String::new();
+        for (name, bind) in listeners {
+            s.push_str(&format!(
+                "[[listeners]]\nname = \"{name}\"\nbind = \"{bind}\"\n\n"
+            ));
+        }
+        let mut pools: Vec<&str> = backends.iter().map(|b| b.0).collect();
+        pools.dedup();
+        for pool in &pools {
+            s.push_str(&format!(
+                "[[routes]]\npath_prefix = \"/{pool}\"\npool = \"{pool}\"\n\n"
+            ));
+        }
+        for (pool, id, port) in backends {
+            s.push_str(&format!(
+                "[[pools.{pool}.backends]]\nid = \"{id}\"\naddress = \"127.0.0.1:{port}\"\n\n"
+            ));
+        }
+        s
+    }
+
+    #[test]
+    fn listener_plan_keeps_binds_and_rebinds_moves() {
+        let wanted = testing::config(&toml(
+            &[
+                ("a", "127.0.0.1:8080"),
+                ("b", "127.0.0.1:9081"),
+                ("d", "127.0.0.1:8083"),
+            ],
+            &[("p", "x", 1)],
+        ))
+        .listeners;
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let running = [
+            ("a", addr("127.0.0.1:8080")),
+            ("b", addr("127.0.0.1:8081")),
+            ("c", addr("127.0.0.1:8082")),
+        ];
+        let names = |idx: &[usize], from: &dyn Fn(usize) -> String| -> Vec<String> {
+            idx.iter().map(|&i| from(i)).collect()
+        };
+        let plan = plan_listeners(&running, &wanted);
+        assert_eq!(plan.keep, vec![(0, 0)]);
+        assert_eq!(names(&plan.bind, &|i| wanted[i].name.clone()), ["b", "d"]);
+        assert_eq!(
+            names(&plan.remove, &|i| running[i].0.to_string()),
+            ["b", "c"]
+        );
+        // The same set again changes nothing.
+        let same: Vec<(&str, SocketAddr)> =
+            wanted.iter().map(|l| (l.name.as_str(), l.bind)).collect();
+        let plan = plan_listeners(&same, &wanted);
+        assert_eq!(plan.keep, vec![(0, 0), (1, 1), (2, 2)]);
+        assert!(plan.bind.is_empty() && plan.remove.is_empty());
+    }
+
+    #[test]
+    fn backend_diff_is_by_pool_id_and_address() {
+        let metrics = Metrics::new().unwrap();
+        let public = [("public", "127.0.0.1:0")];
+        let old = testing::config(&toml(
+            &public,
+            &[
+                ("chat", "b1", 9001),
+                ("chat", "b2", 9002),
+                ("api", "a1", 9101),
+            ],
+        ));
+        let new = testing::config(&toml(
+            &public,
+            // b1 moves, b2 stays, b3 and the pool `feed` are new, `api` goes.
+            &[
+                ("chat", "b1", 9011),
+                ("chat", "b2", 9002),
+                ("chat", "b3", 9003),
+                ("feed", "f1", 9201),
+            ],
+        ));
+        let old = Runtime::new(Arc::new(old), &metrics, None);
+        let new = Runtime::new(Arc::new(new), &metrics, Some(&old));
+        let diff = diff_backends(&old, &new);
+        let mut added = diff.added.clone();
+        added.sort();
+        assert_eq!(added, ["chat/b1", "chat/b3", "feed/f1"]);
+        let mut removed: Vec<String> = diff
+            .removed
+            .iter()
+            .map(|r| format!("{}/{} {}", r.backend.pool, r.backend.id, r.backend.address))
+            .collect();
+        removed.sort();
+        assert_eq!(removed, ["api/a1 127.0.0.1:9101", "chat/b1 127.0.0.1:9001"]);
+        // The backend that stayed is the same one, live counts and all.
+        assert!(Arc::ptr_eq(
+            old.pools["chat"].find("b2").unwrap(),
+            new.pools["chat"].find("b2").unwrap()
+        ));
+    }
+
+    /// A reload context for `text` with its listeners running.
+    fn running(text: &str) -> ReloadContext {
+        let proxy = testing::context(text);
+        let listeners = Arc::new(ListenerContext::new(Arc::clone(&proxy)));
+        for lc in &proxy.routing.load().config.listeners {
+            listeners.start(BoundListener::bind(lc).unwrap());
+        }
+        ReloadContext::new(
+            Arc::clone(&proxy.routing),
+            listeners,
+            Arc::clone(&proxy.lifecycle),
+            proxy.metrics.clone(),
+            None,
+        )
+    }
+
+    fn sorted(mut v: Vec<String>) -> Vec<String> {
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn apply_swaps_listeners_and_pools() {
+        let ctx = running(&toml(
+            &[("a", "127.0.0.1:0"), ("b", "127.0.0.1:0")],
+            &[("chat", "b1", 9001), ("chat", "b2", 9002)],
+        ));
+        let a_addr = ctx.listeners.addrs()["a"];
+        let old_b2 = Arc::clone(ctx.routing.load().pools["chat"].find("b2").unwrap());
+        let old_b1 = Arc::clone(ctx.routing.load().pools["chat"].find("b1").unwrap());
+        let next = testing::config(&toml(
+            &[("a", "127.0.0.1:0"), ("c", "127.0.0.1:0")],
+            &[("chat", "b2", 9002), ("chat", "b3", 9003)],
+        ));
+        let summary = ctx.apply(next).unwrap();
+        assert_eq!(summary.listeners_added, ["c"]);
+        assert_eq!(summary.listeners_removed, ["b"]);
+        assert_eq!(summary.backends_added, ["chat/b3"]);
+        assert_eq!(summary.backends_removed, ["chat/b1"]);
+        // `a` kept its socket; `b` is gone and `c` is accepting.
+        let addrs = ctx.listeners.addrs();
+        assert_eq!(sorted(addrs.keys().cloned().collect()), ["a", "c"]);
+        assert_eq!(addrs["a"], a_addr);
+        tokio::net::TcpStream::connect(addrs["c"]).await.unwrap();
+        // The new table is in force, b2 carried over, b1 draining.
+        let table = ctx.routing.load();
+        assert!(Arc::ptr_eq(
+            table.pools["chat"].find("b2").unwrap(),
+            &old_b2
+        ));
+        assert!(table.pools["chat"].find("b1").is_none());
+        assert_eq!(old_b1.state(), BackendState::Draining);
+    }
+
+    #[tokio::test]
+    async fn a_bind_failure_changes_nothing() {
+        let ctx = running(&toml(&[("a", "127.0.0.1:0")], &[("chat", "b1", 9001)]));
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken_addr = taken.local_addr().unwrap().to_string();
+        let next = testing::config(&toml(&[("z", &taken_addr)], &[("chat", "b9", 9009)]));
+        let err = ctx.apply(next).err().unwrap();
+        assert!(
+            matches!(&err, ReloadError::Bind { name, .. } if name == "z"),
+            "{err}"
+        );
+        assert_eq!(sorted(ctx.listeners.addrs().into_keys().collect()), ["a"]);
+        assert!(ctx.routing.load().pools["chat"].find("b1").is_some());
+    }
+
+    #[tokio::test]
+    async fn reload_reads_the_file_and_counts_the_result() {
+        let text = toml(&[("a", "127.0.0.1:0")], &[("chat", "b1", 9001)]);
+        let mut ctx = running(&text);
+        let count = |ctx: &ReloadContext, result: &str| {
+            ctx.metrics
+                .config_reloads
+                .with_label_values(&[result])
+                .get()
+        };
+        assert!(matches!(ctx.reload().await, Err(ReloadError::NoFile)));
+        assert_eq!(count(&ctx, "failure"), 1);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("berth.toml");
+        ctx.config_path = Some(path.clone());
+        std::fs::write(
+            &path,
+            text.replace("[[pools.chat.backends]]", "[[pools.chat.backendz]]"),
+        )
+        .unwrap();
+        let err = ctx.reload().await.err().unwrap();
+        assert!(matches!(err, ReloadError::Config(_)), "{err}");
+        assert!(err.to_string().contains("berth.toml:"), "{err}");
+        assert_eq!(count(&ctx, "failure"), 2);
+        assert!(ctx.routing.load().pools["chat"].find("b1").is_some());
+
+        std::fs::write(&path, text.replace("\"b1\"", "\"b2\"")).unwrap();
+        let summary = ctx.reload().await.unwrap();
+        assert_eq!(summary.backends_added, ["chat/b2"]);
+        assert_eq!(count(&ctx, "success"), 1);
+        assert!(ctx.routing.load().pools["chat"].find("b2").is_some());
+        assert_eq!(
+            ctx.routing.load().config.source.as_deref(),
+            Some(path.as_path())
+        );
+    }
 }

@@ -1,9 +1,15 @@
 //! The live routing table: validated config plus the pools built from it.
 //! Swapped whole on reload (through `arc_swap`), so a request sees one
 //! consistent version from start to end.
+//!
+//! [`Routing`] is the handle every layer above reads the table through
+//! (the proxy per request, the admin API per call) and that only a reload
+//! replaces. It owns no tasks.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+
+use arc_swap::{ArcSwap, Guard};
 
 use crate::balancer::Pool;
 use crate::config::Config;
@@ -46,5 +52,34 @@ impl Runtime {
                     && path.starts_with(&r.path_prefix)
             })
             .and_then(|r| self.pools.get(&r.pool))
+    }
+}
+
+/// The routing table in force: read lock-free per request, replaced whole
+/// by a reload.
+pub struct Routing {
+    live: ArcSwap<Runtime>,
+}
+
+impl Routing {
+    pub fn new(runtime: Runtime) -> Routing {
+        Routing {
+            live: ArcSwap::from_pointee(runtime),
+        }
+    }
+
+    /// The table for one request or one admin call (cheap; hold it briefly).
+    pub fn load(&self) -> Guard<Arc<Runtime>> {
+        self.live.load()
+    }
+
+    /// The table, kept as long as the caller likes.
+    pub fn load_full(&self) -> Arc<Runtime> {
+        self.live.load_full()
+    }
+
+    /// Puts a new table in force; requests already routed keep the old one.
+    pub fn store(&self, runtime: Arc<Runtime>) {
+        self.live.store(runtime);
     }
 }

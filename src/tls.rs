@@ -38,6 +38,10 @@ pub enum TlsError {
     },
     #[error("{key}: unusable private key: {source}")]
     BadKey { key: String, source: rustls::Error },
+    /// The crypto provider refused TLS 1.2 and 1.3 (berth's own setup, not
+    /// the certificate or key).
+    #[error("the TLS provider does not support TLS 1.2 and 1.3: {source}")]
+    Versions { source: rustls::Error },
     #[error("cannot create the TLS session ticket keys: {source}")]
     Ticketer { source: rustls::Error },
 }
@@ -143,10 +147,7 @@ pub fn server_config_from_der(
         })?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|source| TlsError::BadKey {
-            key: key_name.to_string(),
-            source,
-        })?
+        .map_err(|source| TlsError::Versions { source })?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(Arc::new(
             certified,

@@ -535,6 +535,30 @@ async fn upgrade_result_backend_refused() {
 }
 
 #[tokio::test]
+async fn upgrade_result_bad_request_for_an_unusable_target() {
+    let backends = ws_backends(&["b1"]).await;
+    let proxy = proxy_for(&backends, "").await;
+    let before = scrape(&proxy).await;
+    // Absolute form without a path: what is left for the backend, "?x=1",
+    // is no request target. Refused with 400 before a backend is chosen.
+    let (_s, resp) = raw_request(proxy.addr, &upgrade_head("http://localhost?x=1", "")).await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert_one_upgrade(
+        &proxy,
+        &before,
+        &[("pool", "main"), ("backend", ""), ("result", "bad_request")],
+    )
+    .await;
+    assert_eq!(
+        backends[0]
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
 async fn upgrade_result_backend_bad_accept() {
     let (addr, _t) = raw_backend(
         b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n",

@@ -18,9 +18,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::body::ProxyBody;
 use crate::config::{Balance, PoolConfig};
 use crate::metrics::Metrics;
-use crate::proxy::ProxyBody;
 
 /// Consecutive data-path failures that take a backend down in a pool
 /// without active health checks.

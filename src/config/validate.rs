@@ -75,7 +75,7 @@ fn tls_error_key(err: &TlsError) -> Option<&'static str> {
         TlsError::ReadKey { .. } | TlsError::Mismatch { .. } | TlsError::BadKey { .. } => {
             Some("key")
         }
-        TlsError::Ticketer { .. } => None,
+        TlsError::Ticketer { .. } | TlsError::Versions { .. } => None,
     }
 }
 

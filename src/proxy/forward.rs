@@ -1,172 +1,164 @@
 //! Plain HTTP (and Server-Sent Events): forwarded through a pooled hyper
 //! client, bodies streamed both ways, never buffered.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use http::{Request, Response, Uri};
-use http_body_util::{BodyExt, Empty};
+use http::{Method, Request, Response, Uri};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 
-use super::headers::{add_forwarded, host_without_port, request_host, strip_hop_by_hop};
-use super::{ConnInfo, ProxyBody, ProxyError};
-use std::sync::Arc;
-
-use crate::app::Shared;
-use crate::balancer::RequestFacts;
+use super::headers::strip_hop_by_hop;
+use super::request::{
+    append_set_cookie, choose_and_connect, facts, AttemptError, ConnectError, Prepared,
+};
+use super::{ConnInfo, ProxyContext, ProxyError};
+use crate::balancer::{Backend, Choice};
+use crate::body::{empty, ProxyBody};
 use crate::metrics::status_class;
+
+/// What the access log and the metrics say about one request.
+struct Access<'a> {
+    conn: &'a ConnInfo,
+    method: Method,
+    path: String,
+    started: Instant,
+}
 
 pub async fn handle(
     req: Request<Incoming>,
     conn: &ConnInfo,
-    shared: &Shared,
+    ctx: &ProxyContext,
 ) -> Response<ProxyBody> {
-    let started = Instant::now();
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let host = request_host(&req);
-    let runtime = shared.live.load();
-    let Some(pool) = runtime.route(host.as_deref().map(host_without_port).as_deref(), &path) else {
-        let err = ProxyError::NoRoute;
-        tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %method, path = %path, status = 404u16, "no route");
-        return err.response();
+    let access = Access {
+        conn,
+        method: req.method().clone(),
+        path: req.uri().path().to_string(),
+        started: Instant::now(),
     };
-    let pool = pool.clone();
-    drop(runtime);
-
-    let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    add_forwarded(
-        &mut parts.headers,
-        conn.peer.ip(),
-        conn.tls,
-        host.as_deref(),
-    );
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_string();
+    let (parts, body) = req.into_parts();
+    let prepared = match Prepared::new(&ctx.routing, conn, &parts) {
+        Ok(p) => p,
+        Err(err) => {
+            tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %access.method, path = %access.path, status = 404u16, "no route");
+            return err.response();
+        }
+    };
+    let pool = Arc::clone(&prepared.pool);
     // A request without a body can be sent again if the first backend
     // could not be reached at all.
-    let retryable = body.is_end_stream();
+    let attempts = if body.is_end_stream() { 2 } else { 1 };
     let mut body = Some(body.boxed_unsync());
-    let mut tried = Vec::new();
-    let attempts = if retryable { 2 } else { 1 };
+    let result = choose_and_connect(
+        &ctx.metrics,
+        &pool,
+        &facts(&parts, conn),
+        attempts,
+        |backend| {
+            let out = backend_request(&parts.method, &prepared, backend, body.take());
+            send(out, Arc::clone(backend), &prepared)
+        },
+    )
+    .await;
+    match result {
+        Ok((choice, resp)) => respond(ctx, &access, &pool.config.name, &choice, resp),
+        Err(err) => fail(ctx, &access, &pool.config.name, &err),
+    }
+}
 
-    let mut last_err = ProxyError::NoBackend(pool.config.name.clone());
-    for _ in 0..attempts {
-        let facts = RequestFacts {
-            headers: &parts.headers,
-            uri: &parts.uri,
-            peer: conn.peer.ip(),
-            tls: conn.tls,
-        };
-        let Some(choice) = pool.choose(&facts, &tried) else {
-            break;
-        };
-        let backend = Arc::clone(&choice.backend);
-        let uri: Uri = match format!("http://{}{}", backend.address, path_and_query).parse() {
-            Ok(u) => u,
-            Err(_) => {
-                last_err = ProxyError::Connect {
-                    backend: backend.id.clone(),
-                    reason: "address does not form a valid URI".into(),
-                };
-                tried.push(backend);
-                continue;
-            }
-        };
-        let mut out = Request::new(
-            body.take()
-                .unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed_unsync()),
-        );
-        *out.method_mut() = parts.method.clone();
-        *out.uri_mut() = uri;
-        *out.headers_mut() = parts.headers.clone();
-        // berth's own affinity cookie is not the application's business.
-        if let Some(name) = pool.sticky.cookie_name() {
-            crate::affinity::strip_cookie(out.headers_mut(), name);
-        }
-        let guard = backend.track_request();
-        let result = tokio::time::timeout(pool.config.response_timeout, {
-            // The backend's own keep-alive pool; a backend that started
-            // draining since it was chosen falls back to the pool's.
-            let client = backend.http_client().unwrap_or_else(|| pool.http.clone());
-            client.request(out)
-        })
-        .await;
-        drop(guard);
-        match result {
-            Ok(Ok(resp)) => {
-                let (mut rparts, rbody) = resp.into_parts();
-                strip_hop_by_hop(&mut rparts.headers);
-                if let Some(cookie) = choice
-                    .set_cookie
-                    .as_deref()
-                    .and_then(|c| http::HeaderValue::from_str(c).ok())
-                {
-                    rparts.headers.append(http::header::SET_COOKIE, cookie);
-                }
-                if let Some(result) = choice.result {
-                    shared
-                        .metrics
-                        .affinity
-                        .with_label_values(&[
-                            &pool.config.name,
-                            pool.config.affinity.mode(),
-                            result,
-                        ])
-                        .inc();
-                }
-                let status = rparts.status.as_u16();
-                let elapsed = started.elapsed();
-                shared
-                    .metrics
-                    .http_requests
-                    .with_label_values(&[&pool.config.name, &backend.id, status_class(status)])
-                    .inc();
-                shared
-                    .metrics
-                    .http_duration
-                    .with_label_values(&[&pool.config.name])
-                    .observe(elapsed.as_secs_f64());
-                tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %method, path = %path, status, pool = %pool.config.name, backend = %backend.id, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
-                return Response::from_parts(rparts, rbody.boxed_unsync());
-            }
-            Ok(Err(e)) if e.is_connect() => {
-                pool.observe(&backend, false, &format!("connect failed: {e}"));
-                last_err = ProxyError::Connect {
-                    backend: backend.id.clone(),
-                    reason: e.to_string(),
-                };
-                tried.push(backend);
-            }
-            Ok(Err(e)) => {
-                last_err = ProxyError::BackendClient {
-                    backend: backend.id.clone(),
-                    source: e,
-                };
-                tried.push(backend);
-                break;
-            }
-            Err(_) => {
-                last_err = ProxyError::ResponseTimeout(backend.id.clone());
-                tried.push(backend);
-                break;
-            }
+/// The request as `backend` receives it (an empty body on a retry).
+fn backend_request(
+    method: &Method,
+    prepared: &Prepared,
+    backend: &Backend,
+    body: Option<ProxyBody>,
+) -> Result<Request<ProxyBody>, ConnectError> {
+    let uri: Uri = format!("http://{}{}", backend.address, prepared.path_and_query)
+        .parse()
+        .map_err(ConnectError::BadAddress)?;
+    let mut out = Request::new(body.unwrap_or_else(empty));
+    *out.method_mut() = method.clone();
+    *out.uri_mut() = uri;
+    *out.headers_mut() = prepared.headers.clone();
+    Ok(out)
+}
+
+/// One attempt: the request through the backend's keep-alive pool, under
+/// `response_timeout`. Only a failed connect may be retried elsewhere.
+fn send(
+    out: Result<Request<ProxyBody>, ConnectError>,
+    backend: Arc<Backend>,
+    prepared: &Prepared,
+) -> impl std::future::Future<Output = Result<Response<Incoming>, AttemptError>> {
+    // A backend that started draining since it was chosen falls back to
+    // the pool's client.
+    let client = backend
+        .http_client()
+        .unwrap_or_else(|| prepared.pool.http.clone());
+    let timeout = prepared.pool.config.response_timeout;
+    async move {
+        let out = out.map_err(AttemptError::Connect)?;
+        let _in_flight = backend.track_request();
+        match tokio::time::timeout(timeout, client.request(out)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) if e.is_connect() => Err(AttemptError::Connect(ConnectError::Client(e))),
+            Ok(Err(source)) => Err(AttemptError::Failed(ProxyError::BackendClient {
+                backend: backend.id.clone(),
+                source,
+            })),
+            Err(_) => Err(AttemptError::Failed(ProxyError::ResponseTimeout(
+                backend.id.clone(),
+            ))),
         }
     }
-    let resp = last_err.response();
-    let backend = tried.last().map_or("", |b| b.id.as_str());
-    shared
-        .metrics
+}
+
+/// The backend's response, on its way to the client: counted and logged.
+fn respond(
+    ctx: &ProxyContext,
+    access: &Access<'_>,
+    pool: &str,
+    choice: &Choice,
+    resp: Response<Incoming>,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    append_set_cookie(choice, &mut parts.headers);
+    let backend = &choice.backend.id;
+    let status = parts.status.as_u16();
+    let elapsed = access.started.elapsed();
+    ctx.metrics
         .http_requests
-        .with_label_values(&[
-            &pool.config.name,
-            backend,
-            status_class(resp.status().as_u16()),
-        ])
+        .with_label_values(&[pool, backend, status_class(status)])
         .inc();
-    tracing::warn!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %method, path = %path, status = resp.status().as_u16(), pool = %pool.config.name, backend, error = %last_err, "request failed");
+    ctx.metrics
+        .http_duration
+        .with_label_values(&[pool])
+        .observe(elapsed.as_secs_f64());
+    let Access {
+        conn, method, path, ..
+    } = access;
+    tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %method, path = %path, status, pool, backend = %backend, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// berth's own error response: counted and logged.
+fn fail(
+    ctx: &ProxyContext,
+    access: &Access<'_>,
+    pool: &str,
+    err: &ProxyError,
+) -> Response<ProxyBody> {
+    let resp = err.response();
+    let backend = err.backend().unwrap_or("");
+    let status = resp.status().as_u16();
+    ctx.metrics
+        .http_requests
+        .with_label_values(&[pool, backend, status_class(status)])
+        .inc();
+    let Access {
+        conn, method, path, ..
+    } = access;
+    tracing::warn!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %method, path = %path, status, pool, backend, error = %err, "request failed");
     resp
 }

@@ -57,12 +57,12 @@ pub fn add_forwarded(headers: &mut HeaderMap, client_ip: IpAddr, tls: bool, host
 
 /// The request's host (from `Host`, or the URI's authority), without port,
 /// lower-cased for routing; and the raw value for `X-Forwarded-Host`.
-pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
-    req.headers()
+pub fn request_host(headers: &HeaderMap, uri: &http::Uri) -> Option<String> {
+    headers
         .get(HOST)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))
+        .or_else(|| uri.authority().map(|a| a.as_str().to_string()))
 }
 
 /// `example.com:8443` -> `example.com`; `[::1]:80` -> `[::1]`.

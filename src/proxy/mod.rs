@@ -1,12 +1,15 @@
 //! The per-request service: routes each request and hands it to the plain
 //! HTTP path (`forward`) or the WebSocket path (`upgrade`).
 //!
-//! Errors carry the side that caused them (client, backend or berth itself);
-//! [`ProxyError::status`] and [`ProxyError::upgrade_result`] are the one place
-//! that maps them to a status code and a metric label.
+//! [`ProxyContext`] is everything the service may touch. [`serve`] runs
+//! inside the listener's connection task; the only task the proxy starts
+//! is a `tunnel` per upgraded connection, tracked by the lifecycle's tracker.
+//! [`ProxyError::status`] and [`ProxyError::upgrade_result`] are the one
+//! place that maps errors to a status code and a metric label.
 
 pub mod forward;
 pub mod headers;
+pub mod request;
 pub mod tunnel;
 pub mod upgrade;
 
@@ -14,18 +17,24 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::Request;
 
-use crate::app::Shared;
+use crate::body::{text_response, ProxyBody};
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+use crate::routing::Routing;
 use crate::ws::handshake::{classify, UpgradeKind};
 
-/// Bodies berth sends: a backend's streamed body or a short text of its own.
-pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+/// What the request service needs, and all it may touch: the routing table,
+/// the metrics, and the lifecycle (shutdown, task tracker, relay registry).
+/// It knows nothing of listeners, the admin API or reloads.
+pub struct ProxyContext {
+    pub routing: Arc<Routing>,
+    pub metrics: Metrics,
+    pub lifecycle: Arc<Lifecycle>,
+}
 
 /// Facts about the client connection a request arrived on. It lives as
 /// long as the connection does, upgraded ones included (the relay task holds
@@ -45,22 +54,20 @@ impl Drop for ConnInfo {
     }
 }
 
-/// Which party a failure is attributed to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    Client,
-    Backend,
-    Internal,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no route matches this host and path")]
     NoRoute,
+    #[error("unusable request target")]
+    BadTarget,
     #[error("no backend of pool {0:?} is available")]
     NoBackend(String),
-    #[error("connecting to backend {backend} failed: {reason}")]
-    Connect { backend: String, reason: String },
+    #[error("connecting to backend {backend} failed: {source}")]
+    Connect {
+        backend: String,
+        #[source]
+        source: request::ConnectError,
+    },
     #[error("backend {0} did not answer within response_timeout")]
     ResponseTimeout(String),
     #[error("backend {0} answered 101 with a wrong or missing Sec-WebSocket-Accept")]
@@ -77,21 +84,19 @@ pub enum ProxyError {
         #[source]
         source: hyper_util::client::legacy::Error,
     },
+    /// berth's own failure: the upgraded backend connection was not the
+    /// stream berth opened.
+    #[error("berth could not take over the connection to backend {0}")]
+    Handover(String),
 }
 
 impl ProxyError {
-    pub fn side(&self) -> Side {
-        match self {
-            ProxyError::NoRoute => Side::Client,
-            ProxyError::NoBackend(_) => Side::Internal,
-            _ => Side::Backend,
-        }
-    }
-
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::BadTarget => StatusCode::BAD_REQUEST,
             ProxyError::NoBackend(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Handover(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. }
             | ProxyError::BadAccept(_)
@@ -104,12 +109,27 @@ impl ProxyError {
     pub fn upgrade_result(&self) -> &'static str {
         match self {
             ProxyError::NoRoute => "no_route",
+            ProxyError::BadTarget => "bad_request",
             ProxyError::NoBackend(_) => "no_backend",
+            ProxyError::Handover(_) => "internal_error",
             ProxyError::Connect { .. } => "backend_connect_error",
             ProxyError::ResponseTimeout(_) => "backend_timeout",
             ProxyError::BadAccept(_) => "backend_bad_accept",
             ProxyError::Backend { .. } | ProxyError::BackendClient { .. } => {
                 "backend_connect_error"
+            }
+        }
+    }
+
+    /// The backend the failure is attributed to, if one was chosen.
+    pub fn backend(&self) -> Option<&str> {
+        match self {
+            ProxyError::NoRoute | ProxyError::BadTarget | ProxyError::NoBackend(_) => None,
+            ProxyError::Connect { backend, .. }
+            | ProxyError::Backend { backend, .. }
+            | ProxyError::BackendClient { backend, .. } => Some(backend),
+            ProxyError::ResponseTimeout(b) | ProxyError::BadAccept(b) | ProxyError::Handover(b) => {
+                Some(b)
             }
         }
     }
@@ -125,35 +145,16 @@ impl ProxyError {
     }
 }
 
-/// A short plain-text response from berth itself.
-pub fn text_response(status: StatusCode, body: &str) -> Response<ProxyBody> {
-    let mut resp = Response::new(full(Bytes::from(body.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
-
-/// A complete body as a [`ProxyBody`].
-pub fn full(bytes: Bytes) -> ProxyBody {
-    Full::new(bytes)
-        .map_err(|never: Infallible| match never {})
-        .boxed_unsync()
-}
-
 /// hyper service entry point: never fails, every error becomes a response.
 pub async fn serve(
     req: Request<Incoming>,
     conn: Arc<ConnInfo>,
-    shared: Arc<Shared>,
+    ctx: Arc<ProxyContext>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let resp = match classify(&req) {
-        UpgradeKind::WebSocket => upgrade::handle(req, &conn, &shared).await,
+        UpgradeKind::WebSocket => upgrade::handle(req, &conn, &ctx).await,
         UpgradeKind::Unsupported => {
-            shared
-                .metrics
+            ctx.metrics
                 .ws_upgrades
                 .with_label_values(&["", "", "not_websocket"])
                 .inc();
@@ -162,7 +163,48 @@ pub async fn serve(
                 "berth proxies only WebSocket upgrades (GET, HTTP/1.1, Upgrade: websocket)\n",
             )
         }
-        UpgradeKind::None => forward::handle(req, &conn, &shared).await,
+        UpgradeKind::None => forward::handle(req, &conn, &ctx).await,
     };
     Ok(resp)
+}
+
+/// Contexts built from a config text, for the unit tests of this layer
+/// and the ones above it.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use super::{ConnInfo, ProxyContext};
+    use crate::config::Config;
+    use crate::lifecycle::Lifecycle;
+    use crate::metrics::Metrics;
+    use crate::routing::{Routing, Runtime};
+
+    /// The validated config of `toml` (panics with the problems if invalid).
+    pub fn config(toml: &str) -> Config {
+        Config::from_toml_str(toml, "test config").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A proxy context serving `toml`, with fresh metrics and lifecycle.
+    pub fn context(toml: &str) -> Arc<ProxyContext> {
+        let metrics = Metrics::new().unwrap();
+        let runtime = Runtime::new(Arc::new(config(toml)), &metrics, None);
+        Arc::new(ProxyContext {
+            routing: Arc::new(Routing::new(runtime)),
+            metrics,
+            lifecycle: Arc::new(Lifecycle::new()),
+        })
+    }
+
+    /// A client connection from 127.0.0.1 on listener `test`.
+    pub fn conn(ctx: &ProxyContext, tls: bool) -> ConnInfo {
+        let open_gauge = ctx.metrics.connections_active.with_label_values(&["test"]);
+        open_gauge.inc();
+        ConnInfo {
+            peer: "127.0.0.1:40000".parse().unwrap(),
+            listener: Arc::from("test"),
+            tls,
+            open_gauge,
+        }
+    }
 }

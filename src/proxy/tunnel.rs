@@ -9,7 +9,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -19,22 +18,22 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::ConnInfo;
-use crate::app::Shared;
+use super::{ConnInfo, ProxyContext};
 use crate::balancer::ConnectionGuard;
-use crate::listener::ClientStream;
+use crate::io::ClientStream;
+use crate::lifecycle::RelayId;
 use crate::metrics::close_code_label;
 use crate::ws::relay::{relay, EndReason, Relay, RelayConfig, RelayOutcome};
 
 /// One upgraded connection, from the `101` to its end.
 pub struct Tunnel {
-    shared: Arc<Shared>,
+    ctx: Arc<ProxyContext>,
     conn: Arc<ConnInfo>,
     /// Holds the backend's live-connection slot.
     guard: ConnectionGuard,
     started: Instant,
     /// The relay's entry in the drain registry, while it runs.
-    registered: Option<u64>,
+    registered: Option<RelayId>,
     state: State,
 }
 
@@ -60,7 +59,7 @@ struct Pending {
 impl Tunnel {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        shared: Arc<Shared>,
+        ctx: Arc<ProxyContext>,
         conn: Arc<ConnInfo>,
         guard: ConnectionGuard,
         upgrade: OnUpgrade,
@@ -69,7 +68,7 @@ impl Tunnel {
         config: RelayConfig,
     ) -> Tunnel {
         Tunnel {
-            shared,
+            ctx,
             conn,
             guard,
             started: Instant::now(),
@@ -85,7 +84,7 @@ impl Tunnel {
 
     fn record(&self, outcome: &RelayOutcome) {
         let backend = self.guard.backend();
-        let m = &self.shared.metrics;
+        let m = &self.ctx.metrics;
         let pool = backend.pool.as_str();
         let elapsed = self.started.elapsed();
         m.ws_duration
@@ -147,18 +146,19 @@ impl Future for Tunnel {
                     } = *pending;
                     let client = match upgraded.map(|u| u.downcast::<TokioIo<ClientStream>>()) {
                         Ok(Ok(parts)) => parts,
-                        Ok(Err(_)) => return Poll::Ready(()),
+                        Ok(Err(_)) => {
+                            // berth's own failure: hyper handed back a stream
+                            // other than the one the listener gave it.
+                            tracing::error!(client = %this.conn.peer, "upgraded client connection is not a ClientStream");
+                            return Poll::Ready(());
+                        }
                         Err(e) => {
                             tracing::debug!(client = %this.conn.peer, error = %e, "client upgrade did not complete");
                             return Poll::Ready(());
                         }
                     };
                     this.started = Instant::now();
-                    this.shared.ws_live.fetch_add(1, Ordering::Relaxed);
-                    let (id, stop) = this
-                        .shared
-                        .registry
-                        .register(this.guard.backend(), this.shared.shutdown.is_cancelled());
+                    let (id, stop) = this.ctx.lifecycle.relay_started(this.guard.backend());
                     this.registered = Some(id);
                     this.state = State::Relaying(relay(
                         client.io.into_inner(),
@@ -177,9 +177,8 @@ impl Future for Tunnel {
                     };
                     // Close the sockets before accounting for them.
                     this.state = State::Done;
-                    this.shared.ws_live.fetch_sub(1, Ordering::Relaxed);
                     if let Some(id) = this.registered.take() {
-                        this.shared.registry.unregister(id);
+                        this.ctx.lifecycle.relay_ended(id);
                     }
                     this.record(&outcome);
                     return Poll::Ready(());
@@ -195,7 +194,7 @@ impl Drop for Tunnel {
         // A tunnel dropped mid-relay (the runtime shutting down) leaves no
         // stale entry behind.
         if let Some(id) = self.registered.take() {
-            self.shared.registry.unregister(id);
+            self.ctx.lifecycle.relay_ended(id);
         }
     }
 }

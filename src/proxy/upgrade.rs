@@ -1,225 +1,217 @@
 //! The WebSocket path: validate the client's handshake (RFC 6455 §4.2.1),
 //! forward it to a backend, check the backend's `101` and accept key
-//! (§4.1), answer the client, then run the relay in a tracked task.
+//! (§4.1), answer the client, then run the relay in a tunnel task tracked
+//! by the lifecycle's tracker.
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{CONNECTION, UPGRADE};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::headers::{add_forwarded, host_without_port, request_host, strip_hop_by_hop};
+use super::headers::strip_hop_by_hop;
+use super::request::{
+    append_set_cookie, choose_and_connect, connect, facts, AttemptError, Prepared,
+};
 use super::tunnel::Tunnel;
-use super::{text_response, ConnInfo, ProxyBody, ProxyError};
-use crate::app::Shared;
-use crate::balancer::{Backend, Choice, Pool, RequestFacts};
+use super::{ConnInfo, ProxyContext, ProxyError};
+use crate::balancer::{Backend, Choice, Pool};
+use crate::body::{empty, text_response, ProxyBody};
 use crate::ws::handshake::{accept_matches, validate, HandshakeError};
 use crate::ws::relay::RelayConfig;
+
+/// The backend's side of a switched connection: the stream and the bytes
+/// hyper already read past the `101`.
+type BackendIo = (TcpStream, Bytes);
 
 pub async fn handle(
     mut req: Request<Incoming>,
     conn: &Arc<ConnInfo>,
-    shared: &Arc<Shared>,
+    ctx: &Arc<ProxyContext>,
 ) -> Response<ProxyBody> {
-    let count = |pool: &str, backend: &str, result: &str| {
-        shared
-            .metrics
-            .ws_upgrades
-            .with_label_values(&[pool, backend, result])
-            .inc();
-    };
     // 1. The client's handshake, before any backend is touched.
     let key = match validate(req.headers()) {
         Ok(key) => key.to_string(),
-        Err(HandshakeError::BadVersion) => {
-            count("", "", "bad_version");
-            let mut resp = text_response(
-                StatusCode::UPGRADE_REQUIRED,
-                "unsupported Sec-WebSocket-Version: berth speaks version 13\n",
-            );
-            resp.headers_mut()
-                .insert("sec-websocket-version", HeaderValue::from_static("13"));
-            return resp;
-        }
-        Err(e) => {
-            count("", "", "bad_key");
-            return text_response(StatusCode::BAD_REQUEST, &format!("{e}\n"));
+        Err(err) => return refuse(ctx, &err),
+    };
+    // 2. Route, and the request the backend sees: end-to-end headers kept,
+    //    the upgrade headers restated, X-Forwarded-* added.
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let (parts, _body) = req.into_parts();
+    let prepared = match Prepared::new(&ctx.routing, conn, &parts) {
+        Ok(p) => p,
+        Err(err) => {
+            count(ctx, "", "", err.upgrade_result());
+            return err.response();
         }
     };
-    // 2. Route.
-    let host = request_host(&req);
-    let runtime = shared.live.load();
-    let Some(pool) = runtime
-        .route(
-            host.as_deref().map(host_without_port).as_deref(),
-            req.uri().path(),
-        )
-        .cloned()
-    else {
-        count("", "", "no_route");
-        return ProxyError::NoRoute.response();
-    };
-    drop(runtime);
-    let pool_name = pool.config.name.clone();
-    if !origin_allowed(&pool.config.allowed_origins, req.headers()) {
-        count(&pool_name, "", "origin_rejected");
+    let pool = Arc::clone(&prepared.pool);
+    let pool_name = pool.config.name.as_str();
+    if !origin_allowed(&pool.config.allowed_origins, &parts.headers) {
+        count(ctx, pool_name, "", "origin_rejected");
         return text_response(StatusCode::FORBIDDEN, "origin not allowed\n");
     }
-
-    // 3. The request the backend sees: end-to-end headers kept, the upgrade
-    //    headers restated, X-Forwarded-* added.
-    let client_upgrade = hyper::upgrade::on(&mut req);
-    let mut headers = req.headers().clone();
-    strip_hop_by_hop(&mut headers);
-    // berth's own affinity cookie is not the application's business.
-    if let Some(name) = pool.sticky.cookie_name() {
-        crate::affinity::strip_cookie(&mut headers, name);
-    }
-    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
-    add_forwarded(&mut headers, conn.peer.ip(), conn.tls, host.as_deref());
-    let path_and_query = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_string();
-
-    // 4. Choose (affinity first) and connect, retrying once on another backend.
-    let facts = RequestFacts {
-        headers: req.headers(),
-        uri: req.uri(),
-        peer: conn.peer.ip(),
-        tls: conn.tls,
+    let out = match handshake_request(prepared) {
+        Ok(out) => out,
+        Err(err) => {
+            count(ctx, pool_name, "", err.upgrade_result());
+            return err.response();
+        }
     };
-    let (choice, stream) = match connect_with_retry(&pool, &facts).await {
+
+    // 3. Choose (affinity first) and connect, retrying once on another backend.
+    let timeout = pool.config.connect_timeout;
+    let chosen = choose_and_connect(&ctx.metrics, &pool, &facts(&parts, conn), 2, |b| {
+        let backend = Arc::clone(b);
+        async move {
+            connect(&backend.address, timeout)
+                .await
+                .map_err(AttemptError::Connect)
+        }
+    })
+    .await;
+    let (choice, stream) = match chosen {
         Ok(pair) => pair,
         Err(err) => {
-            let backend = match &err {
-                ProxyError::Connect { backend, .. } => backend.clone(),
-                _ => String::new(),
-            };
-            count(&pool_name, &backend, err.upgrade_result());
+            count(
+                ctx,
+                pool_name,
+                err.backend().unwrap_or(""),
+                err.upgrade_result(),
+            );
             tracing::warn!(client = %conn.peer, pool = %pool_name, error = %err, "websocket upgrade failed");
             return err.response();
         }
     };
 
+    // 4. Send the handshake; anything but a valid 101 ends here.
     let backend = Arc::clone(&choice.backend);
-    if let Some(result) = choice.result {
-        shared
-            .metrics
-            .affinity
-            .with_label_values(&[&pool_name, pool.config.affinity.mode(), result])
-            .inc();
-    }
-
-    // 5. Send the handshake and wait for the backend's answer.
-    let mut out = Request::new(Empty::<bytes::Bytes>::new());
-    *out.uri_mut() = match path_and_query.parse() {
-        Ok(uri) => uri,
-        Err(_) => {
-            count(&pool_name, "", "bad_key");
-            return text_response(StatusCode::BAD_REQUEST, "unusable request target\n");
+    let (resp, backend_io) = match backend_handshake(&pool, &backend, stream, out, &key).await {
+        Ok(Switch::Switched(resp, io)) => (resp, io),
+        Ok(Switch::Refused(resp)) => {
+            count(ctx, pool_name, &backend.id, "backend_refused");
+            let (parts, body) = resp.into_parts();
+            return Response::from_parts(parts, body.boxed_unsync());
         }
+        Err(err) => return fail(ctx, pool_name, &backend, err),
     };
+    count(ctx, pool_name, &backend.id, "ok");
+
+    // 5. The client gets the backend's 101; the relay starts once hyper
+    //    hands over the client's socket.
+    switch(ctx, conn, &pool, &choice, &resp, client_upgrade, backend_io)
+}
+
+/// The answer to a client handshake that is not valid.
+fn refuse(ctx: &ProxyContext, err: &HandshakeError) -> Response<ProxyBody> {
+    if let HandshakeError::BadVersion = err {
+        count(ctx, "", "", "bad_version");
+        let mut resp = text_response(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported Sec-WebSocket-Version: berth speaks version 13\n",
+        );
+        resp.headers_mut()
+            .insert("sec-websocket-version", HeaderValue::from_static("13"));
+        return resp;
+    }
+    count(ctx, "", "", "bad_key");
+    text_response(StatusCode::BAD_REQUEST, &format!("{err}\n"))
+}
+
+/// The handshake as the backend receives it.
+fn handshake_request(prepared: Prepared) -> Result<Request<Empty<Bytes>>, ProxyError> {
+    let Prepared {
+        mut headers,
+        path_and_query,
+        ..
+    } = prepared;
+    let uri: Uri = path_and_query.parse().map_err(|_| ProxyError::BadTarget)?;
+    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    let mut out = Request::new(Empty::new());
+    *out.uri_mut() = uri;
     *out.headers_mut() = headers;
+    Ok(out)
+}
+
+/// How the backend answered the handshake.
+enum Switch {
+    /// A `101` with the right accept key, and the connection it switched.
+    Switched(Response<Incoming>, BackendIo),
+    /// Anything but `101`: passed to the client unchanged.
+    Refused(Response<Incoming>),
+}
+
+/// Sends the handshake over `stream` and waits (under `response_timeout`)
+/// for the answer; a `101` must carry the accept key for `key`.
+async fn backend_handshake(
+    pool: &Pool,
+    backend: &Backend,
+    stream: TcpStream,
+    out: Request<Empty<Bytes>>,
+    key: &str,
+) -> Result<Switch, ProxyError> {
+    let failed = |source| ProxyError::Backend {
+        backend: backend.id.clone(),
+        source,
+    };
     let exchange = async {
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|source| ProxyError::Backend {
-                backend: backend.id.clone(),
-                source,
-            })?;
+            .map_err(failed)?;
         tokio::spawn(async move {
             // Ends once the upgrade takes the socket, or the response ends.
             let _ = connection.with_upgrades().await;
         });
-        sender
-            .send_request(out)
-            .await
-            .map_err(|source| ProxyError::Backend {
-                backend: backend.id.clone(),
-                source,
-            })
+        sender.send_request(out).await.map_err(failed)
     };
     let mut resp = match tokio::time::timeout(pool.config.response_timeout, exchange).await {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(err)) => return fail(shared, &pool_name, &backend, err),
-        Err(_) => {
-            return fail(
-                shared,
-                &pool_name,
-                &backend,
-                ProxyError::ResponseTimeout(backend.id.clone()),
-            )
-        }
+        Ok(result) => result?,
+        Err(_) => return Err(ProxyError::ResponseTimeout(backend.id.clone())),
     };
-
-    // 6. Anything but 101 goes back to the client unchanged.
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        count(&pool_name, &backend.id, "backend_refused");
-        let (parts, body) = resp.into_parts();
-        return Response::from_parts(parts, body.boxed_unsync());
+        return Ok(Switch::Refused(resp));
     }
-    if !accept_matches(resp.headers(), &key) {
+    if !accept_matches(resp.headers(), key) {
         // The backend connection is dropped with `resp`.
-        return fail(
-            shared,
-            &pool_name,
-            &backend,
-            ProxyError::BadAccept(backend.id.clone()),
-        );
+        return Err(ProxyError::BadAccept(backend.id.clone()));
     }
-    let backend_io = match hyper::upgrade::on(&mut resp).await {
-        Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => (parts.io.into_inner(), parts.read_buf),
-            Err(_) => {
-                return fail(
-                    shared,
-                    &pool_name,
-                    &backend,
-                    ProxyError::BadAccept(backend.id.clone()),
-                )
-            }
-        },
-        Err(source) => {
-            return fail(
-                shared,
-                &pool_name,
-                &backend,
-                ProxyError::Backend {
-                    backend: backend.id.clone(),
-                    source,
-                },
-            )
-        }
-    };
-    count(&pool_name, &backend.id, "ok");
+    let upgraded = hyper::upgrade::on(&mut resp).await.map_err(failed)?;
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => Ok(Switch::Switched(
+            resp,
+            (parts.io.into_inner(), parts.read_buf),
+        )),
+        Err(_) => Err(ProxyError::Handover(backend.id.clone())),
+    }
+}
 
-    // 7. The client gets the backend's 101 (subprotocol, extensions and
-    //    cookies included), and the relay starts once hyper hands over the
-    //    client's socket.
-    let mut client_resp =
-        Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+/// Answers the client with the backend's `101` (subprotocol, extensions and
+/// cookies included) and starts the tunnel that will relay.
+fn switch(
+    ctx: &Arc<ProxyContext>,
+    conn: &Arc<ConnInfo>,
+    pool: &Pool,
+    choice: &Choice,
+    resp: &Response<Incoming>,
+    client_upgrade: OnUpgrade,
+    (backend_stream, backend_prefix): BackendIo,
+) -> Response<ProxyBody> {
+    let mut client_resp = Response::new(empty());
     *client_resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let mut out_headers = resp.headers().clone();
     strip_hop_by_hop(&mut out_headers);
     out_headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     out_headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
-    if let Some(cookie) = choice
-        .set_cookie
-        .as_deref()
-        .and_then(|c| HeaderValue::from_str(c).ok())
-    {
-        out_headers.append(http::header::SET_COOKIE, cookie);
-    }
+    append_set_cookie(choice, &mut out_headers);
     *client_resp.headers_mut() = out_headers;
 
-    let guard = backend.track_websocket();
+    let guard = choice.backend.track_websocket();
     let relay_config = RelayConfig {
         idle_timeout: pool.config.idle_timeout,
         ping_interval: pool.config.ping_interval,
@@ -227,13 +219,13 @@ pub async fn handle(
         close_timeout: pool.config.close_timeout,
     };
     // The tunnel keeps the client connection's info (and its gauge) alive.
-    shared.tracker.spawn(Tunnel::new(
-        Arc::clone(shared),
+    ctx.lifecycle.tracker.spawn(Tunnel::new(
+        Arc::clone(ctx),
         Arc::clone(conn),
         guard,
         client_upgrade,
-        backend_io.0,
-        backend_io.1,
+        backend_stream,
+        backend_prefix,
         relay_config,
     ));
     client_resp
@@ -255,56 +247,16 @@ fn origin_allowed(allowed: &[String], headers: &http::HeaderMap) -> bool {
     }
 }
 
-fn fail(shared: &Shared, pool: &str, backend: &Backend, err: ProxyError) -> Response<ProxyBody> {
-    shared
-        .metrics
+/// Counts one upgrade attempt in `berth_websocket_upgrades_total`.
+fn count(ctx: &ProxyContext, pool: &str, backend: &str, result: &str) {
+    ctx.metrics
         .ws_upgrades
-        .with_label_values(&[pool, &backend.id, err.upgrade_result()])
+        .with_label_values(&[pool, backend, result])
         .inc();
+}
+
+fn fail(ctx: &ProxyContext, pool: &str, backend: &Backend, err: ProxyError) -> Response<ProxyBody> {
+    count(ctx, pool, &backend.id, err.upgrade_result());
     tracing::warn!(pool, backend = %backend.id, error = %err, "websocket upgrade failed");
     err.response()
-}
-
-/// Connects to a backend chosen by the pool; on failure, once more to
-/// another one.
-async fn connect_with_retry(
-    pool: &Pool,
-    facts: &RequestFacts<'_>,
-) -> Result<(Choice, TcpStream), ProxyError> {
-    let mut tried: Vec<Arc<Backend>> = Vec::new();
-    let mut last = ProxyError::NoBackend(pool.config.name.clone());
-    for _ in 0..2 {
-        let Some(choice) = pool.choose(facts, &tried) else {
-            break;
-        };
-        let backend = Arc::clone(&choice.backend);
-        match connect(&backend.address, pool.config.connect_timeout).await {
-            Ok(stream) => return Ok((choice, stream)),
-            Err(reason) => {
-                tracing::debug!(backend = %backend.id, %reason, "backend connect failed");
-                pool.observe(&backend, false, &format!("connect failed: {reason}"));
-                last = ProxyError::Connect {
-                    backend: backend.id.clone(),
-                    reason,
-                };
-                tried.push(backend);
-            }
-        }
-    }
-    Err(last)
-}
-
-/// A TCP connection to `address` (hostnames resolved now), with Nagle off.
-pub async fn connect(address: &str, timeout: Duration) -> Result<TcpStream, String> {
-    match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
-        }
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!(
-            "no connection within {}",
-            humantime::format_duration(timeout)
-        )),
-    }
 }

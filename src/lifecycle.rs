@@ -1,0 +1,173 @@
+//! Where a running berth is in its life, and the live connections that a
+//! drain or a shutdown must reach.
+//!
+//! [`Lifecycle`] holds the shutdown token, the tracker of connection and
+//! relay tasks (shutdown waits for it), the readiness flag `/readyz`
+//! reports, and the registry of live relays: every relayed WebSocket
+//! registers a [`StopHandle`] with its backend while it runs, so that a
+//! drain (one backend) or a shutdown (all) can signal it. The registry lock
+//! is taken when a relay starts and ends, never per frame. This module
+//! starts no tasks; the drain controllers that use the registry live in
+//! `drain`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::balancer::{Backend, BackendState};
+use crate::ws::relay::{StopHandle, StopReason};
+
+/// A running berth's lifecycle state, shared by the listeners, the proxy
+/// and the control plane.
+#[derive(Default)]
+pub struct Lifecycle {
+    /// Cancelled when berth starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Every connection and relay task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// True once listeners are accepting; false again while shutting down.
+    ready: AtomicBool,
+    /// Live relayed WebSockets across all pools.
+    ws_live: AtomicU64,
+    relays: Mutex<Relays>,
+}
+
+/// A live relay's entry in the registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayId(u64);
+
+#[derive(Default)]
+struct Relays {
+    next_id: u64,
+    live: HashMap<u64, (Arc<StopHandle>, Arc<Backend>)>,
+}
+
+impl Lifecycle {
+    pub fn new() -> Lifecycle {
+        Lifecycle::default()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// Live relayed WebSockets.
+    pub fn live_websockets(&self) -> u64 {
+        self.ws_live.load(Ordering::Relaxed)
+    }
+
+    fn relays(&self) -> MutexGuard<'_, Relays> {
+        match self.relays.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Registers a relay about to start on `backend`. A relay that races a
+    /// drain of its backend, or a shutdown, is told to stop at once.
+    pub fn relay_started(&self, backend: &Arc<Backend>) -> (RelayId, Arc<StopHandle>) {
+        let handle = Arc::new(StopHandle::default());
+        if self.is_shutting_down() {
+            handle.stop(StopReason::Shutdown);
+        } else if backend.state() == BackendState::Draining {
+            handle.stop(StopReason::Drain);
+        }
+        self.ws_live.fetch_add(1, Ordering::Relaxed);
+        let mut relays = self.relays();
+        relays.next_id += 1;
+        let id = relays.next_id;
+        relays
+            .live
+            .insert(id, (Arc::clone(&handle), Arc::clone(backend)));
+        (RelayId(id), handle)
+    }
+
+    /// Removes a relay that has ended.
+    pub fn relay_ended(&self, id: RelayId) {
+        if self.relays().live.remove(&id.0).is_some() {
+            self.ws_live.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The stop handles of one backend's relays, or of all of them.
+    pub fn stop_handles(&self, backend: Option<&Arc<Backend>>) -> Vec<Arc<StopHandle>> {
+        self.relays()
+            .live
+            .values()
+            .filter(|(_, b)| backend.is_none_or(|want| Arc::ptr_eq(want, b)))
+            .map(|(h, _)| Arc::clone(h))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+    use crate::routing::Runtime;
+
+    fn backends() -> (Arc<Backend>, Arc<Backend>) {
+        let text = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:0"
+
+[[routes]]
+pool = "main"
+
+[[pools.main.backends]]
+id = "b1"
+address = "127.0.0.1:9001"
+
+[[pools.main.backends]]
+id = "b2"
+address = "127.0.0.1:9002"
+"#;
+        let config = Config::from_toml_str(text, "test").unwrap();
+        let runtime = Runtime::new(Arc::new(config), &Metrics::new().unwrap(), None);
+        let pool = &runtime.pools["main"];
+        (Arc::clone(&pool.backends[0]), Arc::clone(&pool.backends[1]))
+    }
+
+    #[test]
+    fn relays_are_registered_per_backend_and_counted() {
+        let (b1, b2) = backends();
+        let life = Lifecycle::new();
+        let (first, _) = life.relay_started(&b1);
+        let (second, _) = life.relay_started(&b1);
+        life.relay_started(&b2);
+        assert_eq!(life.live_websockets(), 3);
+        assert_eq!(life.stop_handles(Some(&b1)).len(), 2);
+        assert_eq!(life.stop_handles(Some(&b2)).len(), 1);
+        assert_eq!(life.stop_handles(None).len(), 3);
+        life.relay_ended(first);
+        // Ending twice (the tunnel's drop after its end) counts once.
+        life.relay_ended(first);
+        assert_eq!(life.live_websockets(), 2);
+        assert_eq!(life.stop_handles(Some(&b1)).len(), 1);
+        assert_ne!(first, second);
+    }
+
+    #[test]
+    fn readiness_follows_the_flag() {
+        let life = Lifecycle::new();
+        assert!(!life.is_ready());
+        life.set_ready(true);
+        assert!(life.is_ready());
+        assert!(!life.is_shutting_down());
+        life.shutdown.cancel();
+        assert!(life.is_shutting_down());
+    }
+}

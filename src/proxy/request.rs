@@ -1,0 +1,396 @@
+//! The request path `forward` (plain HTTP, SSE) and `upgrade` (WebSocket)
+//! share, in two steps:
+//! - [`Prepared::new`]: route the request, and make the headers the backend
+//!   sees (hop-by-hop headers and berth's affinity cookie removed,
+//!   `X-Forwarded-*` added);
+//! - [`choose_and_connect`]: choose a backend (affinity first), run the
+//!   path's attempt on it, and when that could not connect, count it
+//!   against the backend (passive health) and try once more elsewhere;
+//!   on success, count `berth_affinity_total`. [`append_set_cookie`] adds
+//!   the affinity cookie to the response the client gets.
+//!
+//! It starts no tasks.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue};
+use tokio::net::TcpStream;
+
+use super::headers::{add_forwarded, host_without_port, request_host, strip_hop_by_hop};
+use super::{ConnInfo, ProxyError};
+use crate::balancer::{Backend, Choice, Pool, RequestFacts};
+use crate::metrics::Metrics;
+use crate::routing::Routing;
+
+/// Why a backend could not be connected to.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("no connection within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    /// The pooled HTTP client's connect failed.
+    #[error(transparent)]
+    Client(hyper_util::client::legacy::Error),
+    #[error("address does not form a valid URI")]
+    BadAddress(#[source] http::uri::InvalidUri),
+}
+
+/// A routed request and what the backend is to receive.
+pub struct Prepared {
+    pub pool: Arc<Pool>,
+    /// The client's headers as the backend gets them.
+    pub headers: HeaderMap,
+    /// The request target in origin form (`/path?query`).
+    pub path_and_query: String,
+}
+
+impl Prepared {
+    /// Routes the request by host and path and rewrites its headers.
+    /// `parts` is left as the client sent it (affinity reads it).
+    pub fn new(routing: &Routing, conn: &ConnInfo, parts: &Parts) -> Result<Prepared, ProxyError> {
+        let host = request_host(&parts.headers, &parts.uri);
+        let pool = routing
+            .load()
+            .route(
+                host.as_deref().map(host_without_port).as_deref(),
+                parts.uri.path(),
+            )
+            .cloned()
+            .ok_or(ProxyError::NoRoute)?;
+        let mut headers = parts.headers.clone();
+        strip_hop_by_hop(&mut headers);
+        // berth's own affinity cookie is not the application's business.
+        if let Some(name) = pool.sticky.cookie_name() {
+            crate::affinity::strip_cookie(&mut headers, name);
+        }
+        add_forwarded(&mut headers, conn.peer.ip(), conn.tls, host.as_deref());
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_string();
+        Ok(Prepared {
+            pool,
+            headers,
+            path_and_query,
+        })
+    }
+}
+
+/// What the balancer may read of a request: as the client sent it.
+pub fn facts<'a>(parts: &'a Parts, conn: &ConnInfo) -> RequestFacts<'a> {
+    RequestFacts {
+        headers: &parts.headers,
+        uri: &parts.uri,
+        peer: conn.peer.ip(),
+        tls: conn.tls,
+    }
+}
+
+/// How one attempt on a chosen backend failed.
+#[derive(Debug)]
+pub enum AttemptError {
+    /// Not connected: counts against the backend, and the request may go
+    /// to another one.
+    Connect(ConnectError),
+    /// Failed after connecting: the request ends with this error.
+    Failed(ProxyError),
+}
+
+/// Chooses a backend and runs `attempt` on it; when it could not connect,
+/// observes the failure (passive health) and chooses again, never the same
+/// backend, up to `attempts` times. On success, counts the affinity result
+/// and returns the choice (its `set_cookie` is for the response).
+pub async fn choose_and_connect<T, F, Fut>(
+    metrics: &Metrics,
+    pool: &Pool,
+    facts: &RequestFacts<'_>,
+    attempts: usize,
+    mut attempt: F,
+) -> Result<(Choice, T), ProxyError>
+where
+    F: FnMut(&Arc<Backend>) -> Fut,
+    Fut: Future<Output = Result<T, AttemptError>>,
+{
+    let mut tried: Vec<Arc<Backend>> = Vec::new();
+    let mut last = ProxyError::NoBackend(pool.config.name.clone());
+    for _ in 0..attempts {
+        let Some(choice) = pool.choose(facts, &tried) else {
+            break;
+        };
+        let backend = Arc::clone(&choice.backend);
+        match attempt(&backend).await {
+            Ok(value) => {
+                if let Some(result) = choice.result {
+                    let labels = [
+                        pool.config.name.as_str(),
+                        pool.config.affinity.mode(),
+                        result,
+                    ];
+                    metrics.affinity.with_label_values(&labels).inc();
+                }
+                return Ok((choice, value));
+            }
+            Err(AttemptError::Connect(source)) => {
+                tracing::debug!(backend = %backend.id, error = %source, "backend connect failed");
+                pool.observe(&backend, false, &format!("connect failed: {source}"));
+                last = ProxyError::Connect {
+                    backend: backend.id.clone(),
+                    source,
+                };
+                tried.push(backend);
+            }
+            Err(AttemptError::Failed(err)) => return Err(err),
+        }
+    }
+    Err(last)
+}
+
+/// Adds the affinity cookie of `choice`, if any, to the client's response.
+pub fn append_set_cookie(choice: &Choice, headers: &mut HeaderMap) {
+    if let Some(cookie) = choice
+        .set_cookie
+        .as_deref()
+        .and_then(|c| HeaderValue::from_str(c).ok())
+    {
+        headers.append(http::header::SET_COOKIE, cookie);
+    }
+}
+
+/// A TCP connection to `address` (hostnames resolved now), with Nagle off.
+pub async fn connect(address: &str, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(e)) => Err(ConnectError::Io(e)),
+        Err(_) => Err(ConnectError::Timeout(timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use http::Request;
+
+    use super::super::testing;
+    use super::*;
+    use crate::balancer::BackendState;
+
+    /// A cookie-affinity pool `chat` on host chat.example.com, where one
+    /// failed connect takes a backend down.
+    fn chat(backends: &[SocketAddr]) -> String {
+        let mut toml = String::from(
+            r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:0"
+
+[[routes]]
+host = "chat.example.com"
+pool = "chat"
+
+[pools.chat]
+balance = "round_robin"
+affinity = "cookie"
+connect_timeout = "1s"
+
+[pools.chat.cookie]
+name = "sticky"
+secret = "0123456789abcdef0123456789abcdef"
+
+[pools.chat.health]
+fall = 1
+"#,
+        );
+        for (i, addr) in backends.iter().enumerate() {
+            toml.push_str(&format!(
+                "\n[[pools.chat.backends]]\nid = \"b{}\"\naddress = \"{addr}\"\n",
+                i + 1
+            ));
+        }
+        toml
+    }
+
+    /// An address nothing listens on (bound, then released).
+    fn refusing() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
+    fn parts(host: &str) -> Parts {
+        Request::builder()
+            .uri("/ws/room?x=1")
+            .header("host", host)
+            .header("connection", "keep-alive, x-secret")
+            .header("x-secret", "1")
+            .header("keep-alive", "timeout=5")
+            .header("te", "trailers")
+            .header("cookie", "app=1; sticky=abc; theme=dark")
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("x-app", "kept")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0
+    }
+
+    #[test]
+    fn prepared_headers_are_what_the_backend_should_see() {
+        let ctx = testing::context(&chat(&[refusing()]));
+        let conn = testing::conn(&ctx, true);
+        let parts = parts("Chat.Example.com:8443");
+        let prepared = Prepared::new(&ctx.routing, &conn, &parts).unwrap();
+        assert_eq!(prepared.pool.config.name, "chat");
+        assert_eq!(prepared.path_and_query, "/ws/room?x=1");
+        let h = &prepared.headers;
+        for gone in ["connection", "x-secret", "keep-alive", "te"] {
+            assert!(!h.contains_key(gone), "{gone} was forwarded");
+        }
+        assert_eq!(h["cookie"], "app=1; theme=dark");
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "Chat.Example.com:8443");
+        assert_eq!(h["host"], "Chat.Example.com:8443");
+        assert_eq!(h["x-app"], "kept");
+        // The client's request stays as sent: affinity reads its cookie.
+        assert_eq!(parts.headers["cookie"], "app=1; sticky=abc; theme=dark");
+        assert_eq!(
+            facts(&parts, &conn).headers["cookie"],
+            parts.headers["cookie"]
+        );
+    }
+
+    #[test]
+    fn an_unrouted_host_is_404() {
+        let ctx = testing::context(&chat(&[refusing()]));
+        let conn = testing::conn(&ctx, false);
+        let err = Prepared::new(&ctx.routing, &conn, &parts("other.example"))
+            .err()
+            .unwrap();
+        assert!(matches!(err, ProxyError::NoRoute));
+        assert_eq!(err.status(), http::StatusCode::NOT_FOUND);
+    }
+
+    /// Runs the WebSocket path's attempt (a TCP connect) through the step.
+    async fn connect_step(
+        ctx: &super::super::ProxyContext,
+        attempts: usize,
+    ) -> (Arc<Pool>, Result<(Choice, TcpStream), ProxyError>) {
+        let pool = Arc::clone(&ctx.routing.load().pools["chat"]);
+        let conn = testing::conn(ctx, false);
+        let parts = parts("chat.example.com");
+        let result =
+            choose_and_connect(&ctx.metrics, &pool, &facts(&parts, &conn), attempts, |b| {
+                let b = Arc::clone(b);
+                async move {
+                    connect(&b.address, Duration::from_secs(1))
+                        .await
+                        .map_err(AttemptError::Connect)
+                }
+            })
+            .await;
+        (pool, result)
+    }
+
+    fn affinity_count(ctx: &super::super::ProxyContext, result: &str) -> u64 {
+        ctx.metrics
+            .affinity
+            .with_label_values(&["chat", "cookie", result])
+            .get()
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_moves_to_another_backend() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ctx = testing::context(&chat(&[refusing(), live.local_addr().unwrap()]));
+        let (pool, result) = connect_step(&ctx, 2).await;
+        let (choice, stream) = result.unwrap();
+        // Round robin offers b1 first; it refused, so b2 took the request.
+        assert_eq!(choice.backend.id, "b2");
+        let (accepted, _) = live.accept().await.unwrap();
+        assert_eq!(accepted.peer_addr().unwrap(), stream.local_addr().unwrap());
+        // The refusal counted against b1 (fall = 1 takes it down) ...
+        assert_eq!(pool.find("b1").unwrap().state(), BackendState::Down);
+        assert_eq!(pool.find("b2").unwrap().state(), BackendState::Up);
+        // ... and the one successful choice was counted (the request's
+        // cookie is not berth's signature), with a cookie for b2.
+        assert_eq!(affinity_count(&ctx, "invalid"), 1);
+        assert!(choice.set_cookie.as_deref().unwrap().starts_with("sticky="));
+        let mut headers = HeaderMap::new();
+        append_set_cookie(&choice, &mut headers);
+        assert_eq!(headers.get_all("set-cookie").iter().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn two_refusals_are_a_502_naming_the_last_backend() {
+        let ctx = testing::context(&chat(&[refusing(), refusing()]));
+        let (pool, result) = connect_step(&ctx, 2).await;
+        let err = result.err().unwrap();
+        assert!(matches!(
+            &err,
+            ProxyError::Connect { backend, source: ConnectError::Io(_) } if backend == "b2"
+        ));
+        assert_eq!(err.status(), http::StatusCode::BAD_GATEWAY);
+        assert_eq!(err.upgrade_result(), "backend_connect_error");
+        assert_eq!(err.backend(), Some("b2"));
+        assert!(pool
+            .backends
+            .iter()
+            .all(|b| b.state() == BackendState::Down));
+        assert_eq!(affinity_count(&ctx, "new"), 0);
+    }
+
+    #[tokio::test]
+    async fn one_attempt_means_no_retry() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ctx = testing::context(&chat(&[refusing(), live.local_addr().unwrap()]));
+        let (pool, result) = connect_step(&ctx, 1).await;
+        assert_eq!(result.err().unwrap().backend(), Some("b1"));
+        assert_eq!(pool.find("b2").unwrap().state(), BackendState::Up);
+    }
+
+    #[tokio::test]
+    async fn a_failure_after_connecting_is_neither_retried_nor_held_against_the_backend() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = live.local_addr().unwrap();
+        let ctx = testing::context(&chat(&[addr, addr]));
+        let pool = Arc::clone(&ctx.routing.load().pools["chat"]);
+        let conn = testing::conn(&ctx, false);
+        let parts = parts("chat.example.com");
+        let mut calls = 0;
+        let result: Result<(Choice, ()), _> =
+            choose_and_connect(&ctx.metrics, &pool, &facts(&parts, &conn), 2, |b| {
+                calls += 1;
+                let id = b.id.clone();
+                async move { Err(AttemptError::Failed(ProxyError::ResponseTimeout(id))) }
+            })
+            .await;
+        assert_eq!(calls, 1);
+        assert!(matches!(result, Err(ProxyError::ResponseTimeout(id)) if id == "b1"));
+        assert_eq!(pool.find("b1").unwrap().state(), BackendState::Up);
+        assert_eq!(affinity_count(&ctx, "invalid"), 0);
+    }
+
+    #[test]
+    fn connect_errors_read_as_before() {
+        let timeout = ConnectError::Timeout(Duration::from_millis(1500));
+        assert_eq!(timeout.to_string(), "no connection within 1s 500ms");
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let text = refused.to_string();
+        let err = ProxyError::Connect {
+            backend: "b1".into(),
+            source: ConnectError::Io(refused),
+        };
+        assert_eq!(
+            err.to_string(),
+            format!("connecting to backend b1 failed: {text}")
+        );
+    }
+}
