@@ -31,9 +31,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+
+use crate::metrics::{opcode_index, DirCounters, RelayCounters};
 
 use super::frame::{self, close_code, opcode, ControlFrame, FrameHeader, MAX_HEADER_LEN};
 
@@ -115,7 +116,8 @@ impl StopHandle {
 pub enum Initiator {
     Client,
     Backend,
-    Proxy,
+    /// berth itself (a timeout, a drain, shutdown, a protocol error).
+    Internal,
 }
 
 impl Initiator {
@@ -123,7 +125,7 @@ impl Initiator {
         match self {
             Initiator::Client => "client",
             Initiator::Backend => "backend",
-            Initiator::Proxy => "proxy",
+            Initiator::Internal => "proxy",
         }
     }
 }
@@ -159,47 +161,6 @@ pub struct RelayOutcome {
     /// `None` when the connection ended without one (abnormal, "1006").
     pub code: Option<u16>,
     pub reason: EndReason,
-}
-
-/// Counter handles for one direction, resolved once per pool and backend so
-/// that counting takes no lock and no allocation.
-#[derive(Clone)]
-pub struct DirCounters {
-    pub bytes: IntCounter,
-    pub messages: IntCounter,
-    /// Indexed by [`opcode_index`].
-    pub frames: [IntCounter; 7],
-}
-
-/// Counter handles for both directions.
-#[derive(Clone)]
-pub struct RelayCounters {
-    pub client_to_backend: DirCounters,
-    pub backend_to_client: DirCounters,
-}
-
-/// Label values for `opcode`, in [`opcode_index`] order.
-pub const OPCODE_LABELS: [&str; 7] = [
-    "continuation",
-    "text",
-    "binary",
-    "close",
-    "ping",
-    "pong",
-    "other",
-];
-
-/// Maps an opcode to its slot in [`OPCODE_LABELS`].
-pub fn opcode_index(op: u8) -> usize {
-    match op {
-        opcode::CONTINUATION => 0,
-        opcode::TEXT => 1,
-        opcode::BINARY => 2,
-        opcode::CLOSE => 3,
-        opcode::PING => 4,
-        opcode::PONG => 5,
-        _ => 6,
-    }
 }
 
 /// Relays between `client` and `backend` until both directions are finished.
@@ -703,7 +664,7 @@ where
         reason: EndReason,
     ) {
         if self.outcome.is_none() {
-            self.outcome = Some((Initiator::Proxy, Some(client_code), reason));
+            self.outcome = Some((Initiator::Internal, Some(client_code), reason));
         }
         // A direction gets berth's Close unless it already has one or its
         // destination is gone; a direction that stopped forwarding (a
@@ -744,7 +705,7 @@ where
         let now = Instant::now();
         if self.close_deadline.is_some_and(|d| now >= d) {
             if self.outcome.is_none() {
-                self.outcome = Some((Initiator::Proxy, None, EndReason::Peer));
+                self.outcome = Some((Initiator::Internal, None, EndReason::Peer));
             }
             return true;
         }
@@ -810,7 +771,7 @@ where
     fn heartbeat_failed(&mut self) {
         if self.outcome.is_none() {
             self.outcome = Some((
-                Initiator::Proxy,
+                Initiator::Internal,
                 Some(close_code::GOING_AWAY),
                 EndReason::HeartbeatFailure,
             ));
@@ -839,7 +800,7 @@ where
             .flush_counters(self.counters.as_deref().map(|c| &c.backend_to_client));
         let (initiator, code, reason) =
             self.outcome
-                .unwrap_or((Initiator::Proxy, None, EndReason::Peer));
+                .unwrap_or((Initiator::Internal, None, EndReason::Peer));
         RelayOutcome {
             client_to_backend: self.up.p.stats,
             backend_to_client: self.down.p.stats,
