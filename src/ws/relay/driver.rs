@@ -599,6 +599,14 @@ where
             reason,
         }
     }
+
+    /// Bytes waiting for each destination and the capacity held for them:
+    /// `[(client to backend), (backend to client)]` as `(pending, capacity)`.
+    #[cfg(test)]
+    pub(super) fn buffered(&self) -> [(usize, usize); 2] {
+        [&self.up.out, &self.down.out]
+            .map(|o| (o.pending.len() - o.pending_pos, o.pending.capacity()))
+    }
 }
 
 /// Drives one direction as far as it can go without blocking.

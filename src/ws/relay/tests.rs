@@ -1,6 +1,8 @@
 //! The relay's unit tests: the processor's table and property tests (no
-//! sockets).
+//! sockets) and the driver's timers on tokio's paused clock over in-memory
+//! duplex pipes.
 
+mod driver;
 mod processor;
 
 /// Encodes a frame the way a peer would (7, 16 or 64-bit length, masked
