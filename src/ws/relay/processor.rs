@@ -285,15 +285,16 @@ impl FrameProcessor {
         sink: &mut S,
         r: &mut Report,
     ) {
+        // Only `fail` sets `broken`, and it returns: checked once per feed.
+        if self.broken {
+            return;
+        }
+        let client = self.source == Source::Client;
         let n = chunk.len();
         let mut i = 0;
         // Start of the run of input bytes to be forwarded as they are.
         let mut run = 0;
         while i < n {
-            if self.broken {
-                forward(sink, &chunk[run..i]);
-                return;
-            }
             if self.remaining == 0 {
                 // A new frame starts here (or its header continues).
                 debug_assert!(self.held_len == 0 && self.cur.is_none());
@@ -337,21 +338,22 @@ impl FrameProcessor {
                     }
                 };
                 // RFC 6455 §5.1: every client frame is masked.
-                if self.source == Source::Client && header.mask.is_none() {
+                if client && header.mask.is_none() {
                     forward(sink, &chunk[run..i]);
                     self.hdr_len = 0;
                     self.fail(ProtocolError::Unmasked, r);
                     return;
                 }
                 let op = header.opcode;
-                r.frames[opcode_index(op)] = r.frames[opcode_index(op)].wrapping_add(1);
+                let slot = &mut r.frames[opcode_index(op)];
+                *slot = slot.wrapping_add(1);
                 if header.is_data() {
                     r.data = true;
                     r.messages = r.messages.wrapping_add(u32::from(header.fin));
                 }
                 let action = if self.discard {
                     Action::Drop
-                } else if self.source == Source::Client
+                } else if client
                     && op == opcode::PONG
                     && header.payload_len == PING_TOKEN_LEN as u64
                     && pong.is_some()
