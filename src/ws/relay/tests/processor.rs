@@ -698,3 +698,57 @@ proptest! {
         prop_assert_eq!(p.close_code().is_some(), last_close.is_some());
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Any bytes at all, valid or not, cut anywhere: no panic, and the
+    /// output and decisions of one whole feed (a protocol error stops the
+    /// stream at the same byte however it was cut).
+    #[test]
+    fn arbitrary_bytes_cut_anywhere_match_one_feed(
+        client in any::<bool>(),
+        input in prop::collection::vec(any::<u8>(), 1..300),
+        cuts in prop::collection::vec(any::<usize>(), 0..8),
+        expect_pong in any::<bool>(),
+    ) {
+        let source = if client { Source::Client } else { Source::Backend };
+        let pong = expect_pong.then_some(TOKEN);
+        let mut whole_out = Collect(Vec::new());
+        let mut p = FrameProcessor::new(source);
+        let whole = p.feed(&input, pong, &mut whole_out);
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % input.len()).collect();
+        cuts.sort_unstable();
+        cuts.push(input.len());
+        let mut cut_out = Collect(Vec::new());
+        let mut q = FrameProcessor::new(source);
+        let mut cut = Report::default();
+        let mut at = 0;
+        for c in cuts {
+            cut.merge(&q.feed(&input[at..c], pong, &mut cut_out));
+            at = c;
+        }
+        prop_assert_eq!(&whole_out.0, &cut_out.0);
+        prop_assert_eq!(whole, cut);
+        prop_assert_eq!(p.close_code(), q.close_code());
+        prop_assert_eq!(p.is_broken(), q.is_broken());
+        prop_assert_eq!(p.at_boundary(), q.at_boundary());
+    }
+}
+
+/// A sink that keeps everything.
+struct Collect(Vec<u8>);
+
+impl Sink for Collect {
+    fn forward(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+
+    fn stored(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+
+    fn inject(&mut self, frame: &[u8]) {
+        self.0.extend_from_slice(frame);
+    }
+}
