@@ -7,15 +7,53 @@
 //! a lock or allocates.
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
-
-use crate::ws::relay::{DirCounters, RelayCounters, OPCODE_LABELS};
 
 /// Label values for `direction`.
 pub const CLIENT_TO_BACKEND: &str = "client_to_backend";
 pub const BACKEND_TO_CLIENT: &str = "backend_to_client";
+
+/// Label values for `opcode`, in [`opcode_index`] order.
+pub const OPCODE_LABELS: [&str; 7] = [
+    "continuation",
+    "text",
+    "binary",
+    "close",
+    "ping",
+    "pong",
+    "other",
+];
+
+/// Maps a WebSocket opcode (RFC 6455 §5.2, §11.8) to its slot in
+/// [`OPCODE_LABELS`]. The numbers are spelled out here because metrics is
+/// the bottom layer and does not import `ws`.
+#[inline]
+pub fn opcode_index(op: u8) -> usize {
+    // A table rather than a match: the relay calls this once per frame.
+    const SLOTS: [u8; 16] = [0, 1, 2, 6, 6, 6, 6, 6, 3, 4, 5, 6, 6, 6, 6, 6];
+    SLOTS
+        .get(usize::from(op))
+        .map_or(6, |&slot| usize::from(slot))
+}
+
+/// Counter handles for one direction of a relay, resolved once per pool and
+/// backend so that counting takes no lock and no allocation.
+#[derive(Clone)]
+pub struct DirCounters {
+    pub bytes: IntCounter,
+    pub messages: IntCounter,
+    /// Indexed by [`opcode_index`].
+    pub frames: [IntCounter; 7],
+}
+
+/// Relay counter handles for both directions.
+#[derive(Clone)]
+pub struct RelayCounters {
+    pub client_to_backend: DirCounters,
+    pub backend_to_client: DirCounters,
+}
 
 /// Buckets for WebSocket connection lifetimes: 1 s to 24 h.
 const DURATION_BUCKETS: &[f64] = &[
@@ -352,6 +390,24 @@ mod tests {
             );
         }
         assert!(names > 10);
+    }
+
+    #[test]
+    fn opcode_index_matches_the_labels() {
+        let named = [
+            (0x0, "continuation"),
+            (0x1, "text"),
+            (0x2, "binary"),
+            (0x8, "close"),
+            (0x9, "ping"),
+            (0xA, "pong"),
+        ];
+        for (op, label) in named {
+            assert_eq!(OPCODE_LABELS[opcode_index(op)], label);
+        }
+        for op in [0x3, 0x7, 0xB, 0xF, 0x10, 0xFF] {
+            assert_eq!(OPCODE_LABELS[opcode_index(op)], "other");
+        }
     }
 
     #[test]

@@ -15,8 +15,7 @@ use prometheus::IntGauge;
 
 use super::{http_client, HttpClient};
 use crate::config::BackendConfig;
-use crate::metrics::Metrics;
-use crate::ws::relay::RelayCounters;
+use crate::metrics::{Metrics, RelayCounters};
 
 /// Whether a backend takes new connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -62,6 +62,8 @@ pub enum FrameError {
 ///
 /// Returns `Ok(None)` when `buf` does not yet hold the whole header; an error
 /// when the header breaks a rule every endpoint must enforce.
+// Inlined into the relay's per-frame loop, where it runs once per frame.
+#[inline]
 pub fn parse_header(buf: &[u8]) -> Result<Option<FrameHeader>, FrameError> {
     let [b0, b1, ..] = *buf else {
         return Ok(None);

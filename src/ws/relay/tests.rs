@@ -1,0 +1,54 @@
+//! The relay's unit tests: the processor's table and property tests (no
+//! sockets) and the driver's timers on tokio's paused clock over in-memory
+//! duplex pipes.
+
+mod driver;
+mod processor;
+
+/// Encodes a frame the way a peer would (7, 16 or 64-bit length, masked
+/// when a key is given). Written here, not taken from `ws::frame`, so that
+/// the tests do not share the code they check.
+fn frame(fin: bool, op: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut v = vec![(u8::from(fin) << 7) | op];
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => v.push(m | n as u8),
+        n if n <= 0xFFFF => {
+            v.push(m | 126);
+            v.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            v.push(m | 127);
+            v.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(key) => {
+            v.extend_from_slice(&key);
+            v.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        }
+        None => v.extend_from_slice(payload),
+    }
+    v
+}
+
+/// A Close payload: the code, then the reason.
+fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+    let mut p = code.to_be_bytes().to_vec();
+    p.extend_from_slice(reason.as_bytes());
+    p
+}
+
+/// `n` bytes that are not all alike, so a misplaced byte shows.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+/// Every idle connection holds one relay: keep it small (it was 1,200
+/// bytes before injected frames were stored compactly).
+#[test]
+fn relay_state_stays_small() {
+    let size = std::mem::size_of::<super::Relay<tokio::net::TcpStream, tokio::net::TcpStream>>();
+    assert!(size <= 800, "Relay grew to {size} bytes");
+    assert!(std::mem::size_of::<super::Inject>() <= 24);
+}

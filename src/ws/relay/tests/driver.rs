@@ -1,0 +1,416 @@
+//! The driver's timers and endings, on tokio's paused clock over in-memory
+//! duplex pipes: minutes of relay time cost milliseconds.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{close_payload, frame, pattern};
+use crate::metrics::Metrics;
+use crate::ws::frame::opcode;
+use crate::ws::relay::driver::SCRATCH_LEN;
+use crate::ws::relay::{
+    relay, EndReason, Initiator, Relay, RelayConfig, RelayOutcome, StopHandle, StopReason,
+};
+
+const KEY: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
+
+fn config(idle: Option<u64>, ping: Option<u64>) -> RelayConfig {
+    RelayConfig {
+        idle_timeout: idle.map(Duration::from_secs),
+        ping_interval: ping.map(Duration::from_secs),
+        pong_timeout: Duration::from_secs(5),
+        close_timeout: Duration::from_secs(2),
+    }
+}
+
+/// A frame as a peer reads it: opcode, whether it was masked, and the
+/// unmasked payload.
+#[derive(Debug, PartialEq, Eq)]
+struct Got {
+    op: u8,
+    masked: bool,
+    key: [u8; 4],
+    payload: Vec<u8>,
+}
+
+impl Got {
+    fn close(&self) -> (u16, &str) {
+        assert_eq!(self.op, opcode::CLOSE, "expected a Close, got {self:?}");
+        let code = u16::from_be_bytes([self.payload[0], self.payload[1]]);
+        (code, std::str::from_utf8(&self.payload[2..]).unwrap())
+    }
+}
+
+/// Reads one frame, or `None` at the end of the stream.
+async fn read_frame(s: &mut DuplexStream) -> Option<Got> {
+    let mut head = [0u8; 2];
+    if s.read(&mut head[..1]).await.unwrap() == 0 {
+        return None;
+    }
+    s.read_exact(&mut head[1..]).await.unwrap();
+    let mut len = u64::from(head[1] & 0x7F);
+    if len == 126 {
+        len = u64::from(s.read_u16().await.unwrap());
+    } else if len == 127 {
+        len = s.read_u64().await.unwrap();
+    }
+    let masked = head[1] & 0x80 != 0;
+    let mut key = [0u8; 4];
+    if masked {
+        s.read_exact(&mut key).await.unwrap();
+    }
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload).await.unwrap();
+    if masked {
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= key[i % 4];
+        }
+    }
+    Some(Got {
+        op: head[0] & 0x0F,
+        masked,
+        key,
+        payload,
+    })
+}
+
+/// The far ends of a relay: what the client and the backend hold.
+struct Peers {
+    client: DuplexStream,
+    backend: DuplexStream,
+    relay: JoinHandle<RelayOutcome>,
+    started: Instant,
+}
+
+fn pipes(client_cap: usize, backend_cap: usize) -> [(DuplexStream, DuplexStream); 2] {
+    [duplex(client_cap), duplex(backend_cap)]
+}
+
+fn start(config: RelayConfig, stop: Option<Arc<StopHandle>>) -> Peers {
+    let [(client, client_side), (backend, backend_side)] = pipes(64 * 1024, 64 * 1024);
+    let started = Instant::now();
+    let relay = tokio::spawn(relay(
+        client_side,
+        Bytes::new(),
+        backend_side,
+        Bytes::new(),
+        config,
+        stop,
+        None,
+    ));
+    Peers {
+        client,
+        backend,
+        relay,
+        started,
+    }
+}
+
+impl Peers {
+    /// Checks that `secs` of relay time have passed (the timer wheel may
+    /// round a deadline up by a millisecond).
+    fn at(&self, secs: u64) {
+        let elapsed = self.started.elapsed();
+        let want = Duration::from_secs(secs);
+        assert!(
+            elapsed >= want && elapsed < want + Duration::from_millis(10),
+            "{elapsed:?} passed, expected {want:?}"
+        );
+    }
+
+    async fn client_sends(&mut self, op: u8, payload: &[u8]) {
+        let f = frame(true, op, payload, Some(KEY));
+        self.client.write_all(&f).await.unwrap();
+    }
+
+    async fn backend_sends(&mut self, op: u8, payload: &[u8]) {
+        let f = frame(true, op, payload, None);
+        self.backend.write_all(&f).await.unwrap();
+    }
+
+    async fn client_gets(&mut self) -> Got {
+        let got = read_frame(&mut self.client)
+            .await
+            .expect("client: stream ended");
+        assert!(!got.masked, "frames towards the client are not masked");
+        got
+    }
+
+    async fn backend_gets(&mut self) -> Got {
+        let got = read_frame(&mut self.backend)
+            .await
+            .expect("backend: stream ended");
+        assert!(got.masked, "frames towards the backend are masked");
+        // berth's keys are random (RFC 6455 §5.3): all zeros has odds of
+        // 2^-32, the test client's key is fixed.
+        assert_ne!(got.key, [0; 4], "masking key not drawn");
+        got
+    }
+
+    /// Both peers answer berth's Close; the relay then ends.
+    async fn both_answer_close(mut self) -> RelayOutcome {
+        self.client_sends(opcode::CLOSE, &close_payload(1001, ""))
+            .await;
+        self.backend_sends(opcode::CLOSE, &close_payload(1001, ""))
+            .await;
+        self.relay.await.unwrap()
+    }
+}
+
+fn text(payload: &[u8]) -> Got {
+    Got {
+        op: opcode::TEXT,
+        masked: false,
+        key: [0; 4],
+        payload: payload.to_vec(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_timeout_closes_both_sides_with_1001() {
+    let mut p = start(config(Some(30), None), None);
+    p.client_sends(opcode::TEXT, b"hi").await;
+    assert_eq!(p.backend_gets().await.payload, b"hi");
+    // Data resets the idle clock.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    p.backend_sends(opcode::TEXT, b"yo").await;
+    assert_eq!(p.client_gets().await, text(b"yo"));
+
+    assert_eq!(p.client_gets().await.close(), (1001, "idle timeout"));
+    p.at(50);
+    assert_eq!(p.backend_gets().await.close(), (1001, "idle timeout"));
+    let outcome = p.both_answer_close().await;
+    assert_eq!(outcome.initiator, Initiator::Internal);
+    assert_eq!(outcome.code, Some(1001));
+    assert_eq!(outcome.reason, EndReason::IdleTimeout);
+    assert_eq!(outcome.client_to_backend.messages, 1);
+    assert_eq!(outcome.backend_to_client.messages, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn berths_ping_is_answered_and_the_pong_never_reaches_the_backend() {
+    let mut p = start(config(None, Some(10)), None);
+    let ping = p.client_gets().await;
+    assert_eq!(ping.op, opcode::PING);
+    assert_eq!(ping.payload.len(), 8);
+    p.at(10);
+    // Someone else's Pong passes; the one echoing berth's token does not.
+    p.client_sends(opcode::PONG, b"not ours").await;
+    p.client_sends(opcode::PONG, &ping.payload).await;
+    p.client_sends(opcode::TEXT, b"after").await;
+    assert_eq!(p.backend_gets().await.payload, b"not ours");
+    assert_eq!(p.backend_gets().await.payload, b"after");
+
+    // Answered: no heartbeat failure at 15 s, the next Ping at 20 s.
+    let again = p.client_gets().await;
+    assert_eq!(again.op, opcode::PING);
+    assert_ne!(again.payload, ping.payload, "each Ping has a fresh token");
+    p.at(20);
+    p.client_sends(opcode::PONG, &again.payload).await;
+    p.client_sends(opcode::CLOSE, &close_payload(1000, "done"))
+        .await;
+    // The backend's next frame is the client's Close: nothing else came.
+    assert_eq!(p.backend_gets().await.close(), (1000, "done"));
+    p.backend_sends(opcode::CLOSE, &close_payload(1000, ""))
+        .await;
+    assert_eq!(p.client_gets().await.close(), (1000, ""));
+    let outcome = p.relay.await.unwrap();
+    assert_eq!(outcome.initiator, Initiator::Client);
+    assert_eq!(outcome.code, Some(1000));
+    assert_eq!(outcome.reason, EndReason::Peer);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_pong_in_time_closes_the_backend_and_drops_the_client() {
+    let mut p = start(config(None, Some(10)), None);
+    assert_eq!(p.client_gets().await.op, opcode::PING);
+    assert_eq!(
+        p.backend_gets().await.close(),
+        (1001, "client unresponsive")
+    );
+    p.at(15);
+    // The backend never answers: close_timeout ends the relay, and the
+    // client's stream ends without a Close.
+    assert_eq!(read_frame(&mut p.client).await, None);
+    p.at(17);
+    let outcome = p.relay.await.unwrap();
+    assert_eq!(outcome.initiator, Initiator::Internal);
+    assert_eq!(outcome.code, Some(1001));
+    assert_eq!(outcome.reason, EndReason::HeartbeatFailure);
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_timeout_bounds_a_close_the_peer_never_answers() {
+    let mut p = start(config(None, None), None);
+    p.client_sends(opcode::CLOSE, &close_payload(1000, "bye"))
+        .await;
+    assert_eq!(p.backend_gets().await.close(), (1000, "bye"));
+    let outcome = (&mut p.relay).await.unwrap();
+    p.at(2);
+    assert_eq!(outcome.initiator, Initiator::Client);
+    assert_eq!(outcome.code, Some(1000));
+    assert_eq!(read_frame(&mut p.client).await, None);
+
+    // berth's own Close (here the idle timeout's) is bounded the same way.
+    let mut p = start(config(Some(30), None), None);
+    assert_eq!(p.client_gets().await.close(), (1001, "idle timeout"));
+    let outcome = (&mut p.relay).await.unwrap();
+    p.at(32);
+    assert_eq!(outcome.reason, EndReason::IdleTimeout);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_handle_drains_with_1012_and_shuts_down_with_1001() {
+    let cases = [
+        (
+            StopReason::Drain,
+            1012,
+            "service restart",
+            EndReason::Drained,
+        ),
+        (
+            StopReason::Shutdown,
+            1001,
+            "server shutting down",
+            EndReason::Shutdown,
+        ),
+    ];
+    for (reason, code, text, end) in cases {
+        let stop = Arc::new(StopHandle::default());
+        let mut p = start(config(None, None), Some(Arc::clone(&stop)));
+        p.client_sends(opcode::TEXT, b"running").await;
+        assert_eq!(p.backend_gets().await.payload, b"running");
+        stop.stop(reason);
+        assert_eq!(p.client_gets().await.close(), (code, text));
+        assert_eq!(p.backend_gets().await.close(), (1001, text));
+        let outcome = p.both_answer_close().await;
+        assert_eq!(outcome.initiator, Initiator::Internal);
+        assert_eq!(outcome.code, Some(code));
+        assert_eq!(outcome.reason, end);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn backend_eof_sends_1014_to_the_client() {
+    let mut p = start(config(None, None), None);
+    p.backend.shutdown().await.unwrap();
+    assert_eq!(
+        p.client_gets().await.close(),
+        (1014, "backend connection lost")
+    );
+    assert_eq!(read_frame(&mut p.client).await, None);
+    // The client's answer still reaches the backend; then the client goes.
+    p.client_sends(opcode::CLOSE, &close_payload(1014, ""))
+        .await;
+    assert_eq!(p.backend_gets().await.close(), (1014, ""));
+    drop(p.client);
+    let outcome = p.relay.await.unwrap();
+    assert_eq!(outcome.initiator, Initiator::Backend);
+    assert_eq!(outcome.code, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_eof_sends_a_masked_1001_to_the_backend() {
+    let mut p = start(config(None, None), None);
+    p.client.shutdown().await.unwrap();
+    assert_eq!(
+        p.backend_gets().await.close(),
+        (1001, "client connection lost")
+    );
+    assert_eq!(read_frame(&mut p.backend).await, None);
+    // The backend's replies keep arriving until it closes.
+    p.backend_sends(opcode::TEXT, b"late").await;
+    assert_eq!(p.client_gets().await, text(b"late"));
+    // Then the backend goes too, and the client hears of it.
+    drop(p.backend);
+    let got = read_frame(&mut p.client).await.unwrap();
+    assert_eq!(got.close(), (1014, "backend connection lost"));
+    assert_eq!(read_frame(&mut p.client).await, None);
+    let outcome = p.relay.await.unwrap();
+    assert_eq!(outcome.initiator, Initiator::Client);
+    assert_eq!(outcome.code, None);
+}
+
+/// Polls a relay and records, after each poll, the most bytes it held for
+/// the backend and the capacity it holds now.
+struct Watch<'a, C, B> {
+    relay: Relay<C, B>,
+    max_pending: &'a AtomicUsize,
+    capacity: &'a AtomicUsize,
+}
+
+impl<C, B> Future for Watch<'_, C, B>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    type Output = RelayOutcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayOutcome> {
+        let r = Pin::new(&mut self.relay).poll(cx);
+        let [(pending, capacity), _] = self.relay.buffered();
+        self.max_pending.fetch_max(pending, Ordering::Relaxed);
+        self.capacity.store(capacity, Ordering::Relaxed);
+        r
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_backend_holds_at_most_one_read_and_the_buffer_is_freed() {
+    let [(mut client, client_side), (mut backend, backend_side)] = pipes(1 << 20, 4096);
+    let metrics = Metrics::new().unwrap();
+    let counters = Arc::new(metrics.relay_counters("pool", "b1"));
+    let (max_pending, capacity) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let watch = Watch {
+        relay: relay(
+            client_side,
+            Bytes::new(),
+            backend_side,
+            Bytes::new(),
+            config(None, None),
+            None,
+            Some(Arc::clone(&counters)),
+        ),
+        max_pending: &max_pending,
+        capacity: &capacity,
+    };
+    let message = frame(true, opcode::BINARY, &pattern(256 * 1024), Some(KEY));
+    client.write_all(&message).await.unwrap();
+    let reader = async {
+        let mut got = vec![0u8; message.len()];
+        let mut at = 0;
+        while at < got.len() {
+            let end = (at + 1000).min(got.len());
+            at += backend.read(&mut got[at..end]).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        got
+    };
+    tokio::pin!(watch);
+    let got = tokio::select! {
+        _ = &mut watch => panic!("the relay ended"),
+        got = reader => got,
+    };
+    assert!(got == message, "the message arrived changed");
+    let max = max_pending.load(Ordering::Relaxed);
+    assert!(max > 0, "the backend never fell behind");
+    assert!(max <= SCRATCH_LEN, "held {max} bytes, more than one read");
+    assert_eq!(
+        capacity.load(Ordering::Relaxed),
+        0,
+        "buffer kept after draining"
+    );
+    let c2b = &counters.client_to_backend;
+    assert_eq!(c2b.bytes.get(), message.len() as u64);
+    assert_eq!(c2b.messages.get(), 1);
+    assert_eq!(c2b.frames[2].get(), 1);
+}
