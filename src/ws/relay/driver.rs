@@ -5,7 +5,13 @@
 //! buffer, the pending-output buffer of a slow destination, the clock (one
 //! lazily allocated timer for every deadline), randomness (Ping tokens and
 //! masking keys), the [`StopHandle`], and the rules of how a connection
-//! ends (see the parent module).
+//! ends (see the parent module). Every end berth decides on itself goes
+//! through one [`Ending`]: what each peer is told (a Close with a code, or
+//! nothing and a dropped connection) and why.
+//!
+//! With `send_timeout`, each direction also notes since when berth has held
+//! bytes for its destination without the destination accepting any (a
+//! stall); a stall longer than `send_timeout` drops that peer.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -18,7 +24,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::processor::{FrameProcessor, Inject, Report, Sink, Source, PING_TOKEN_LEN};
-use super::{DirStats, EndReason, Initiator, RelayConfig, RelayOutcome, StopHandle, StopReason};
+use super::{
+    DirStats, EndReason, Ending, Initiator, PeerEnd, RelayConfig, RelayOutcome, StopHandle,
+};
 use crate::metrics::{DirCounters, RelayCounters};
 use crate::ws::frame::close_code;
 
@@ -53,8 +61,8 @@ where
     Relay {
         client,
         backend,
-        up: Dir::new(Source::Client, client_prefix),
-        down: Dir::new(Source::Backend, backend_prefix),
+        up: Dir::new(Source::Client, client_prefix, config.max_message_size),
+        down: Dir::new(Source::Backend, backend_prefix, config.max_message_size),
         config,
         stop,
         timer: None,
@@ -104,11 +112,20 @@ struct OutState {
     pending_pos: usize,
     /// Written but not flushed (TLS buffers records until flushed).
     needs_flush: bool,
+    /// The destination took some bytes since the last look (for
+    /// `send_timeout`).
+    accepted: bool,
 }
 
 impl OutState {
     fn has_pending(&self) -> bool {
         self.pending_pos < self.pending.len()
+    }
+
+    /// berth holds bytes the destination has not taken: in the pending
+    /// buffer, or written into the stream but not yet flushed out of it.
+    fn holding(&self) -> bool {
+        self.has_pending() || self.needs_flush
     }
 
     fn clear(&mut self) {
@@ -131,10 +148,13 @@ struct Dir {
     eof: bool,
     /// The destination's write side is shut, or it is gone.
     shut: bool,
+    /// Since when berth has held bytes for the destination without it
+    /// accepting any (tracked only with `send_timeout`).
+    stall: Option<Instant>,
 }
 
 impl Dir {
-    fn new(source: Source, prefix: Bytes) -> Dir {
+    fn new(source: Source, prefix: Bytes, max_message: Option<u64>) -> Dir {
         // The prefix is usually a view into the 8 KiB read buffer of the
         // HTTP connection that did the handshake (even when empty), which
         // would stay allocated for the life of the relay: keep an exact copy.
@@ -144,13 +164,14 @@ impl Dir {
             Bytes::copy_from_slice(&prefix)
         };
         Dir {
-            p: FrameProcessor::new(source),
+            p: FrameProcessor::with_max_message(source, max_message),
             out: OutState::default(),
             prefix,
             stats: DirStats::default(),
             want_shutdown: false,
             eof: false,
             shut: false,
+            stall: None,
         }
     }
 
@@ -163,6 +184,7 @@ impl Dir {
     /// peer is gone, so stop writing to it.
     fn destination_failed(&mut self) {
         self.shut = true;
+        self.stall = None;
         self.p.destination_gone();
         self.out.clear();
     }
@@ -172,6 +194,29 @@ impl Dir {
         let key = mask_key(self.p.source());
         self.p
             .queue(Inject::Close { code, reason }, key, then_discard);
+    }
+
+    /// The source is dropped: it is not read again, and what it sent is
+    /// not written on.
+    fn source_dropped(&mut self) {
+        self.eof = true;
+        self.p.discard();
+    }
+
+    /// Updates the stall clock after a poll (with `send_timeout` only).
+    /// Returns true when a stall began.
+    fn track_stall(&mut self) -> bool {
+        let accepted = std::mem::take(&mut self.out.accepted);
+        if self.shut || !self.out.holding() {
+            self.stall = None;
+            false
+        } else if accepted || self.stall.is_none() {
+            let began = self.stall.is_none();
+            self.stall = Some(Instant::now());
+            began
+        } else {
+            false
+        }
     }
 
     /// Adds one read's traffic to the totals and to the shared counters
@@ -220,6 +265,7 @@ impl<W: AsyncWrite + Unpin> Out<'_, '_, W> {
                     }
                     Poll::Ready(Ok(n)) => {
                         self.state.needs_flush = true;
+                        self.state.accepted = true;
                         bytes = &bytes[n..];
                     }
                     Poll::Pending => break,
@@ -302,19 +348,7 @@ where
             if let Some(stop) = self.stop.as_ref() {
                 if let Some(reason) = stop.poll(cx) {
                     self.stop = None;
-                    let (code, text, end) = match reason {
-                        StopReason::Drain => (
-                            close_code::SERVICE_RESTART,
-                            "service restart",
-                            EndReason::Drained,
-                        ),
-                        StopReason::Shutdown => (
-                            close_code::GOING_AWAY,
-                            "server shutting down",
-                            EndReason::Shutdown,
-                        ),
-                    };
-                    self.internal_close(code, text, close_code::GOING_AWAY, text, end);
+                    self.end(reason.ending());
                 }
             }
             if self.poll_timers(cx) {
@@ -349,7 +383,11 @@ where
             if self.up.finished() && self.down.finished() {
                 return Poll::Ready(self.finish());
             }
-            if !down_progress && !up_progress {
+            // A stall that just began needs the timer armed: go round once
+            // more (the next pass makes no progress and arms it).
+            let stalled = self.config.send_timeout.is_some()
+                && (self.up.track_stall() | self.down.track_stall());
+            if !down_progress && !up_progress && !stalled {
                 return Poll::Pending;
             }
         }
@@ -375,13 +413,19 @@ where
                 Source::Client => "protocol error from client",
                 Source::Backend => "protocol error from backend",
             };
-            self.internal_close(
-                close_code::PROTOCOL_ERROR,
-                reason,
-                close_code::PROTOCOL_ERROR,
-                reason,
+            self.end(Ending::close_both(
                 EndReason::ProtocolError,
-            );
+                close_code::PROTOCOL_ERROR,
+                reason,
+            ));
+        }
+        if report.too_big {
+            // The sender and the other peer both get 1009 (RFC 6455 §7.4.1).
+            self.end(Ending::close_both(
+                EndReason::MessageTooBig(from),
+                close_code::MESSAGE_TOO_BIG,
+                "message too big",
+            ));
         }
     }
 
@@ -458,31 +502,49 @@ where
         }
     }
 
-    /// berth ends the connection itself: Close to the client and a masked
-    /// Close to the backend, each at its next frame boundary.
-    fn internal_close(
-        &mut self,
-        client_code: u16,
-        client_reason: &'static str,
-        backend_code: u16,
-        backend_reason: &'static str,
-        reason: EndReason,
-    ) {
+    /// berth ends the connection itself, as `ending` says: a peer to be
+    /// closed gets a Close at its next frame boundary (masked towards the
+    /// backend) and the closing handshake; a peer to be dropped is neither
+    /// read nor written again. The first ending decides the outcome.
+    fn end(&mut self, ending: Ending) {
         if self.outcome.is_none() {
-            self.outcome = Some((Initiator::Internal, Some(client_code), reason));
+            self.outcome = Some((Initiator::Internal, ending.code(), ending.reason));
+        }
+        self.ping = PingState::Idle;
+        self.next_ping = None;
+        // A dropped peer's direction stops; what was on its way to it goes.
+        if ending.client == PeerEnd::Drop {
+            self.up.source_dropped();
+            self.down.destination_failed();
+        }
+        if ending.backend == PeerEnd::Drop {
+            self.down.source_dropped();
+            self.up.destination_failed();
         }
         // A direction gets berth's Close unless it already has one or its
         // destination is gone; a direction that stopped forwarding (a
         // protocol error in its stream) still gets it. A queued Ping gives
-        // way to the Close.
-        if !self.down.p.close_queued() && !self.down.shut && !self.down.want_shutdown {
-            self.down.queue_close(client_code, client_reason, true);
+        // way to the Close. A direction whose source was dropped mid-frame
+        // can never reach a boundary again: it gets only the FIN.
+        for (dir, end) in [
+            (&mut self.down, ending.client),
+            (&mut self.up, ending.backend),
+        ] {
+            if let PeerEnd::Close(code, text) = end {
+                let stuck = dir.eof && !dir.p.at_boundary();
+                if !dir.p.close_queued() && !dir.shut && !dir.want_shutdown && !stuck {
+                    dir.queue_close(code, text, true);
+                }
+            }
         }
-        if !self.up.p.close_queued() && !self.up.shut && !self.up.want_shutdown {
-            self.up.queue_close(backend_code, backend_reason, true);
+        // Towards the peer that stays, the dropped one's direction ends
+        // once berth's Close is written.
+        if ending.client == PeerEnd::Drop {
+            self.up.want_shutdown = true;
         }
-        self.ping = PingState::Idle;
-        self.next_ping = None;
+        if ending.backend == PeerEnd::Drop {
+            self.down.want_shutdown = true;
+        }
         self.arm_close_deadline();
     }
 
@@ -495,6 +557,8 @@ where
             && self.next_ping.is_none()
             && self.close_deadline.is_none()
             && self.ping == PingState::Idle
+            && self.up.stall.is_none()
+            && self.down.stall.is_none()
         {
             return false;
         }
@@ -510,15 +574,31 @@ where
                 self.heartbeat_failed();
             }
         }
+        if let Some(limit) = self.config.send_timeout {
+            // A stuck client is dropped and the backend told why; a stuck
+            // backend is dropped and the client told it failed.
+            if self.down.stall.is_some_and(|since| now >= since + limit) {
+                self.end(Ending {
+                    reason: EndReason::SendTimeout(Source::Client),
+                    client: PeerEnd::Drop,
+                    backend: PeerEnd::Close(close_code::GOING_AWAY, "client unresponsive"),
+                });
+            }
+            if self.up.stall.is_some_and(|since| now >= since + limit) {
+                self.end(Ending {
+                    reason: EndReason::SendTimeout(Source::Backend),
+                    client: PeerEnd::Close(close_code::BAD_GATEWAY, "backend unresponsive"),
+                    backend: PeerEnd::Drop,
+                });
+            }
+        }
         if let (Some(idle), None) = (self.config.idle_timeout, self.close_deadline) {
             if now >= self.last_data + idle {
-                self.internal_close(
-                    close_code::GOING_AWAY,
-                    "idle timeout",
-                    close_code::GOING_AWAY,
-                    "idle timeout",
+                self.end(Ending::close_both(
                     EndReason::IdleTimeout,
-                );
+                    close_code::GOING_AWAY,
+                    "idle timeout",
+                ));
             }
         }
         if let (Some(at), Some(interval)) = (self.next_ping, self.config.ping_interval) {
@@ -546,6 +626,10 @@ where
         if let PingState::Sent(_, due) = self.ping {
             consider(Some(due));
         }
+        if let Some(limit) = self.config.send_timeout {
+            consider(self.up.stall.map(|since| since + limit));
+            consider(self.down.stall.map(|since| since + limit));
+        }
         if let Some(at) = next {
             let timer = self
                 .timer
@@ -566,25 +650,11 @@ where
     /// No Pong in time: the client is dead. The backend gets Close 1001 and
     /// the client's TCP connection is dropped without another word.
     fn heartbeat_failed(&mut self) {
-        if self.outcome.is_none() {
-            self.outcome = Some((
-                Initiator::Internal,
-                Some(close_code::GOING_AWAY),
-                EndReason::HeartbeatFailure,
-            ));
-        }
-        self.ping = PingState::Idle;
-        self.next_ping = None;
-        // Stop reading the client and never write to it again.
-        self.up.eof = true;
-        self.up.p.discard();
-        self.down.destination_failed();
-        if !self.up.p.close_queued() && !self.up.shut && !self.up.want_shutdown {
-            self.up
-                .queue_close(close_code::GOING_AWAY, "client unresponsive", false);
-        }
-        self.up.want_shutdown = true;
-        self.arm_close_deadline();
+        self.end(Ending {
+            reason: EndReason::HeartbeatFailure,
+            client: PeerEnd::Drop,
+            backend: PeerEnd::Close(close_code::GOING_AWAY, "client unresponsive"),
+        });
     }
 
     fn finish(&mut self) -> RelayOutcome {
@@ -638,6 +708,7 @@ where
                     Poll::Ready(Ok(n)) if n > 0 => {
                         dir.out.pending_pos += n;
                         dir.out.needs_flush = true;
+                        dir.out.accepted = true;
                         progress = true;
                     }
                     Poll::Ready(_) => {
@@ -673,7 +744,10 @@ where
         // 3. Flush what was written.
         if dir.out.needs_flush {
             match Pin::new(&mut *dst).poll_flush(cx) {
-                Poll::Ready(Ok(())) => dir.out.needs_flush = false,
+                Poll::Ready(Ok(())) => {
+                    dir.out.needs_flush = false;
+                    dir.out.accepted = true;
+                }
                 Poll::Ready(Err(_)) => {
                     dir.destination_failed();
                     return (report, true);

@@ -29,6 +29,8 @@ fn config(idle: Option<u64>, ping: Option<u64>) -> RelayConfig {
         ping_interval: ping.map(Duration::from_secs),
         pong_timeout: Duration::from_secs(5),
         close_timeout: Duration::from_secs(2),
+        max_message_size: None,
+        send_timeout: None,
     }
 }
 
