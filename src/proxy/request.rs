@@ -1,13 +1,17 @@
 //! The request path `forward` (plain HTTP, SSE) and `upgrade` (WebSocket)
 //! share, in two steps:
-//! - [`Prepared::new`]: route the request, and make the headers the backend
-//!   sees (hop-by-hop headers and berth's affinity cookie removed,
-//!   `X-Forwarded-*` added);
+//! - [`Prepared::new`]: normalize the host and target (`target`), route on
+//!   them, and make the request the backend sees: the same normalized
+//!   target and host, hop-by-hop headers and berth's affinity cookie
+//!   removed, `X-Forwarded-*` added;
 //! - [`choose_and_connect`]: choose a backend (affinity first), run the
 //!   path's attempt on it, and when that could not connect, count it
 //!   against the backend (passive health) and try once more elsewhere;
-//!   on success, count `berth_affinity_total`. [`append_set_cookie`] adds
-//!   the affinity cookie to the response the client gets.
+//!   on success, count `berth_affinity_total`. A connect that failed for
+//!   want of a local resource (file descriptors, ports, buffers) is
+//!   berth's own trouble: it is not held against the backend, and the
+//!   request ends with `503` at once. [`append_set_cookie`] adds the
+//!   affinity cookie to the response the client gets.
 //!
 //! It starts no tasks.
 
@@ -15,12 +19,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::HOST;
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue};
 use tokio::net::TcpStream;
 
-use super::headers::{add_forwarded, host_without_port, request_host, strip_hop_by_hop};
-use super::{ConnInfo, ProxyError};
+use super::headers::{add_forwarded, strip_hop_by_hop};
+use super::{target, ConnInfo, ProxyError};
 use crate::balancer::{Backend, Choice, Pool, RequestFacts};
 use crate::metrics::Metrics;
 use crate::routing::Routing;
@@ -39,6 +44,41 @@ pub enum ConnectError {
     BadAddress(#[source] http::uri::InvalidUri),
 }
 
+impl ConnectError {
+    /// The connect failed for want of something of berth's own: file
+    /// descriptors (`EMFILE`, `ENFILE`), buffers or memory (`ENOBUFS`,
+    /// `ENOMEM`) or local ports (`EADDRNOTAVAIL`). Not the backend's fault.
+    pub fn is_local(&self) -> bool {
+        match self {
+            ConnectError::Io(e) => is_local_io(e),
+            ConnectError::Client(e) => caused_locally(e),
+            ConnectError::Timeout(_) | ConnectError::BadAddress(_) => false,
+        }
+    }
+}
+
+fn is_local_io(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
+/// Whether any cause in `e`'s chain is a local resource error.
+fn caused_locally(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cause {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(is_local_io)
+        {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
+}
+
 /// A routed request and what the backend is to receive.
 pub struct Prepared {
     pub pool: Arc<Pool>,
@@ -49,16 +89,15 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Routes the request by host and path and rewrites its headers.
-    /// `parts` is left as the client sent it (affinity reads it).
+    /// Routes the request by its normalized host and path and rewrites its
+    /// headers; a host or target that breaks HTTP's rules is a
+    /// [`ProxyError::BadRequest`]. `parts` is left as the client sent it
+    /// (affinity reads it).
     pub fn new(routing: &Routing, conn: &ConnInfo, parts: &Parts) -> Result<Prepared, ProxyError> {
-        let host = request_host(&parts.headers, &parts.uri);
+        let target = target::resolve(parts)?;
         let pool = routing
             .load()
-            .route(
-                host.as_deref().map(host_without_port).as_deref(),
-                parts.uri.path(),
-            )
+            .route(target.route_host.as_deref(), &target.path)
             .cloned()
             .ok_or(ProxyError::NoRoute)?;
         let mut headers = parts.headers.clone();
@@ -67,16 +106,21 @@ impl Prepared {
         if let Some(name) = pool.sticky.cookie_name() {
             crate::affinity::strip_cookie(&mut headers, name);
         }
-        add_forwarded(&mut headers, conn.peer.ip(), conn.tls, host.as_deref());
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_string();
+        // The backend sees the host berth routed on.
+        match &target.host {
+            Some(host) => {
+                headers.insert(HOST, host.clone());
+            }
+            None => {
+                headers.remove(HOST);
+            }
+        }
+        let host = target.host.as_ref().and_then(|h| h.to_str().ok());
+        add_forwarded(&mut headers, conn.peer.ip(), conn.tls, host);
         Ok(Prepared {
             pool,
             headers,
-            path_and_query,
+            path_and_query: target.path_and_query,
         })
     }
 }
@@ -134,6 +178,14 @@ where
                     metrics.affinity.with_label_values(&labels).inc();
                 }
                 return Ok((choice, value));
+            }
+            Err(AttemptError::Connect(source)) if source.is_local() => {
+                // Another backend would fail the same way, and this one did
+                // nothing wrong.
+                return Err(ProxyError::LocalResource {
+                    backend: backend.id.clone(),
+                    source,
+                });
             }
             Err(AttemptError::Connect(source)) => {
                 tracing::debug!(backend = %backend.id, error = %source, "backend connect failed");
