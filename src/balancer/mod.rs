@@ -277,6 +277,24 @@ mod tests {
     }
 
     #[test]
+    fn passive_health_takes_a_backend_down_only_after_fall_failures_in_a_row() {
+        let p = pool(Balance::RoundRobin, &[1]);
+        let b = &p.backends[0];
+        // Failure, success, failure, success ...: never down.
+        for _ in 0..50 {
+            p.observe(b, false, "refused");
+            p.observe(b, true, "switched protocols");
+            assert_eq!(b.state(), BackendState::Up);
+        }
+        // Two in a row are not enough either; the third is.
+        p.observe(b, false, "refused");
+        p.observe(b, false, "refused");
+        assert_eq!(b.state(), BackendState::Up);
+        p.observe(b, false, "refused");
+        assert_eq!(b.state(), BackendState::Down);
+    }
+
+    #[test]
     fn pick_skips_excluded_and_down() {
         let p = pool(Balance::RoundRobin, &[1, 1, 1]);
         p.backends[0].set_state(BackendState::Down);

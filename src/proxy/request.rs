@@ -37,8 +37,9 @@ pub enum ConnectError {
     Io(#[from] std::io::Error),
     #[error("no connection within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
-    /// The pooled HTTP client's connect failed.
-    #[error(transparent)]
+    /// The pooled HTTP client's connect failed (shown with its causes:
+    /// the client's own message names only the stage).
+    #[error("{}", causes(.0))]
     Client(hyper_util::client::legacy::Error),
     #[error("address does not form a valid URI")]
     BadAddress(#[source] http::uri::InvalidUri),
@@ -55,6 +56,22 @@ impl ConnectError {
             ConnectError::Timeout(_) | ConnectError::BadAddress(_) => false,
         }
     }
+}
+
+/// An error and its causes, each said once: `client error (Connect): tcp
+/// connect error: Connection refused (os error 111)`.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(err) = cause {
+        let part = err.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = err.source();
+    }
+    text
 }
 
 fn is_local_io(e: &std::io::Error) -> bool {
@@ -428,6 +445,85 @@ fall = 1
         assert!(matches!(result, Err(ProxyError::ResponseTimeout(id)) if id == "b1"));
         assert_eq!(pool.find("b1").unwrap().state(), BackendState::Up);
         assert_eq!(affinity_count(&ctx, "invalid"), 0);
+    }
+
+    /// An error that wraps another, as hyper-util's client errors wrap the
+    /// connector's, which wrap the socket's.
+    #[derive(Debug)]
+    struct Wrapped(Box<dyn std::error::Error + Send + Sync>);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("client error (Connect)")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    #[test]
+    fn local_resource_errors_are_berths_own() {
+        let io = |code| ConnectError::Io(std::io::Error::from_raw_os_error(code));
+        for code in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EADDRNOTAVAIL,
+        ] {
+            assert!(io(code).is_local(), "errno {code}");
+            // Also when the socket's error is deep in a client error's chain.
+            let chain = Wrapped(Box::new(Wrapped(Box::new(
+                std::io::Error::from_raw_os_error(code),
+            ))));
+            assert!(caused_locally(&chain), "errno {code} in a chain");
+        }
+        for code in [
+            libc::ECONNREFUSED,
+            libc::ECONNRESET,
+            libc::EHOSTUNREACH,
+            libc::ENETUNREACH,
+            libc::ETIMEDOUT,
+        ] {
+            assert!(!io(code).is_local(), "errno {code}");
+            let chain = Wrapped(Box::new(std::io::Error::from_raw_os_error(code)));
+            assert!(!caused_locally(&chain), "errno {code} in a chain");
+        }
+        assert!(!ConnectError::Timeout(Duration::from_secs(1)).is_local());
+    }
+
+    #[tokio::test]
+    async fn a_local_error_is_a_503_and_never_held_against_the_backend() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ctx = testing::context(&chat(&[live.local_addr().unwrap(), refusing()]));
+        let pool = Arc::clone(&ctx.routing.load().pools["chat"]);
+        let conn = testing::conn(&ctx, false);
+        let parts = parts("chat.example.com");
+        // fall = 1: a single failure counted would take the backend down.
+        for _ in 0..3 {
+            let mut calls = 0;
+            let result: Result<(Choice, ()), _> =
+                choose_and_connect(&ctx.metrics, &pool, &facts(&parts, &conn), 2, |_| {
+                    calls += 1;
+                    async {
+                        Err(AttemptError::Connect(ConnectError::Io(
+                            std::io::Error::from_raw_os_error(libc::EMFILE),
+                        )))
+                    }
+                })
+                .await;
+            let err = result.err().unwrap();
+            assert!(matches!(err, ProxyError::LocalResource { .. }), "{err}");
+            assert_eq!(err.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(err.backend(), None);
+            assert_eq!(err.upgrade_result(), "local_error");
+            // Not tried elsewhere: another backend would fail the same way.
+            assert_eq!(calls, 1);
+        }
+        assert!(pool.backends.iter().all(|b| b.state() == BackendState::Up));
     }
 
     #[test]
