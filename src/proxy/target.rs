@@ -89,11 +89,20 @@ pub fn resolve(parts: &Parts) -> Result<Target, TargetError> {
         (None, None) => (None, None),
     };
     let path = normalize_path(parts.uri.path())?;
-    let mut path_and_query = path.to_string();
-    if let Some(query) = parts.uri.query() {
-        path_and_query.push('?');
-        path_and_query.push_str(query);
-    }
+    let path_and_query = match &path {
+        // Already normal: the target goes on exactly as sent (an
+        // absolute-form target without a path stays without one, and is
+        // refused when the backend's request is built).
+        Cow::Borrowed(_) => parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_string(),
+        Cow::Owned(normal) => match parts.uri.query() {
+            Some(query) => format!("{normal}?{query}"),
+            None => normal.clone(),
+        },
+    };
     Ok(Target {
         route_host,
         host,
@@ -336,6 +345,9 @@ mod tests {
         assert_eq!(t.path_and_query, "/ws?room=1");
         let t = resolved("http://chat.example.com", &[]).unwrap();
         assert_eq!(t.path_and_query, "/");
+        // No path but a query: left as sent (no valid origin-form target).
+        let t = resolved("http://chat.example.com?x=1", &[]).unwrap();
+        assert_eq!(t.path_and_query, "?x=1");
         assert_eq!(
             resolved("http://user:pw@chat.example.com/", &[]),
             Err(TargetError::BadHost)
