@@ -84,6 +84,18 @@ fn example_config_validates() {
     let ids: Vec<&str> = chat.backends.iter().map(|b| b.id.as_str()).collect();
     assert_eq!(ids, ["chat-1", "chat-2", "chat-3"]);
     assert_eq!(chat.backends[2].address, "127.0.0.1:9003");
+    assert_eq!(
+        chat.limits,
+        PoolLimits {
+            max_message_size: Some(1 << 20),
+            upgrade_rate: Some(UpgradeRate {
+                per_second: 500,
+                burst: 1000
+            }),
+            retry_after_max: Duration::from_secs(5),
+            send_timeout: Some(Duration::from_secs(30)),
+        }
+    );
 }
 
 #[test]
