@@ -31,13 +31,13 @@ async fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-/// Waits (up to 10 s) for `check` to hold.
+/// Waits (up to 30 s: the machine may be busy) for `check` to hold.
 async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !check().await {
         assert!(Instant::now() < deadline, "never: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -137,7 +137,7 @@ async fn a_client_that_stops_reading_is_dropped_after_send_timeout() {
     // held and then ends (or is reset), well short of the echo.
     let mut got = 0usize;
     let mut buf = vec![0u8; 64 * 1024];
-    let read = tokio::time::timeout(Duration::from_secs(10), async {
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             match client.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
