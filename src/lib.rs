@@ -13,7 +13,8 @@
 //! - 2 `listener`: accept loop and per-connection TLS + HTTP/1.1 serving.
 //! - 3 `proxy`: the request service: one request path for plain HTTP
 //!   forwarding and WebSocket upgrades, and the tunnel task.
-//! - 4 `balancer`: pools, backends, backend choice, health checks, affinity at run time.
+//! - 4 `balancer`: pools, backends, backend choice, health checks, the upgrade
+//!   rate limit, affinity at run time.
 //! - 4 `affinity`: pure sticky-routing functions (signed cookies, rendezvous hashing).
 //! - 4 `ws`: handshake checks, the frame-header parser and the frame-aware relay.
 //! - 4 `routing`: the live routing table and its handle, swapped on reload.

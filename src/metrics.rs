@@ -86,6 +86,8 @@ pub struct Metrics {
     pub ws_idle_timeouts: IntCounterVec,
     pub ws_heartbeat_failures: IntCounterVec,
     pub ws_drained: IntCounterVec,
+    pub ws_send_timeouts: IntCounterVec,
+    pub requests_rejected: IntCounterVec,
     pub affinity: IntCounterVec,
     pub backend_up: IntGaugeVec,
     pub backend_state: IntGaugeVec,
@@ -207,6 +209,18 @@ impl Metrics {
                 "berth_websocket_drained_total",
                 "Connections closed with 1012 because their backend was drained or removed.",
                 &["pool", "backend"],
+            )?,
+            ws_send_timeouts: counter(
+                &r,
+                "berth_websocket_send_timeouts_total",
+                "Peers dropped for accepting no bytes within send_timeout, by side.",
+                &["pool", "side"],
+            )?,
+            requests_rejected: counter(
+                &r,
+                "berth_requests_rejected_total",
+                "Requests berth answered itself before routing, by status.",
+                &["listener", "status"],
             )?,
             affinity: counter(
                 &r,

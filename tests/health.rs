@@ -130,3 +130,92 @@ async fn full_backends_are_skipped_and_a_full_pool_answers_503() {
     }
     proxy.shutdown().await;
 }
+
+/// A WebSocket backend whose handshake answers follow a script, one entry
+/// per connection: `'1'` a good 101 (then an echo), `'5'` a 503, `'a'` a
+/// 101 with a wrong Sec-WebSocket-Accept.
+async fn scripted_backend(
+    script: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<char>>>,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let next = script.lock().unwrap().pop_front().unwrap_or('1');
+            tokio::spawn(async move {
+                if next == '1' {
+                    if let Ok(mut ws) = tokio_tungstenite::accept_async(s).await {
+                        while let Some(Ok(_)) = futures_util::StreamExt::next(&mut ws).await {}
+                    }
+                    return;
+                }
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer: &[u8] = if next == '5' {
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbusy"
+                } else {
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: bm90IHRoZSByaWdodCBrZXk=\r\n\r\n"
+                };
+                let _ = s.write_all(answer).await;
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn passive_health_counts_successes_so_only_failures_in_a_row_take_a_backend_down() {
+    let script = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+    let addr = scripted_backend(script.clone()).await;
+    // No active checks: the passive rule takes a backend down after three
+    // failures in a row.
+    let proxy = Proxy::start(&config_for(&[addr], "")).await;
+    let admin = proxy.admin.unwrap();
+    let upgrade = || async {
+        let (_s, head) = raw_request(proxy.addr, &upgrade_head("/", "")).await;
+        head
+    };
+    // Failure, success, failure, success ...: the backend stays up. A 503
+    // is passed on; a 101 with a bad accept key is berth's 502.
+    let rounds = "51a15151a151";
+    script.lock().unwrap().extend(rounds.chars());
+    for (round, answer) in rounds.chars().enumerate() {
+        let head = upgrade().await;
+        let want = match answer {
+            '5' => "HTTP/1.1 503",
+            'a' => "HTTP/1.1 502",
+            _ => "HTTP/1.1 101",
+        };
+        assert!(head.starts_with(want), "round {round}: {head}");
+        assert_eq!(
+            backend_state(admin, "b1").await,
+            "up",
+            "after round {round}"
+        );
+    }
+    script.lock().unwrap().extend("5a5".chars());
+    let refused = upgrade().await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    let bad_accept = upgrade().await;
+    assert!(bad_accept.starts_with("HTTP/1.1 502"), "{bad_accept}");
+    assert_eq!(backend_state(admin, "b1").await, "up");
+    let third = upgrade().await;
+    assert!(third.starts_with("HTTP/1.1 503"), "{third}");
+    // Three failures in a row: down, and berth answers for it.
+    assert_eq!(backend_state(admin, "b1").await, "down");
+    let (_s, head) = raw_request(proxy.addr, &upgrade_head("/", "")).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
+    proxy.shutdown().await;
+}

@@ -5,6 +5,7 @@
 
 mod backend;
 pub mod health;
+pub mod rate;
 pub mod sticky;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use backend::{Backend, BackendState, ConnectionGuard};
+pub use rate::UpgradeBucket;
 pub use sticky::{Choice, RequestFacts, Sticky};
 
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -50,6 +52,9 @@ pub struct Pool {
     pub backends: Vec<Arc<Backend>>,
     /// Affinity, ready to apply.
     pub sticky: Sticky,
+    /// The upgrade rate limit, when the pool has one. Kept across reloads
+    /// that do not change it, so a reload does not refill it.
+    pub upgrades: Option<Arc<UpgradeBucket>>,
     /// Smooth weighted round-robin order (indexes into `backends`).
     schedule: Vec<usize>,
     cursor: AtomicUsize,
@@ -90,9 +95,16 @@ impl Pool {
             .collect();
         let weights: Vec<u32> = backends.iter().map(|b| b.weight()).collect();
         let http = http_client(config.connect_timeout);
+        let upgrades = config.limits.upgrade_rate.map(|rate| {
+            previous
+                .and_then(|p| p.upgrades.as_ref())
+                .filter(|old| old.rate() == rate)
+                .map_or_else(|| Arc::new(UpgradeBucket::new(rate)), Arc::clone)
+        });
         Pool {
             sticky: Sticky::from_config(&config.affinity),
             http,
+            upgrades,
             schedule: smooth_schedule(&weights),
             config,
             backends,
@@ -121,8 +133,14 @@ impl Pool {
         }
     }
 
+    /// Whether the pool's upgrade rate limit admits one more upgrade now.
+    pub fn admit_upgrade(&self) -> bool {
+        self.upgrades.as_ref().is_none_or(|b| b.try_take())
+    }
+
     /// Records a data-path outcome for a backend (passive health check):
-    /// failed connects and refused handshakes count against it.
+    /// failed connects and refused handshakes count against it, a good
+    /// `101` or a non-5xx answer for it, so only failures in a row add up.
     pub fn observe(&self, b: &Backend, ok: bool, reason: &str) {
         let (rise, fall) = self
             .config
@@ -216,6 +234,7 @@ mod tests {
             drain_window: Duration::from_secs(1),
             allowed_origins: Vec::new(),
             affinity: crate::config::Affinity::None,
+            limits: crate::config::PoolLimits::default(),
             health: None,
             backends: weights
                 .iter()
@@ -255,6 +274,24 @@ mod tests {
         let _d = p.backends[1].track_websocket();
         // b0: 1/1, b1: 3/2 -> b0.
         assert_eq!(p.pick(&[]).unwrap().id, "b0");
+    }
+
+    #[test]
+    fn passive_health_takes_a_backend_down_only_after_fall_failures_in_a_row() {
+        let p = pool(Balance::RoundRobin, &[1]);
+        let b = &p.backends[0];
+        // Failure, success, failure, success ...: never down.
+        for _ in 0..50 {
+            p.observe(b, false, "refused");
+            p.observe(b, true, "switched protocols");
+            assert_eq!(b.state(), BackendState::Up);
+        }
+        // Two in a row are not enough either; the third is.
+        p.observe(b, false, "refused");
+        p.observe(b, false, "refused");
+        assert_eq!(b.state(), BackendState::Up);
+        p.observe(b, false, "refused");
+        assert_eq!(b.state(), BackendState::Down);
     }
 
     #[test]

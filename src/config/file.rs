@@ -78,10 +78,50 @@ pub struct FilePool {
     pub drain_window: Option<String>,
     pub allowed_origins: Option<Vec<String>>,
     pub affinity: Option<String>,
+    pub max_message_size: Option<FileSize>,
+    /// Signed, so that a negative rate gets a range message.
+    pub max_upgrades_per_second: Option<i64>,
+    pub upgrade_burst: Option<i64>,
+    pub retry_after_max: Option<String>,
+    pub send_timeout: Option<String>,
     pub cookie: Option<FileCookie>,
     pub hash: Option<FileHash>,
     pub health: Option<FileHealth>,
     pub backends: Vec<FileBackend>,
+}
+
+/// A size as written: an integer number of bytes, or a string with a unit
+/// (`"64 KiB"`); `rules::size` reads and checks it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FileSize {
+    Bytes(i64),
+    Text(String),
+}
+
+impl<'de> serde::Deserialize<'de> for FileSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = FileSize;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a size: an integer number of bytes or a string such as \"64 KiB\"")
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<FileSize, E> {
+                Ok(FileSize::Bytes(n))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<FileSize, E> {
+                Ok(FileSize::Bytes(i64::try_from(n).unwrap_or(i64::MAX)))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<FileSize, E> {
+                Ok(FileSize::Text(s.to_string()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// `[pools.NAME.cookie]`: the signed affinity cookie.
@@ -141,6 +181,11 @@ const POOL_KEYS: &[&str] = &[
     "drain_window",
     "allowed_origins",
     "affinity",
+    "max_message_size",
+    "max_upgrades_per_second",
+    "upgrade_burst",
+    "retry_after_max",
+    "send_timeout",
     "cookie",
     "hash",
     "health",
@@ -215,6 +260,11 @@ fn pool(t: &Fields<'_>, report: &mut Report<'_>) -> FilePool {
         drain_window: t.get(report, "drain_window"),
         allowed_origins: t.get(report, "allowed_origins"),
         affinity: t.get(report, "affinity"),
+        max_message_size: t.get(report, "max_message_size"),
+        max_upgrades_per_second: t.get(report, "max_upgrades_per_second"),
+        upgrade_burst: t.get(report, "upgrade_burst"),
+        retry_after_max: t.get(report, "retry_after_max"),
+        send_timeout: t.get(report, "send_timeout"),
         cookie: t.table(report, "cookie", COOKIE_KEYS).map(|c| FileCookie {
             name: c.get(report, "name"),
             secret: c.get(report, "secret"),

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use file::FileConfig;
+pub use file::{FileConfig, FileSize};
 
 /// Where the running proxy's configuration came from and what it says.
 #[derive(Clone, Debug)]
@@ -109,9 +109,49 @@ pub struct PoolConfig {
     /// `Origin` header (a non-browser client) is not affected.
     pub allowed_origins: Vec<String>,
     pub affinity: Affinity,
+    /// Message size, upgrade rate, slow consumers and Retry-After.
+    pub limits: PoolLimits,
     /// Active health checks; `None` means passive checks only.
     pub health: Option<HealthConfig>,
     pub backends: Vec<BackendConfig>,
+}
+
+/// A pool's limits against overload and hostile or stuck clients.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolLimits {
+    /// The largest data message (all its fragments' payloads together)
+    /// relayed either way; `None` is no limit.
+    pub max_message_size: Option<u64>,
+    /// New WebSockets admitted per second (a token bucket); `None` is no limit.
+    pub upgrade_rate: Option<UpgradeRate>,
+    /// `Retry-After` on berth's 503s is drawn uniformly from 1 s to this
+    /// (whole seconds, at least 1).
+    pub retry_after_max: Duration,
+    /// A peer that accepts no bytes for this long while berth holds bytes
+    /// for it is dropped; `None` leaves backpressure alone.
+    pub send_timeout: Option<Duration>,
+}
+
+impl Default for PoolLimits {
+    /// The documented defaults: no limits, and Retry-After up to 5 s.
+    fn default() -> Self {
+        PoolLimits {
+            max_message_size: None,
+            upgrade_rate: None,
+            retry_after_max: Duration::from_secs(5),
+            send_timeout: None,
+        }
+    }
+}
+
+/// A pool's token bucket for upgrades.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpgradeRate {
+    /// Tokens added per second (`max_upgrades_per_second`).
+    pub per_second: u32,
+    /// The bucket's size: upgrades admitted at once after a quiet spell
+    /// (`upgrade_burst`).
+    pub burst: u32,
 }
 
 /// How a pool keeps a client on one backend.

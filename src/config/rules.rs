@@ -78,6 +78,9 @@ pub(super) const DRAIN_WINDOW: DurationKey = required(secs(30), Duration::ZERO, 
 pub(super) const COOKIE_MAX_AGE: DurationKey = optional(secs(1), LONGEST);
 pub(super) const HEALTH_INTERVAL: DurationKey = required(secs(5), ms(50), secs(HOUR));
 pub(super) const HEALTH_TIMEOUT: DurationKey = required(secs(2), ms(100), secs(5 * MINUTE));
+/// Retry-After on berth's 503s is drawn from 1 s to this (whole seconds).
+pub(super) const RETRY_AFTER_MAX: DurationKey = required(secs(5), secs(1), secs(HOUR));
+pub(super) const SEND_TIMEOUT: DurationKey = optional(ms(100), secs(HOUR));
 
 /// Every duration key by name (names are unique across tables).
 #[cfg(test)]
@@ -94,6 +97,8 @@ pub(super) const DURATIONS: &[(&str, DurationKey)] = &[
     ("max_age", COOKIE_MAX_AGE),
     ("interval", HEALTH_INTERVAL),
     ("timeout", HEALTH_TIMEOUT),
+    ("retry_after_max", RETRY_AFTER_MAX),
+    ("send_timeout", SEND_TIMEOUT),
 ];
 
 /// An integer key: its inclusive range.
@@ -127,9 +132,63 @@ pub(super) const FALL: IntKey = IntKey {
     max: 100,
 };
 
+pub(super) const MAX_UPGRADES_PER_SECOND: IntKey = IntKey {
+    name: "max_upgrades_per_second",
+    min: 1,
+    max: 1_000_000,
+};
+pub(super) const UPGRADE_BURST: IntKey = IntKey {
+    name: "upgrade_burst",
+    min: 1,
+    max: 1_000_000,
+};
+
 /// Every integer key.
 #[cfg(test)]
-pub(super) const NUMBERS: &[IntKey] = &[WEIGHT, MAX_CONNECTIONS, RISE, FALL];
+pub(super) const NUMBERS: &[IntKey] = &[
+    WEIGHT,
+    MAX_CONNECTIONS,
+    RISE,
+    FALL,
+    MAX_UPGRADES_PER_SECOND,
+    UPGRADE_BURST,
+];
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+
+/// A size key: its default and its inclusive range, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct SizeKey {
+    /// `None`: the key is optional, and absent means no limit.
+    pub default: Option<u64>,
+    pub min: u64,
+    pub max: u64,
+}
+
+/// Below 1 KiB no real protocol fits; above 1 GiB a limit protects nothing
+/// (leave the key out for no limit).
+pub(super) const MAX_MESSAGE_SIZE: SizeKey = SizeKey {
+    default: None,
+    min: KIB,
+    max: GIB,
+};
+
+/// Every size key by name.
+#[cfg(test)]
+pub(super) const SIZES: &[(&str, SizeKey)] = &[("max_message_size", MAX_MESSAGE_SIZE)];
+
+/// A size as the README writes it: `512 B`, `64 KiB`, `1 MiB`, in the
+/// largest binary unit that divides it exactly.
+pub(super) fn human_size(n: u64) -> String {
+    for (unit, size) in [("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
+        if n >= size && n % size == 0 {
+            return format!("{} {unit}", n / size);
+        }
+    }
+    format!("{n} B")
+}
 
 /// `bounded_load` must be above this...
 pub(super) const BOUNDED_LOAD_ABOVE: f64 = 1.0;
@@ -189,6 +248,59 @@ pub(super) fn int(n: i64, key: &IntKey) -> Result<i64, String> {
             key.name, key.min, key.max
         ))
     }
+}
+
+/// A size within `key`'s range: an integer number of bytes, or a string of
+/// an integer and a unit (`"64 KiB"`, `"1MiB"`, `"500 kB"`). Binary units
+/// (`KiB`, `MiB`, `GiB`, `TiB`) are powers of 1024, decimal ones (`kB`,
+/// `MB`, `GB`, `TB`) powers of 1000; `B` or no unit is bytes. Units are
+/// matched without regard to case.
+pub(super) fn size(raw: &super::file::FileSize, key: &SizeKey) -> Result<u64, String> {
+    use super::file::FileSize;
+    let n = match raw {
+        FileSize::Bytes(n) => u64::try_from(*n).ok(),
+        FileSize::Text(text) => parse_size(text),
+    };
+    let shown = || match raw {
+        FileSize::Bytes(n) => n.to_string(),
+        FileSize::Text(text) => format!("{text:?}"),
+    };
+    let Some(n) = n else {
+        return Err(format!(
+            "invalid size {} (use a number of bytes, or e.g. \"64 KiB\", \"1 MiB\")",
+            shown()
+        ));
+    };
+    if (key.min..=key.max).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "size must be between {} and {}, got {}",
+            human_size(key.min),
+            human_size(key.max),
+            shown()
+        ))
+    }
+}
+
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().ok()?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => KIB,
+        "mib" => MIB,
+        "gib" => GIB,
+        "tib" => 1024 * GIB,
+        "kb" => 1000,
+        "mb" => 1000 * 1000,
+        "gb" => 1000 * 1000 * 1000,
+        "tb" => 1000 * 1000 * 1000 * 1000,
+        _ => return None,
+    };
+    number.checked_mul(scale)
 }
 
 /// A listen address: `IP:port` (port 0 allowed) or `localhost:PORT`.

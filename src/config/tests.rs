@@ -84,6 +84,18 @@ fn example_config_validates() {
     let ids: Vec<&str> = chat.backends.iter().map(|b| b.id.as_str()).collect();
     assert_eq!(ids, ["chat-1", "chat-2", "chat-3"]);
     assert_eq!(chat.backends[2].address, "127.0.0.1:9003");
+    assert_eq!(
+        chat.limits,
+        PoolLimits {
+            max_message_size: Some(1 << 20),
+            upgrade_rate: Some(UpgradeRate {
+                per_second: 500,
+                burst: 1000
+            }),
+            retry_after_max: Duration::from_secs(5),
+            send_timeout: Some(Duration::from_secs(30)),
+        }
+    );
 }
 
 #[test]
@@ -118,6 +130,12 @@ fn defaults_apply_to_a_minimal_config() {
             drain_window: Duration::from_secs(30),
             allowed_origins: Vec::new(),
             affinity: Affinity::None,
+            limits: PoolLimits {
+                max_message_size: None,
+                upgrade_rate: None,
+                retry_after_max: Duration::from_secs(5),
+                send_timeout: None,
+            },
             health: None,
             backends: vec![BackendConfig {
                 id: "chat-1".into(),
@@ -656,11 +674,14 @@ fn numbers_outside_their_range_are_rejected_with_the_range() {
             &format!("[pools.chat]\n\n[pools.chat.health]\n{extra}"),
         )
     };
+    let pool = |extra: &str| BASE.replace("[pools.chat]", &format!("[pools.chat]\n{extra}"));
     for rule in rules::NUMBERS {
         let text = |n: i64| {
             let line = format!("{} = {n}", rule.name);
             match rule.name {
                 "rise" | "fall" => health(&line),
+                "max_upgrades_per_second" => pool(&line),
+                "upgrade_burst" => pool(&format!("max_upgrades_per_second = 1\n{line}")),
                 _ => backend(&line),
             }
         };
@@ -737,6 +758,18 @@ fn readme_documents_every_range() {
             );
         }
     }
+    for (key, rule) in rules::SIZES {
+        let range = format!(
+            "`{}` to `{}`",
+            rules::human_size(rule.min),
+            rules::human_size(rule.max)
+        );
+        let row = row(key);
+        assert!(
+            row.contains(&range),
+            "README's {key} row lacks {range}: {row}"
+        );
+    }
     for rule in rules::NUMBERS {
         let range = format!("`{}` to `{}`", rule.min, rule.max);
         let row = row(rule.name);
@@ -811,7 +844,9 @@ weight = "heavy"
             "berth.toml:14: pools.chat.conect_timeout: unknown field `conect_timeout`, expected \
              one of `balance`, `connect_timeout`, `response_timeout`, `idle_timeout`, \
              `ping_interval`, `pong_timeout`, `close_timeout`, `drain_window`, \
-             `allowed_origins`, `affinity`, `cookie`, `hash`, `health`, `backends`",
+             `allowed_origins`, `affinity`, `max_message_size`, `max_upgrades_per_second`, \
+             `upgrade_burst`, `retry_after_max`, `send_timeout`, `cookie`, `hash`, `health`, \
+             `backends`",
             "berth.toml:15: pools.chat.idle_timeout: duration must be \"0s\" (off) or between \
              100ms and 7d, got \"1ns\"",
             "berth.toml:18: pools.chat.backends[0].id: invalid backend id \"chat 1\" (use only \
@@ -1167,4 +1202,149 @@ fn shipped_configs_validate() {
         panic!("cookie affinity");
     };
     assert!(cookie.secret.len() >= 32);
+}
+
+// ---- pool limits ----
+
+#[test]
+fn sizes_are_bytes_or_a_number_with_a_unit() {
+    let key = rules::SizeKey {
+        default: None,
+        min: 1,
+        max: u64::MAX,
+    };
+    let text = |t: &str| rules::size(&FileSize::Text(t.to_string()), &key);
+    let cases = [
+        ("1", 1),
+        ("1024", 1024),
+        ("512 B", 512),
+        ("64 KiB", 64 * 1024),
+        ("64KiB", 64 * 1024),
+        ("1 MiB", 1 << 20),
+        ("1 mib", 1 << 20),
+        ("2 GiB", 2 << 30),
+        ("1 TiB", 1 << 40),
+        ("500 kB", 500_000),
+        ("3 MB", 3_000_000),
+        ("1 GB", 1_000_000_000),
+        (" 7 KiB ", 7 * 1024),
+    ];
+    for (raw, want) in cases {
+        assert_eq!(text(raw), Ok(want), "{raw:?}");
+    }
+    assert_eq!(rules::size(&FileSize::Bytes(4096), &key), Ok(4096));
+    for raw in [
+        "",
+        "KiB",
+        "1.5 MiB",
+        "-1",
+        "1 KB/s",
+        "1 kiB extra",
+        "1e6",
+        "18446744073709551615 KiB",
+    ] {
+        let err = text(raw).unwrap_err();
+        assert!(err.starts_with("invalid size"), "{raw:?}: {err}");
+    }
+    let err = rules::size(&FileSize::Bytes(-1), &key).unwrap_err();
+    assert!(err.starts_with("invalid size -1"), "{err}");
+    assert_eq!(rules::human_size(512), "512 B");
+    assert_eq!(rules::human_size(1536), "1536 B");
+    assert_eq!(rules::human_size(64 * 1024), "64 KiB");
+    assert_eq!(rules::human_size(1 << 30), "1 GiB");
+}
+
+#[test]
+fn pool_limits_are_parsed() {
+    let pool = |extra: &str| {
+        load(&BASE.replace("[pools.chat]", &format!("[pools.chat]\n{extra}"))).pools["chat"]
+            .limits
+            .clone()
+    };
+    assert_eq!(pool(""), PoolLimits::default());
+    assert_eq!(
+        PoolLimits::default().retry_after_max,
+        rules::RETRY_AFTER_MAX.default.unwrap()
+    );
+    let limits = pool(
+        "max_message_size = \"1 MiB\"\nmax_upgrades_per_second = 500\nupgrade_burst = 1000\n\
+         retry_after_max = \"10s\"\nsend_timeout = \"30s\"",
+    );
+    assert_eq!(
+        limits,
+        PoolLimits {
+            max_message_size: Some(1 << 20),
+            upgrade_rate: Some(UpgradeRate {
+                per_second: 500,
+                burst: 1000
+            }),
+            retry_after_max: Duration::from_secs(10),
+            send_timeout: Some(Duration::from_secs(30)),
+        }
+    );
+    // The burst defaults to the rate; a size may be a plain integer;
+    // "0s" turns send_timeout off.
+    let limits =
+        pool("max_message_size = 65536\nmax_upgrades_per_second = 20\nsend_timeout = \"0s\"");
+    assert_eq!(limits.max_message_size, Some(65536));
+    assert_eq!(
+        limits.upgrade_rate,
+        Some(UpgradeRate {
+            per_second: 20,
+            burst: 20
+        })
+    );
+    assert_eq!(limits.send_timeout, None);
+}
+
+#[test]
+fn pool_limits_outside_their_range_are_rejected() {
+    let pool =
+        |extra: &str| errors(&BASE.replace("[pools.chat]", &format!("[pools.chat]\n{extra}")));
+    let min = rules::human_size(rules::MAX_MESSAGE_SIZE.min);
+    let max = rules::human_size(rules::MAX_MESSAGE_SIZE.max);
+    assert_eq!((min.as_str(), max.as_str()), ("1 KiB", "1 GiB"));
+    for (raw, shown) in [
+        ("\"2 GiB\"", "\"2 GiB\""),
+        ("1023", "1023"),
+        ("0", "0"),
+        ("\"1023 B\"", "\"1023 B\""),
+    ] {
+        assert_eq!(
+            pool(&format!("max_message_size = {raw}")),
+            format!(
+                "berth.toml:9: pools.chat.max_message_size: size must be between 1 KiB and 1 GiB, \
+                 got {shown} (omit it for no limit)"
+            )
+        );
+    }
+    assert_eq!(
+        pool("max_message_size = \"12 parsecs\""),
+        "berth.toml:9: pools.chat.max_message_size: invalid size \"12 parsecs\" (use a number \
+         of bytes, or e.g. \"64 KiB\", \"1 MiB\") (omit it for no limit)"
+    );
+    assert_eq!(
+        pool("max_message_size = true"),
+        "berth.toml:9: pools.chat.max_message_size: invalid type: boolean `true`, expected a \
+         size: an integer number of bytes or a string such as \"64 KiB\""
+    );
+    assert_eq!(
+        pool("upgrade_burst = 10"),
+        "berth.toml:9: pools.chat.upgrade_burst: upgrade_burst needs max_upgrades_per_second \
+         (the rate its bucket refills at)"
+    );
+    assert_eq!(
+        pool("max_upgrades_per_second = 0"),
+        "berth.toml:9: pools.chat.max_upgrades_per_second: max_upgrades_per_second must be \
+         between 1 and 1000000, got 0 (omit it for no limit)"
+    );
+    assert_eq!(
+        pool("retry_after_max = \"500ms\""),
+        "berth.toml:9: pools.chat.retry_after_max: duration must be between 1s and 1h, got \"500ms\""
+    );
+    assert_eq!(
+        pool("send_timeout = \"1ns\""),
+        "berth.toml:9: pools.chat.send_timeout: duration must be \"0s\" (off) or between 100ms \
+         and 1h, got \"1ns\""
+    );
 }

@@ -30,6 +30,8 @@ use super::{
 };
 use crate::tls::TlsError;
 
+mod limits;
+
 /// Parses and validates config text; relative paths in it are resolved
 /// against `base` (the config file's directory), or the working directory
 /// without one.
@@ -494,6 +496,7 @@ impl Checker<'_, '_> {
             drain_window,
             allowed_origins: self.origins(name, raw.allowed_origins.as_deref()),
             affinity: self.affinity(name, raw),
+            limits: self.pool_limits(name, raw),
             health: self.health(name, raw.health.as_ref()),
             backends,
         }

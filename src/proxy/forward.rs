@@ -1,10 +1,18 @@
 //! Plain HTTP (and Server-Sent Events): forwarded through a pooled hyper
 //! client, bodies streamed both ways, never buffered.
+//!
+//! Passive health: a response below 500 counts for the backend; a failed
+//! connect against it (in `request`). A 5xx answer, a response timeout or
+//! a connection lost mid-request count neither way: a plain request's
+//! failure may be the application's. A request whose body the client
+//! botched (a malformed chunk) is answered `400` and touches neither the
+//! backend's health nor its metrics.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{Method, Request, Response, Uri};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 
@@ -12,7 +20,9 @@ use super::headers::strip_hop_by_hop;
 use super::request::{
     append_set_cookie, choose_and_connect, facts, AttemptError, ConnectError, Prepared,
 };
-use super::{ConnInfo, ProxyContext, ProxyError};
+use super::{
+    count_rejected, ConnInfo, ProxyContext, ProxyError, DEFAULT_RETRY_AFTER_MAX, X_REQUEST_ID,
+};
 use crate::balancer::{Backend, Choice};
 use crate::body::{empty, ProxyBody};
 use crate::metrics::status_class;
@@ -23,31 +33,53 @@ struct Access<'a> {
     method: Method,
     path: String,
     started: Instant,
+    request_id: &'a HeaderValue,
+}
+
+impl Access<'_> {
+    fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("")
+    }
 }
 
 pub async fn handle(
     req: Request<Incoming>,
     conn: &ConnInfo,
     ctx: &ProxyContext,
+    request_id: &HeaderValue,
 ) -> Response<ProxyBody> {
     let access = Access {
         conn,
         method: req.method().clone(),
         path: req.uri().path().to_string(),
         started: Instant::now(),
+        request_id,
     };
     let (parts, body) = req.into_parts();
-    let prepared = match Prepared::new(&ctx.routing, conn, &parts) {
+    let mut prepared = match Prepared::new(&ctx.routing, conn, &parts) {
         Ok(p) => p,
         Err(err) => {
-            tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %access.method, path = %access.path, status = 404u16, "no route");
-            return err.response();
+            let status = err.status();
+            if status == StatusCode::BAD_REQUEST {
+                count_rejected(ctx, conn, status);
+            }
+            tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %access.method, path = %access.path, status = status.as_u16(), request_id = access.request_id(), error = %err, "request refused");
+            return err.response(DEFAULT_RETRY_AFTER_MAX);
         }
     };
+    prepared.headers.insert(X_REQUEST_ID, request_id.clone());
     let pool = Arc::clone(&prepared.pool);
     // A request without a body can be sent again if the first backend
     // could not be reached at all.
     let attempts = if body.is_end_stream() { 2 } else { 1 };
+    // Set when reading the client's body fails, so that the failure is
+    // put down to the client and not to the backend it was streaming to.
+    let client_body_failed = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&client_body_failed);
+    let body = body.map_err(move |e| {
+        flag.store(true, Ordering::Relaxed);
+        e
+    });
     let mut body = Some(body.boxed_unsync());
     let result = choose_and_connect(
         &ctx.metrics,
@@ -60,9 +92,22 @@ pub async fn handle(
         },
     )
     .await;
+    let result = match result {
+        Err(ProxyError::BackendClient { backend, source })
+            if client_body_failed.load(Ordering::Relaxed) =>
+        {
+            Err(ProxyError::ClientBody { backend, source })
+        }
+        other => other,
+    };
     match result {
-        Ok((choice, resp)) => respond(ctx, &access, &pool.config.name, &choice, resp),
-        Err(err) => fail(ctx, &access, &pool.config.name, &err),
+        Ok((choice, resp)) => {
+            if resp.status().as_u16() < 500 {
+                pool.observe(&choice.backend, true, "answered a request");
+            }
+            respond(ctx, &access, &pool.config.name, &choice, resp)
+        }
+        Err(err) => fail(ctx, &access, &pool, &err),
     }
 }
 
@@ -138,27 +183,30 @@ fn respond(
     let Access {
         conn, method, path, ..
     } = access;
-    tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %method, path = %path, status, pool, backend = %backend, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
+    tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %method, path = %path, status, pool, backend = %backend, duration_ms = elapsed.as_secs_f64() * 1000.0, request_id = access.request_id(), "request");
     Response::from_parts(parts, body.boxed_unsync())
 }
 
-/// berth's own error response: counted and logged.
+/// berth's own error response: counted and logged. The log line has the
+/// details (the backend, the OS error) and the request id the client's
+/// response carries; the client is told only what happened.
 fn fail(
     ctx: &ProxyContext,
     access: &Access<'_>,
-    pool: &str,
+    pool: &crate::balancer::Pool,
     err: &ProxyError,
 ) -> Response<ProxyBody> {
-    let resp = err.response();
+    let resp = err.response(pool.config.limits.retry_after_max);
+    let name = pool.config.name.as_str();
     let backend = err.backend().unwrap_or("");
     let status = resp.status().as_u16();
     ctx.metrics
         .http_requests
-        .with_label_values(&[pool, backend, status_class(status)])
+        .with_label_values(&[name, backend, status_class(status)])
         .inc();
     let Access {
         conn, method, path, ..
     } = access;
-    tracing::warn!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %method, path = %path, status, pool, backend, error = %err, "request failed");
+    tracing::warn!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %method, path = %path, status, pool = name, backend, error = %err, request_id = access.request_id(), "request failed");
     resp
 }

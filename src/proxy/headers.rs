@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{HeaderName, HeaderValue, CONNECTION, HOST};
+use http::header::{HeaderName, HeaderValue, CONNECTION};
 use http::HeaderMap;
 
 /// Hop-by-hop headers that never cross a proxy.
@@ -53,16 +53,6 @@ pub fn add_forwarded(headers: &mut HeaderMap, client_ip: IpAddr, tls: bool, host
     if let Some(host) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
         headers.insert("x-forwarded-host", host);
     }
-}
-
-/// The request's host (from `Host`, or the URI's authority), without port,
-/// lower-cased for routing; and the raw value for `X-Forwarded-Host`.
-pub fn request_host(headers: &HeaderMap, uri: &http::Uri) -> Option<String> {
-    headers
-        .get(HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| uri.authority().map(|a| a.as_str().to_string()))
 }
 
 /// `example.com:8443` -> `example.com`; `[::1]:80` -> `[::1]`.

@@ -4,22 +4,29 @@
 //! [`ProxyContext`] is everything the service may touch. [`serve`] runs
 //! inside the listener's connection task; the only task the proxy starts
 //! is a `tunnel` per upgraded connection, tracked by the lifecycle's tracker.
-//! [`ProxyError::status`] and [`ProxyError::upgrade_result`] are the one
-//! place that maps errors to a status code and a metric label.
+//! [`ProxyError::status`], [`ProxyError::upgrade_result`] and
+//! [`ProxyError::public_message`] are the one place that maps errors to a
+//! status code, a metric label and the words a client is told: generic
+//! ones, never a backend id, an address or an OS error (those go to the log
+//! line of the same event, under the request id that the response carries
+//! in `X-Request-Id`).
 
 pub mod forward;
 pub mod headers;
 pub mod request;
+pub mod target;
 pub mod tunnel;
 pub mod upgrade;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::Request;
+use rand::Rng;
 
 use crate::body::{text_response, ProxyBody};
 use crate::lifecycle::Lifecycle;
@@ -60,8 +67,22 @@ pub enum ProxyError {
     NoRoute,
     #[error("unusable request target")]
     BadTarget,
+    /// The request's host or target breaks HTTP's rules (or cannot be
+    /// normalized): refused before routing.
+    #[error(transparent)]
+    BadRequest(#[from] target::TargetError),
     #[error("no backend of pool {0:?} is available")]
     NoBackend(String),
+    #[error("pool {0:?} is over its max_upgrades_per_second")]
+    RateLimited(String),
+    /// berth itself ran out of a resource (file descriptors, ports,
+    /// buffers) opening a backend connection: never the backend's fault.
+    #[error("berth could not open a connection to backend {backend}: {source}")]
+    LocalResource {
+        backend: String,
+        #[source]
+        source: request::ConnectError,
+    },
     #[error("connecting to backend {backend} failed: {source}")]
     Connect {
         backend: String,
@@ -84,6 +105,14 @@ pub enum ProxyError {
         #[source]
         source: hyper_util::client::legacy::Error,
     },
+    /// The client's request body broke HTTP's framing (a malformed chunk):
+    /// the client's fault, not the backend's.
+    #[error("malformed request body from the client (backend {backend}): {source}")]
+    ClientBody {
+        backend: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
     /// berth's own failure: the upgraded backend connection was not the
     /// stream berth opened.
     #[error("berth could not take over the connection to backend {0}")]
@@ -94,8 +123,12 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::BadTarget => StatusCode::BAD_REQUEST,
-            ProxyError::NoBackend(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BadTarget | ProxyError::BadRequest(_) | ProxyError::ClientBody { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::NoBackend(_)
+            | ProxyError::RateLimited(_)
+            | ProxyError::LocalResource { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Handover(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. }
@@ -109,8 +142,12 @@ impl ProxyError {
     pub fn upgrade_result(&self) -> &'static str {
         match self {
             ProxyError::NoRoute => "no_route",
-            ProxyError::BadTarget => "bad_request",
+            ProxyError::BadTarget | ProxyError::BadRequest(_) | ProxyError::ClientBody { .. } => {
+                "bad_request"
+            }
             ProxyError::NoBackend(_) => "no_backend",
+            ProxyError::RateLimited(_) => "rate_limited",
+            ProxyError::LocalResource { .. } => "local_error",
             ProxyError::Handover(_) => "internal_error",
             ProxyError::Connect { .. } => "backend_connect_error",
             ProxyError::ResponseTimeout(_) => "backend_timeout",
@@ -121,10 +158,17 @@ impl ProxyError {
         }
     }
 
-    /// The backend the failure is attributed to, if one was chosen.
+    /// The backend the failure is attributed to (in metrics), if any: not
+    /// for failures that are the client's or berth's own.
     pub fn backend(&self) -> Option<&str> {
         match self {
-            ProxyError::NoRoute | ProxyError::BadTarget | ProxyError::NoBackend(_) => None,
+            ProxyError::NoRoute
+            | ProxyError::BadTarget
+            | ProxyError::BadRequest(_)
+            | ProxyError::NoBackend(_)
+            | ProxyError::RateLimited(_)
+            | ProxyError::LocalResource { .. }
+            | ProxyError::ClientBody { .. } => None,
             ProxyError::Connect { backend, .. }
             | ProxyError::Backend { backend, .. }
             | ProxyError::BackendClient { backend, .. } => Some(backend),
@@ -134,15 +178,78 @@ impl ProxyError {
         }
     }
 
-    /// The response the client gets.
-    pub fn response(&self) -> Response<ProxyBody> {
-        let mut resp = text_response(self.status(), &format!("{self}\n"));
-        if let ProxyError::NoBackend(_) = self {
+    /// What the client is told: what happened, in generic words. The
+    /// details (which backend, which OS error) are for the log only.
+    pub fn public_message(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no route matches this host and path",
+            ProxyError::BadTarget => "bad request target",
+            ProxyError::BadRequest(e) => e.as_str(),
+            ProxyError::NoBackend(_) => "no backend available",
+            ProxyError::RateLimited(_) => "too many new connections, try again later",
+            ProxyError::LocalResource { .. } => "service temporarily unavailable",
+            ProxyError::Connect { .. } => "could not connect to a backend",
+            ProxyError::ResponseTimeout(_) => "backend timed out",
+            ProxyError::BadAccept(_) => "backend sent an invalid handshake response",
+            ProxyError::Backend { .. } | ProxyError::BackendClient { .. } => "backend failed",
+            ProxyError::ClientBody { .. } => "malformed request body",
+            ProxyError::Handover(_) => "internal error",
+        }
+    }
+
+    /// The response the client gets; a `503` carries a `Retry-After`
+    /// drawn from 1 s to `retry_after_max`.
+    pub fn response(&self, retry_after_max: Duration) -> Response<ProxyBody> {
+        let mut resp = text_response(self.status(), &format!("{}\n", self.public_message()));
+        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
-                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+                .insert(http::header::RETRY_AFTER, retry_after(retry_after_max));
         }
         resp
     }
+}
+
+/// A `Retry-After` in whole seconds, uniform from 1 to `max` (at least 1),
+/// so that clients sent away together do not come back together.
+pub fn retry_after(max: Duration) -> HeaderValue {
+    let secs = rand::thread_rng().gen_range(1..=max.as_secs().max(1));
+    HeaderValue::from(secs)
+}
+
+/// The `retry_after_max` for an error answered before a pool is known
+/// (none of those is a 503 today; every 503 uses its pool's).
+pub const DEFAULT_RETRY_AFTER_MAX: Duration = Duration::from_secs(5);
+
+/// The `X-Request-Id` header.
+pub const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// The id of one request, for the client's response, the backend's request
+/// and berth's log: the client's own `X-Request-Id` when it sent exactly
+/// one sane value (1 to 128 characters from letters, digits and
+/// `-_.:+/=@`), else 32 random hex digits.
+pub fn request_id(headers: &http::HeaderMap) -> HeaderValue {
+    let mut sent = headers.get_all(&X_REQUEST_ID).iter();
+    if let (Some(value), None) = (sent.next(), sent.next()) {
+        let sane = (1..=128).contains(&value.len())
+            && value
+                .as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:+/=@".contains(b));
+        if sane {
+            return value.clone();
+        }
+    }
+    let id: u128 = rand::random();
+    // Hex digits are always a valid header value.
+    HeaderValue::try_from(format!("{id:032x}")).unwrap_or(HeaderValue::from_static("-"))
+}
+
+/// Counts a request berth answered itself before routing.
+pub fn count_rejected(ctx: &ProxyContext, conn: &ConnInfo, status: StatusCode) {
+    ctx.metrics
+        .requests_rejected
+        .with_label_values(&[&conn.listener, status.as_str()])
+        .inc();
 }
 
 /// hyper service entry point: never fails, every error becomes a response.
@@ -151,20 +258,24 @@ pub async fn serve(
     conn: Arc<ConnInfo>,
     ctx: Arc<ProxyContext>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let resp = match classify(&req) {
-        UpgradeKind::WebSocket => upgrade::handle(req, &conn, &ctx).await,
+    let id = request_id(req.headers());
+    let mut resp = match classify(&req) {
+        UpgradeKind::WebSocket => upgrade::handle(req, &conn, &ctx, &id).await,
         UpgradeKind::Unsupported => {
             ctx.metrics
                 .ws_upgrades
                 .with_label_values(&["", "", "not_websocket"])
                 .inc();
+            count_rejected(&ctx, &conn, StatusCode::BAD_REQUEST);
             text_response(
                 StatusCode::BAD_REQUEST,
                 "berth proxies only WebSocket upgrades (GET, HTTP/1.1, Upgrade: websocket)\n",
             )
         }
-        UpgradeKind::None => forward::handle(req, &conn, &ctx).await,
+        UpgradeKind::None => forward::handle(req, &conn, &ctx, &id).await,
     };
+    // A backend's own X-Request-Id is left alone.
+    resp.headers_mut().entry(X_REQUEST_ID).or_insert(id);
     Ok(resp)
 }
 

@@ -1,13 +1,17 @@
 //! The request path `forward` (plain HTTP, SSE) and `upgrade` (WebSocket)
 //! share, in two steps:
-//! - [`Prepared::new`]: route the request, and make the headers the backend
-//!   sees (hop-by-hop headers and berth's affinity cookie removed,
-//!   `X-Forwarded-*` added);
+//! - [`Prepared::new`]: normalize the host and target (`target`), route on
+//!   them, and make the request the backend sees: the same normalized
+//!   target and host, hop-by-hop headers and berth's affinity cookie
+//!   removed, `X-Forwarded-*` added;
 //! - [`choose_and_connect`]: choose a backend (affinity first), run the
 //!   path's attempt on it, and when that could not connect, count it
 //!   against the backend (passive health) and try once more elsewhere;
-//!   on success, count `berth_affinity_total`. [`append_set_cookie`] adds
-//!   the affinity cookie to the response the client gets.
+//!   on success, count `berth_affinity_total`. A connect that failed for
+//!   want of a local resource (file descriptors, ports, buffers) is
+//!   berth's own trouble: it is not held against the backend, and the
+//!   request ends with `503` at once. [`append_set_cookie`] adds the
+//!   affinity cookie to the response the client gets.
 //!
 //! It starts no tasks.
 
@@ -15,12 +19,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::HOST;
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue};
 use tokio::net::TcpStream;
 
-use super::headers::{add_forwarded, host_without_port, request_host, strip_hop_by_hop};
-use super::{ConnInfo, ProxyError};
+use super::headers::{add_forwarded, strip_hop_by_hop};
+use super::{target, ConnInfo, ProxyError};
 use crate::balancer::{Backend, Choice, Pool, RequestFacts};
 use crate::metrics::Metrics;
 use crate::routing::Routing;
@@ -32,11 +37,63 @@ pub enum ConnectError {
     Io(#[from] std::io::Error),
     #[error("no connection within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
-    /// The pooled HTTP client's connect failed.
-    #[error(transparent)]
+    /// The pooled HTTP client's connect failed (shown with its causes:
+    /// the client's own message names only the stage).
+    #[error("{}", causes(.0))]
     Client(hyper_util::client::legacy::Error),
     #[error("address does not form a valid URI")]
     BadAddress(#[source] http::uri::InvalidUri),
+}
+
+impl ConnectError {
+    /// The connect failed for want of something of berth's own: file
+    /// descriptors (`EMFILE`, `ENFILE`), buffers or memory (`ENOBUFS`,
+    /// `ENOMEM`) or local ports (`EADDRNOTAVAIL`). Not the backend's fault.
+    pub fn is_local(&self) -> bool {
+        match self {
+            ConnectError::Io(e) => is_local_io(e),
+            ConnectError::Client(e) => caused_locally(e),
+            ConnectError::Timeout(_) | ConnectError::BadAddress(_) => false,
+        }
+    }
+}
+
+/// An error and its causes, each said once: `client error (Connect): tcp
+/// connect error: Connection refused (os error 111)`.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(err) = cause {
+        let part = err.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = err.source();
+    }
+    text
+}
+
+fn is_local_io(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
+/// Whether any cause in `e`'s chain is a local resource error.
+fn caused_locally(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cause {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(is_local_io)
+        {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
 }
 
 /// A routed request and what the backend is to receive.
@@ -49,16 +106,15 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Routes the request by host and path and rewrites its headers.
-    /// `parts` is left as the client sent it (affinity reads it).
+    /// Routes the request by its normalized host and path and rewrites its
+    /// headers; a host or target that breaks HTTP's rules is a
+    /// [`ProxyError::BadRequest`]. `parts` is left as the client sent it
+    /// (affinity reads it).
     pub fn new(routing: &Routing, conn: &ConnInfo, parts: &Parts) -> Result<Prepared, ProxyError> {
-        let host = request_host(&parts.headers, &parts.uri);
+        let target = target::resolve(parts)?;
         let pool = routing
             .load()
-            .route(
-                host.as_deref().map(host_without_port).as_deref(),
-                parts.uri.path(),
-            )
+            .route(target.route_host.as_deref(), &target.path)
             .cloned()
             .ok_or(ProxyError::NoRoute)?;
         let mut headers = parts.headers.clone();
@@ -67,16 +123,21 @@ impl Prepared {
         if let Some(name) = pool.sticky.cookie_name() {
             crate::affinity::strip_cookie(&mut headers, name);
         }
-        add_forwarded(&mut headers, conn.peer.ip(), conn.tls, host.as_deref());
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_string();
+        // The backend sees the host berth routed on.
+        match &target.host {
+            Some(host) => {
+                headers.insert(HOST, host.clone());
+            }
+            None => {
+                headers.remove(HOST);
+            }
+        }
+        let host = target.host.as_ref().and_then(|h| h.to_str().ok());
+        add_forwarded(&mut headers, conn.peer.ip(), conn.tls, host);
         Ok(Prepared {
             pool,
             headers,
-            path_and_query,
+            path_and_query: target.path_and_query,
         })
     }
 }
@@ -134,6 +195,14 @@ where
                     metrics.affinity.with_label_values(&labels).inc();
                 }
                 return Ok((choice, value));
+            }
+            Err(AttemptError::Connect(source)) if source.is_local() => {
+                // Another backend would fail the same way, and this one did
+                // nothing wrong.
+                return Err(ProxyError::LocalResource {
+                    backend: backend.id.clone(),
+                    source,
+                });
             }
             Err(AttemptError::Connect(source)) => {
                 tracing::debug!(backend = %backend.id, error = %source, "backend connect failed");
@@ -376,6 +445,85 @@ fall = 1
         assert!(matches!(result, Err(ProxyError::ResponseTimeout(id)) if id == "b1"));
         assert_eq!(pool.find("b1").unwrap().state(), BackendState::Up);
         assert_eq!(affinity_count(&ctx, "invalid"), 0);
+    }
+
+    /// An error that wraps another, as hyper-util's client errors wrap the
+    /// connector's, which wrap the socket's.
+    #[derive(Debug)]
+    struct Wrapped(Box<dyn std::error::Error + Send + Sync>);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("client error (Connect)")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    #[test]
+    fn local_resource_errors_are_berths_own() {
+        let io = |code| ConnectError::Io(std::io::Error::from_raw_os_error(code));
+        for code in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EADDRNOTAVAIL,
+        ] {
+            assert!(io(code).is_local(), "errno {code}");
+            // Also when the socket's error is deep in a client error's chain.
+            let chain = Wrapped(Box::new(Wrapped(Box::new(
+                std::io::Error::from_raw_os_error(code),
+            ))));
+            assert!(caused_locally(&chain), "errno {code} in a chain");
+        }
+        for code in [
+            libc::ECONNREFUSED,
+            libc::ECONNRESET,
+            libc::EHOSTUNREACH,
+            libc::ENETUNREACH,
+            libc::ETIMEDOUT,
+        ] {
+            assert!(!io(code).is_local(), "errno {code}");
+            let chain = Wrapped(Box::new(std::io::Error::from_raw_os_error(code)));
+            assert!(!caused_locally(&chain), "errno {code} in a chain");
+        }
+        assert!(!ConnectError::Timeout(Duration::from_secs(1)).is_local());
+    }
+
+    #[tokio::test]
+    async fn a_local_error_is_a_503_and_never_held_against_the_backend() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ctx = testing::context(&chat(&[live.local_addr().unwrap(), refusing()]));
+        let pool = Arc::clone(&ctx.routing.load().pools["chat"]);
+        let conn = testing::conn(&ctx, false);
+        let parts = parts("chat.example.com");
+        // fall = 1: a single failure counted would take the backend down.
+        for _ in 0..3 {
+            let mut calls = 0;
+            let result: Result<(Choice, ()), _> =
+                choose_and_connect(&ctx.metrics, &pool, &facts(&parts, &conn), 2, |_| {
+                    calls += 1;
+                    async {
+                        Err(AttemptError::Connect(ConnectError::Io(
+                            std::io::Error::from_raw_os_error(libc::EMFILE),
+                        )))
+                    }
+                })
+                .await;
+            let err = result.err().unwrap();
+            assert!(matches!(err, ProxyError::LocalResource { .. }), "{err}");
+            assert_eq!(err.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(err.backend(), None);
+            assert_eq!(err.upgrade_result(), "local_error");
+            // Not tried elsewhere: another backend would fail the same way.
+            assert_eq!(calls, 1);
+        }
+        assert!(pool.backends.iter().all(|b| b.state() == BackendState::Up));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::balancer::ConnectionGuard;
 use crate::io::ClientStream;
 use crate::lifecycle::RelayId;
 use crate::metrics::close_code_label;
-use crate::ws::relay::{relay, EndReason, Relay, RelayConfig, RelayOutcome};
+use crate::ws::relay::{relay, EndReason, Relay, RelayConfig, RelayOutcome, Source};
 
 /// One upgraded connection, from the `101` to its end.
 pub struct Tunnel {
@@ -101,6 +101,13 @@ impl Tunnel {
             EndReason::IdleTimeout => m.ws_idle_timeouts.with_label_values(&[pool]).inc(),
             EndReason::HeartbeatFailure => m.ws_heartbeat_failures.with_label_values(&[pool]).inc(),
             EndReason::Drained => m.ws_drained.with_label_values(&[pool, &backend.id]).inc(),
+            EndReason::SendTimeout(side) => {
+                let side = match side {
+                    Source::Client => "client",
+                    Source::Backend => "backend",
+                };
+                m.ws_send_timeouts.with_label_values(&[pool, side]).inc();
+            }
             _ => {}
         }
         tracing::info!(

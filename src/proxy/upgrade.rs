@@ -1,7 +1,12 @@
 //! The WebSocket path: validate the client's handshake (RFC 6455 §4.2.1),
-//! forward it to a backend, check the backend's `101` and accept key
-//! (§4.1), answer the client, then run the relay in a tunnel task tracked
-//! by the lifecycle's tracker.
+//! admit it under the pool's upgrade rate, forward it to a backend, check
+//! the backend's `101` and accept key (§4.1), answer the client, then run
+//! the relay in a tunnel task tracked by the lifecycle's tracker.
+//!
+//! Passive health: a good `101`, or any other answer below 500, counts
+//! for the backend; a 5xx answer, a `101` with a bad accept key, a broken
+//! or timed-out handshake count against it (a failed connect too, in
+//! `request`).
 
 use std::sync::Arc;
 
@@ -19,7 +24,9 @@ use super::request::{
     append_set_cookie, choose_and_connect, connect, facts, AttemptError, Prepared,
 };
 use super::tunnel::Tunnel;
-use super::{ConnInfo, ProxyContext, ProxyError};
+use super::{
+    count_rejected, ConnInfo, ProxyContext, ProxyError, DEFAULT_RETRY_AFTER_MAX, X_REQUEST_ID,
+};
 use crate::balancer::{Backend, Choice, Pool};
 use crate::body::{empty, text_response, ProxyBody};
 use crate::ws::handshake::{accept_matches, validate, HandshakeError};
@@ -33,25 +40,33 @@ pub async fn handle(
     mut req: Request<Incoming>,
     conn: &Arc<ConnInfo>,
     ctx: &Arc<ProxyContext>,
+    request_id: &HeaderValue,
 ) -> Response<ProxyBody> {
+    let rid = request_id.to_str().unwrap_or("");
     // 1. The client's handshake, before any backend is touched.
     let key = match validate(req.headers()) {
         Ok(key) => key.to_string(),
-        Err(err) => return refuse(ctx, &err),
+        Err(err) => return refuse(ctx, conn, &err),
     };
     // 2. Route, and the request the backend sees: end-to-end headers kept,
     //    the upgrade headers restated, X-Forwarded-* added.
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (parts, _body) = req.into_parts();
-    let prepared = match Prepared::new(&ctx.routing, conn, &parts) {
+    let mut prepared = match Prepared::new(&ctx.routing, conn, &parts) {
         Ok(p) => p,
         Err(err) => {
             count(ctx, "", "", err.upgrade_result());
-            return err.response();
+            if err.status() == StatusCode::BAD_REQUEST {
+                count_rejected(ctx, conn, err.status());
+            }
+            tracing::info!(client = %conn.peer, request_id = rid, error = %err, "websocket upgrade refused");
+            return err.response(DEFAULT_RETRY_AFTER_MAX);
         }
     };
+    prepared.headers.insert(X_REQUEST_ID, request_id.clone());
     let pool = Arc::clone(&prepared.pool);
     let pool_name = pool.config.name.as_str();
+    let retry_after_max = pool.config.limits.retry_after_max;
     if !origin_allowed(&pool.config.allowed_origins, &parts.headers) {
         count(ctx, pool_name, "", "origin_rejected");
         return text_response(StatusCode::FORBIDDEN, "origin not allowed\n");
@@ -60,9 +75,17 @@ pub async fn handle(
         Ok(out) => out,
         Err(err) => {
             count(ctx, pool_name, "", err.upgrade_result());
-            return err.response();
+            count_rejected(ctx, conn, err.status());
+            return err.response(retry_after_max);
         }
     };
+    // A reconnect storm is turned away before it costs a backend anything.
+    if !pool.admit_upgrade() {
+        let err = ProxyError::RateLimited(pool_name.to_string());
+        count(ctx, pool_name, "", err.upgrade_result());
+        tracing::debug!(client = %conn.peer, pool = %pool_name, request_id = rid, "websocket upgrade rate limited");
+        return err.response(retry_after_max);
+    }
 
     // 3. Choose (affinity first) and connect, retrying once on another backend.
     let timeout = pool.config.connect_timeout;
@@ -84,8 +107,8 @@ pub async fn handle(
                 err.backend().unwrap_or(""),
                 err.upgrade_result(),
             );
-            tracing::warn!(client = %conn.peer, pool = %pool_name, error = %err, "websocket upgrade failed");
-            return err.response();
+            tracing::warn!(client = %conn.peer, pool = %pool_name, request_id = rid, error = %err, "websocket upgrade failed");
+            return err.response(retry_after_max);
         }
     };
 
@@ -94,12 +117,26 @@ pub async fn handle(
     let (resp, backend_io) = match backend_handshake(&pool, &backend, stream, out, &key).await {
         Ok(Switch::Switched(resp, io)) => (resp, io),
         Ok(Switch::Refused(resp)) => {
+            let status = resp.status();
+            // A backend that answers at all is alive, unless it says it
+            // is not (5xx).
+            pool.observe(
+                &backend,
+                !status.is_server_error(),
+                &format!("answered a handshake with {status}"),
+            );
             count(ctx, pool_name, &backend.id, "backend_refused");
             let (parts, body) = resp.into_parts();
             return Response::from_parts(parts, body.boxed_unsync());
         }
-        Err(err) => return fail(ctx, pool_name, &backend, err),
+        Err(err) => {
+            if !matches!(err, ProxyError::Handover(_)) {
+                pool.observe(&backend, false, &format!("handshake failed: {err}"));
+            }
+            return fail(ctx, &pool, &backend, err, rid);
+        }
     };
+    pool.observe(&backend, true, "switched protocols");
     count(ctx, pool_name, &backend.id, "ok");
 
     // 5. The client gets the backend's 101; the relay starts once hyper
@@ -108,7 +145,7 @@ pub async fn handle(
 }
 
 /// The answer to a client handshake that is not valid.
-fn refuse(ctx: &ProxyContext, err: &HandshakeError) -> Response<ProxyBody> {
+fn refuse(ctx: &ProxyContext, conn: &ConnInfo, err: &HandshakeError) -> Response<ProxyBody> {
     if let HandshakeError::BadVersion = err {
         count(ctx, "", "", "bad_version");
         let mut resp = text_response(
@@ -120,6 +157,7 @@ fn refuse(ctx: &ProxyContext, err: &HandshakeError) -> Response<ProxyBody> {
         return resp;
     }
     count(ctx, "", "", "bad_key");
+    count_rejected(ctx, conn, StatusCode::BAD_REQUEST);
     text_response(StatusCode::BAD_REQUEST, &format!("{err}\n"))
 }
 
@@ -217,6 +255,8 @@ fn switch(
         ping_interval: pool.config.ping_interval,
         pong_timeout: pool.config.pong_timeout,
         close_timeout: pool.config.close_timeout,
+        max_message_size: pool.config.limits.max_message_size,
+        send_timeout: pool.config.limits.send_timeout,
     };
     // The tunnel keeps the client connection's info (and its gauge) alive.
     ctx.lifecycle.tracker.spawn(Tunnel::new(
@@ -255,8 +295,17 @@ fn count(ctx: &ProxyContext, pool: &str, backend: &str, result: &str) {
         .inc();
 }
 
-fn fail(ctx: &ProxyContext, pool: &str, backend: &Backend, err: ProxyError) -> Response<ProxyBody> {
-    count(ctx, pool, &backend.id, err.upgrade_result());
-    tracing::warn!(pool, backend = %backend.id, error = %err, "websocket upgrade failed");
-    err.response()
+/// A handshake that failed at the backend: counted, logged with the
+/// details, answered in generic words.
+fn fail(
+    ctx: &ProxyContext,
+    pool: &Pool,
+    backend: &Backend,
+    err: ProxyError,
+    request_id: &str,
+) -> Response<ProxyBody> {
+    let name = pool.config.name.as_str();
+    count(ctx, name, &backend.id, err.upgrade_result());
+    tracing::warn!(pool = name, backend = %backend.id, request_id, error = %err, "websocket upgrade failed");
+    err.response(pool.config.limits.retry_after_max)
 }

@@ -5,7 +5,16 @@
 //! buffer, the pending-output buffer of a slow destination, the clock (one
 //! lazily allocated timer for every deadline), randomness (Ping tokens and
 //! masking keys), the [`StopHandle`], and the rules of how a connection
-//! ends (see the parent module).
+//! ends (see the parent module). Every end berth decides on itself goes
+//! through one [`Ending`]: what each peer is told (a Close with a code, or
+//! nothing and a dropped connection) and why.
+//!
+//! With `send_timeout`, each direction also notes since when berth has held
+//! bytes for its destination without the destination accepting any (a
+//! stall); a stall longer than `send_timeout` drops that peer. One
+//! direction's state and its polling live in `dir.rs`.
+
+mod dir;
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -14,13 +23,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
-use super::processor::{FrameProcessor, Inject, Report, Sink, Source, PING_TOKEN_LEN};
-use super::{DirStats, EndReason, Initiator, RelayConfig, RelayOutcome, StopHandle, StopReason};
-use crate::metrics::{DirCounters, RelayCounters};
+use super::processor::{Inject, Report, Source, PING_TOKEN_LEN};
+use super::{EndReason, Ending, Initiator, PeerEnd, RelayConfig, RelayOutcome, StopHandle};
+use crate::metrics::RelayCounters;
 use crate::ws::frame::close_code;
+use dir::{poll_dir, Dir};
 
 /// Size of the per-thread read buffer: the most one read passes on, and so
 /// the most a slow destination's pending buffer holds.
@@ -53,8 +63,8 @@ where
     Relay {
         client,
         backend,
-        up: Dir::new(Source::Client, client_prefix),
-        down: Dir::new(Source::Backend, backend_prefix),
+        up: Dir::new(Source::Client, client_prefix, config.max_message_size),
+        down: Dir::new(Source::Backend, backend_prefix, config.max_message_size),
         config,
         stop,
         timer: None,
@@ -84,171 +94,6 @@ impl PingState {
             PingState::Idle => None,
             PingState::Queued(t) | PingState::Sent(t, _) => Some(t),
         }
-    }
-}
-
-/// A fresh masking key for a frame berth writes towards the backend (RFC
-/// 6455 §5.3); frames towards the client are not masked.
-fn mask_key(source: Source) -> [u8; 4] {
-    match source {
-        Source::Client => rand::random(),
-        Source::Backend => [0; 4],
-    }
-}
-
-/// Bytes on their way to a destination that could not take them yet.
-#[derive(Default)]
-struct OutState {
-    /// Empty (unallocated) whenever the destination keeps up.
-    pending: Vec<u8>,
-    pending_pos: usize,
-    /// Written but not flushed (TLS buffers records until flushed).
-    needs_flush: bool,
-}
-
-impl OutState {
-    fn has_pending(&self) -> bool {
-        self.pending_pos < self.pending.len()
-    }
-
-    fn clear(&mut self) {
-        self.pending = Vec::new();
-        self.pending_pos = 0;
-    }
-}
-
-/// One direction of the relay: reads from the processor's source, writes to
-/// the other peer.
-struct Dir {
-    p: FrameProcessor,
-    out: OutState,
-    /// Bytes read during the handshake, relayed first.
-    prefix: Bytes,
-    stats: DirStats,
-    /// After pending bytes and injection, shut the destination's write side.
-    want_shutdown: bool,
-    /// The source is finished (EOF, error, or no longer read).
-    eof: bool,
-    /// The destination's write side is shut, or it is gone.
-    shut: bool,
-}
-
-impl Dir {
-    fn new(source: Source, prefix: Bytes) -> Dir {
-        // The prefix is usually a view into the 8 KiB read buffer of the
-        // HTTP connection that did the handshake (even when empty), which
-        // would stay allocated for the life of the relay: keep an exact copy.
-        let prefix = if prefix.is_empty() {
-            Bytes::new()
-        } else {
-            Bytes::copy_from_slice(&prefix)
-        };
-        Dir {
-            p: FrameProcessor::new(source),
-            out: OutState::default(),
-            prefix,
-            stats: DirStats::default(),
-            want_shutdown: false,
-            eof: false,
-            shut: false,
-        }
-    }
-
-    /// Nothing left to do in this direction.
-    fn finished(&self) -> bool {
-        self.eof && self.shut
-    }
-
-    /// The destination cannot be written any more (reset, broken pipe): its
-    /// peer is gone, so stop writing to it.
-    fn destination_failed(&mut self) {
-        self.shut = true;
-        self.p.destination_gone();
-        self.out.clear();
-    }
-
-    /// Queues berth's Close towards this direction's destination.
-    fn queue_close(&mut self, code: u16, reason: &'static str, then_discard: bool) {
-        let key = mask_key(self.p.source());
-        self.p
-            .queue(Inject::Close { code, reason }, key, then_discard);
-    }
-
-    /// Adds one read's traffic to the totals and to the shared counters
-    /// (atomic adds on handles resolved once: no lock, no allocation).
-    fn count(&mut self, bytes: usize, report: &Report, counters: Option<&DirCounters>) {
-        let frames = report.frames_total();
-        self.stats.bytes += bytes as u64;
-        self.stats.frames += frames;
-        self.stats.messages += u64::from(report.messages);
-        if let Some(c) = counters {
-            c.bytes.inc_by(bytes as u64);
-            if report.messages > 0 {
-                c.messages.inc_by(u64::from(report.messages));
-            }
-            if frames > 0 {
-                for (counter, n) in c.frames.iter().zip(report.frames) {
-                    if n > 0 {
-                        counter.inc_by(u64::from(n));
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Writes to a destination, stashing what it cannot take yet: the
-/// processor's [`Sink`] inside one poll.
-struct Out<'a, 'c, W> {
-    cx: &'a mut Context<'c>,
-    dst: &'a mut W,
-    state: &'a mut OutState,
-    failed: bool,
-}
-
-impl<W: AsyncWrite + Unpin> Out<'_, '_, W> {
-    fn emit(&mut self, mut bytes: &[u8]) {
-        if bytes.is_empty() || self.failed {
-            return;
-        }
-        if !self.state.has_pending() {
-            while !bytes.is_empty() {
-                match Pin::new(&mut *self.dst).poll_write(self.cx, bytes) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
-                        self.failed = true;
-                        return;
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        self.state.needs_flush = true;
-                        bytes = &bytes[n..];
-                    }
-                    Poll::Pending => break,
-                }
-            }
-        }
-        if !bytes.is_empty() {
-            if !self.state.has_pending() {
-                self.state.clear();
-            }
-            self.state.pending.extend_from_slice(bytes);
-        }
-    }
-}
-
-impl<W: AsyncWrite + Unpin> Sink for Out<'_, '_, W> {
-    #[inline]
-    fn forward(&mut self, bytes: &[u8]) {
-        self.emit(bytes);
-    }
-
-    #[inline]
-    fn stored(&mut self, bytes: &[u8]) {
-        self.emit(bytes);
-    }
-
-    #[inline]
-    fn inject(&mut self, frame: &[u8]) {
-        self.emit(frame);
     }
 }
 
@@ -302,19 +147,7 @@ where
             if let Some(stop) = self.stop.as_ref() {
                 if let Some(reason) = stop.poll(cx) {
                     self.stop = None;
-                    let (code, text, end) = match reason {
-                        StopReason::Drain => (
-                            close_code::SERVICE_RESTART,
-                            "service restart",
-                            EndReason::Drained,
-                        ),
-                        StopReason::Shutdown => (
-                            close_code::GOING_AWAY,
-                            "server shutting down",
-                            EndReason::Shutdown,
-                        ),
-                    };
-                    self.internal_close(code, text, close_code::GOING_AWAY, text, end);
+                    self.end(reason.ending());
                 }
             }
             if self.poll_timers(cx) {
@@ -349,7 +182,11 @@ where
             if self.up.finished() && self.down.finished() {
                 return Poll::Ready(self.finish());
             }
-            if !down_progress && !up_progress {
+            // A stall that just began needs the timer armed: go round once
+            // more (the next pass makes no progress and arms it).
+            let stalled = self.config.send_timeout.is_some()
+                && (self.up.track_stall() | self.down.track_stall());
+            if !down_progress && !up_progress && !stalled {
                 return Poll::Pending;
             }
         }
@@ -375,13 +212,19 @@ where
                 Source::Client => "protocol error from client",
                 Source::Backend => "protocol error from backend",
             };
-            self.internal_close(
-                close_code::PROTOCOL_ERROR,
-                reason,
-                close_code::PROTOCOL_ERROR,
-                reason,
+            self.end(Ending::close_both(
                 EndReason::ProtocolError,
-            );
+                close_code::PROTOCOL_ERROR,
+                reason,
+            ));
+        }
+        if report.too_big {
+            // The sender and the other peer both get 1009 (RFC 6455 §7.4.1).
+            self.end(Ending::close_both(
+                EndReason::MessageTooBig(from),
+                close_code::MESSAGE_TOO_BIG,
+                "message too big",
+            ));
         }
     }
 
@@ -458,31 +301,49 @@ where
         }
     }
 
-    /// berth ends the connection itself: Close to the client and a masked
-    /// Close to the backend, each at its next frame boundary.
-    fn internal_close(
-        &mut self,
-        client_code: u16,
-        client_reason: &'static str,
-        backend_code: u16,
-        backend_reason: &'static str,
-        reason: EndReason,
-    ) {
+    /// berth ends the connection itself, as `ending` says: a peer to be
+    /// closed gets a Close at its next frame boundary (masked towards the
+    /// backend) and the closing handshake; a peer to be dropped is neither
+    /// read nor written again. The first ending decides the outcome.
+    fn end(&mut self, ending: Ending) {
         if self.outcome.is_none() {
-            self.outcome = Some((Initiator::Internal, Some(client_code), reason));
+            self.outcome = Some((Initiator::Internal, ending.code(), ending.reason));
+        }
+        self.ping = PingState::Idle;
+        self.next_ping = None;
+        // A dropped peer's direction stops; what was on its way to it goes.
+        if ending.client == PeerEnd::Drop {
+            self.up.source_dropped();
+            self.down.destination_failed();
+        }
+        if ending.backend == PeerEnd::Drop {
+            self.down.source_dropped();
+            self.up.destination_failed();
         }
         // A direction gets berth's Close unless it already has one or its
         // destination is gone; a direction that stopped forwarding (a
         // protocol error in its stream) still gets it. A queued Ping gives
-        // way to the Close.
-        if !self.down.p.close_queued() && !self.down.shut && !self.down.want_shutdown {
-            self.down.queue_close(client_code, client_reason, true);
+        // way to the Close. A direction whose source was dropped mid-frame
+        // can never reach a boundary again: it gets only the FIN.
+        for (dir, end) in [
+            (&mut self.down, ending.client),
+            (&mut self.up, ending.backend),
+        ] {
+            if let PeerEnd::Close(code, text) = end {
+                let stuck = dir.eof && !dir.p.at_boundary();
+                if !dir.p.close_queued() && !dir.shut && !dir.want_shutdown && !stuck {
+                    dir.queue_close(code, text, true);
+                }
+            }
         }
-        if !self.up.p.close_queued() && !self.up.shut && !self.up.want_shutdown {
-            self.up.queue_close(backend_code, backend_reason, true);
+        // Towards the peer that stays, the dropped one's direction ends
+        // once berth's Close is written.
+        if ending.client == PeerEnd::Drop {
+            self.up.want_shutdown = true;
         }
-        self.ping = PingState::Idle;
-        self.next_ping = None;
+        if ending.backend == PeerEnd::Drop {
+            self.down.want_shutdown = true;
+        }
         self.arm_close_deadline();
     }
 
@@ -495,6 +356,8 @@ where
             && self.next_ping.is_none()
             && self.close_deadline.is_none()
             && self.ping == PingState::Idle
+            && self.up.stall.is_none()
+            && self.down.stall.is_none()
         {
             return false;
         }
@@ -510,15 +373,31 @@ where
                 self.heartbeat_failed();
             }
         }
+        if let Some(limit) = self.config.send_timeout {
+            // A stuck client is dropped and the backend told why; a stuck
+            // backend is dropped and the client told it failed.
+            if self.down.stall.is_some_and(|since| now >= since + limit) {
+                self.end(Ending {
+                    reason: EndReason::SendTimeout(Source::Client),
+                    client: PeerEnd::Drop,
+                    backend: PeerEnd::Close(close_code::GOING_AWAY, "client unresponsive"),
+                });
+            }
+            if self.up.stall.is_some_and(|since| now >= since + limit) {
+                self.end(Ending {
+                    reason: EndReason::SendTimeout(Source::Backend),
+                    client: PeerEnd::Close(close_code::BAD_GATEWAY, "backend unresponsive"),
+                    backend: PeerEnd::Drop,
+                });
+            }
+        }
         if let (Some(idle), None) = (self.config.idle_timeout, self.close_deadline) {
             if now >= self.last_data + idle {
-                self.internal_close(
-                    close_code::GOING_AWAY,
-                    "idle timeout",
-                    close_code::GOING_AWAY,
-                    "idle timeout",
+                self.end(Ending::close_both(
                     EndReason::IdleTimeout,
-                );
+                    close_code::GOING_AWAY,
+                    "idle timeout",
+                ));
             }
         }
         if let (Some(at), Some(interval)) = (self.next_ping, self.config.ping_interval) {
@@ -546,6 +425,10 @@ where
         if let PingState::Sent(_, due) = self.ping {
             consider(Some(due));
         }
+        if let Some(limit) = self.config.send_timeout {
+            consider(self.up.stall.map(|since| since + limit));
+            consider(self.down.stall.map(|since| since + limit));
+        }
         if let Some(at) = next {
             let timer = self
                 .timer
@@ -566,25 +449,11 @@ where
     /// No Pong in time: the client is dead. The backend gets Close 1001 and
     /// the client's TCP connection is dropped without another word.
     fn heartbeat_failed(&mut self) {
-        if self.outcome.is_none() {
-            self.outcome = Some((
-                Initiator::Internal,
-                Some(close_code::GOING_AWAY),
-                EndReason::HeartbeatFailure,
-            ));
-        }
-        self.ping = PingState::Idle;
-        self.next_ping = None;
-        // Stop reading the client and never write to it again.
-        self.up.eof = true;
-        self.up.p.discard();
-        self.down.destination_failed();
-        if !self.up.p.close_queued() && !self.up.shut && !self.up.want_shutdown {
-            self.up
-                .queue_close(close_code::GOING_AWAY, "client unresponsive", false);
-        }
-        self.up.want_shutdown = true;
-        self.arm_close_deadline();
+        self.end(Ending {
+            reason: EndReason::HeartbeatFailure,
+            client: PeerEnd::Drop,
+            backend: PeerEnd::Close(close_code::GOING_AWAY, "client unresponsive"),
+        });
     }
 
     fn finish(&mut self) -> RelayOutcome {
@@ -607,131 +476,4 @@ where
         [&self.up.out, &self.down.out]
             .map(|o| (o.pending.len() - o.pending_pos, o.pending.capacity()))
     }
-}
-
-/// Drives one direction as far as it can go without blocking.
-/// Returns what the processor reported and whether any progress was made.
-fn poll_dir<R, W>(
-    cx: &mut Context<'_>,
-    dir: &mut Dir,
-    src: &mut R,
-    dst: &mut W,
-    scratch: &mut [u8],
-    pong: Option<[u8; PING_TOKEN_LEN]>,
-    counters: Option<&DirCounters>,
-) -> (Report, bool)
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut report = Report::default();
-    let mut progress = false;
-    if dir.finished() {
-        return (report, false);
-    }
-    if !dir.shut {
-        // 1. Bytes the destination could not take earlier go first.
-        if dir.out.has_pending() {
-            while dir.out.has_pending() {
-                let rest = &dir.out.pending[dir.out.pending_pos..];
-                match Pin::new(&mut *dst).poll_write(cx, rest) {
-                    Poll::Ready(Ok(n)) if n > 0 => {
-                        dir.out.pending_pos += n;
-                        dir.out.needs_flush = true;
-                        progress = true;
-                    }
-                    Poll::Ready(_) => {
-                        dir.destination_failed();
-                        return (report, true);
-                    }
-                    Poll::Pending => return (report, progress),
-                }
-            }
-            // Drained: give the memory back so an idle connection holds none.
-            dir.out.clear();
-        }
-        // 2. A control frame berth wants to write, if between frames.
-        if dir.p.queued().is_some() && dir.p.at_boundary() {
-            let mut out = Out {
-                cx: &mut *cx,
-                dst: &mut *dst,
-                state: &mut dir.out,
-                failed: false,
-            };
-            if let Some(Inject::Ping(_)) = dir.p.inject_at_boundary(&mut out) {
-                report.ping_written = true;
-            }
-            progress = true;
-            if out.failed {
-                dir.destination_failed();
-                return (report, true);
-            }
-            if dir.out.has_pending() {
-                return (report, progress);
-            }
-        }
-        // 3. Flush what was written.
-        if dir.out.needs_flush {
-            match Pin::new(&mut *dst).poll_flush(cx) {
-                Poll::Ready(Ok(())) => dir.out.needs_flush = false,
-                Poll::Ready(Err(_)) => {
-                    dir.destination_failed();
-                    return (report, true);
-                }
-                Poll::Pending => return (report, progress),
-            }
-        }
-    }
-    // 4. The source is done: pass the half-close on once all is written.
-    if dir.eof {
-        if dir.want_shutdown
-            && !dir.shut
-            && dir.p.queued().is_none()
-            && Pin::new(&mut *dst).poll_shutdown(cx).is_ready()
-        {
-            dir.shut = true;
-            progress = true;
-        }
-        return (report, progress);
-    }
-    // 5. Read once, if the source has something, and pass it on.
-    let n = if !dir.prefix.is_empty() {
-        let n = dir.prefix.len().min(scratch.len());
-        let head = dir.prefix.split_to(n);
-        scratch[..n].copy_from_slice(&head);
-        if dir.prefix.is_empty() {
-            dir.prefix = Bytes::new();
-        }
-        n
-    } else {
-        let mut buf = ReadBuf::new(scratch);
-        match Pin::new(&mut *src).poll_read(cx, &mut buf) {
-            Poll::Ready(Ok(())) => buf.filled().len(),
-            // A reset reads as an abrupt end.
-            Poll::Ready(Err(_)) => 0,
-            Poll::Pending => return (report, progress),
-        }
-    };
-    if n == 0 {
-        dir.eof = true;
-        return (report, true);
-    }
-    if dir.shut {
-        // The destination is gone: keep parsing (to see a Close) but drop.
-        dir.p.discard();
-    }
-    let mut out = Out {
-        cx,
-        dst: &mut *dst,
-        state: &mut dir.out,
-        failed: false,
-    };
-    let read = dir.p.feed(&scratch[..n], pong, &mut out);
-    let failed = out.failed;
-    report.merge(&read);
-    dir.count(n, &read, counters);
-    if failed {
-        dir.destination_failed();
-    }
-    (report, true)
 }

@@ -29,14 +29,20 @@
 //! the other peer gets one from berth (1014 towards the client when the
 //! backend vanished, 1001 towards the backend when the client did). Idle
 //! timeouts, failed heartbeats, drains (1012), shutdown (1001, both through
-//! the [`StopHandle`]) and protocol errors (1002, RFC 6455 §7.4.1) make
-//! berth close both sides itself. No end waits longer than `close_timeout`.
+//! the [`StopHandle`]), protocol errors (1002, RFC 6455 §7.4.1), a message
+//! over `max_message_size` (1009) and a peer that takes nothing within
+//! `send_timeout` make berth end the connection itself; each such cause is
+//! one [`Ending`] (what each peer is told, or that it is dropped, and the
+//! [`EndReason`]), so a new cause is a new value, not new closing code. No
+//! end waits longer than `close_timeout`.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::Context;
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
+
+use crate::ws::frame::close_code;
 
 mod driver;
 pub mod processor;
@@ -47,13 +53,19 @@ mod tests;
 pub use driver::{relay, Relay};
 pub use processor::{FrameProcessor, Inject, ProtocolError, Report, Sink, Source, PING_TOKEN_LEN};
 
-/// Per-pool timing of a relayed connection.
+/// Per-pool timing and limits of a relayed connection.
 #[derive(Clone, Copy, Debug)]
 pub struct RelayConfig {
     pub idle_timeout: Option<Duration>,
     pub ping_interval: Option<Duration>,
     pub pong_timeout: Duration,
     pub close_timeout: Duration,
+    /// The largest data message relayed either way (payload bytes, all
+    /// fragments together); a larger one closes both ends with 1009.
+    pub max_message_size: Option<u64>,
+    /// A peer that accepts no bytes for this long while berth holds bytes
+    /// for it is dropped; `None` leaves backpressure alone.
+    pub send_timeout: Option<Duration>,
 }
 
 /// Why berth itself asks a connection to end.
@@ -63,6 +75,74 @@ pub enum StopReason {
     Drain,
     /// berth is shutting down: Close 1001.
     Shutdown,
+}
+
+impl StopReason {
+    /// What each peer is told.
+    pub fn ending(self) -> Ending {
+        match self {
+            StopReason::Drain => Ending::close(
+                EndReason::Drained,
+                (close_code::SERVICE_RESTART, "service restart"),
+                (close_code::GOING_AWAY, "service restart"),
+            ),
+            StopReason::Shutdown => Ending::close_both(
+                EndReason::Shutdown,
+                close_code::GOING_AWAY,
+                "server shutting down",
+            ),
+        }
+    }
+}
+
+/// What berth does to one peer when it ends a connection itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerEnd {
+    /// A Close frame with this code and reason at the next frame boundary
+    /// (masked towards the backend), then the closing handshake.
+    Close(u16, &'static str),
+    /// The peer is neither read nor written again; its TCP connection is
+    /// closed once the other peer's side is done (within `close_timeout`).
+    Drop,
+}
+
+/// How berth itself ends a connection, and why: one value per cause
+/// (timeouts, drains, limits, and any later ones), so every cause goes
+/// through the same closing rules and is reported the same way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ending {
+    pub reason: EndReason,
+    pub client: PeerEnd,
+    pub backend: PeerEnd,
+}
+
+impl Ending {
+    /// Both peers get a Close, each with its own code and reason.
+    pub const fn close(
+        reason: EndReason,
+        client: (u16, &'static str),
+        backend: (u16, &'static str),
+    ) -> Ending {
+        Ending {
+            reason,
+            client: PeerEnd::Close(client.0, client.1),
+            backend: PeerEnd::Close(backend.0, backend.1),
+        }
+    }
+
+    /// Both peers get the same Close.
+    pub const fn close_both(reason: EndReason, code: u16, text: &'static str) -> Ending {
+        Ending::close(reason, (code, text), (code, text))
+    }
+
+    /// The close code the connection is recorded with: the client's, or
+    /// the backend's when the client was dropped without one.
+    pub fn code(&self) -> Option<u16> {
+        match (self.client, self.backend) {
+            (PeerEnd::Close(code, _), _) | (PeerEnd::Drop, PeerEnd::Close(code, _)) => Some(code),
+            (PeerEnd::Drop, PeerEnd::Drop) => None,
+        }
+    }
 }
 
 /// A connection's stop switch, shared with whoever may end it on purpose
@@ -139,6 +219,10 @@ pub enum EndReason {
     Drained,
     Shutdown,
     ProtocolError,
+    /// A data message from this peer went over `max_message_size`.
+    MessageTooBig(Source),
+    /// This peer accepted no bytes within `send_timeout`.
+    SendTimeout(Source),
 }
 
 /// Traffic in one direction.

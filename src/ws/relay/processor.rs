@@ -14,8 +14,14 @@
 //!
 //! What it saw comes back as a [`Report`] per feed: frames per opcode,
 //! complete messages, whether a data frame passed, whether berth's Ping was
-//! answered (that Pong is consumed) or written, and the protocol error that
-//! stopped the stream. Close frames and their codes are state
+//! answered (that Pong is consumed) or written, whether a message grew past
+//! the size limit, and the protocol error that stopped the stream.
+//!
+//! With a message size limit ([`FrameProcessor::with_max_message`]), the
+//! data frame that takes a message (all its fragments' payloads together)
+//! past the limit is not written, nor is anything after it: the caller
+//! closes both ends with 1009. Fragments already written stay written;
+//! control frames do not count. Close frames and their codes are state
 //! ([`FrameProcessor::close_code`]).
 //!
 //! It owns no socket, reads no clock and draws no randomness: the caller
@@ -91,6 +97,9 @@ pub struct Report {
     pub pong_consumed: bool,
     /// A queued Ping was written.
     pub ping_written: bool,
+    /// A data frame took its message past the size limit: that frame and
+    /// everything after it are dropped.
+    pub too_big: bool,
     /// The stream broke a framing rule; nothing after it is written.
     pub error: Option<ProtocolError>,
 }
@@ -110,6 +119,7 @@ impl Report {
         self.data |= other.data;
         self.pong_consumed |= other.pong_consumed;
         self.ping_written |= other.ping_written;
+        self.too_big |= other.too_big;
         self.error = self.error.or(other.error);
     }
 }
@@ -160,10 +170,22 @@ pub struct FrameProcessor {
     /// The code of the latest Close frame seen in full (1005 when it had
     /// none); `Some` once a Close has passed.
     close_code: Option<u16>,
+    /// The largest message payload relayed (`u64::MAX`: no limit).
+    max_message: u64,
+    /// Payload bytes of the data message in progress, its frames so far
+    /// included.
+    message_len: u64,
 }
 
 impl FrameProcessor {
+    /// A processor without a message size limit.
     pub fn new(source: Source) -> FrameProcessor {
+        Self::with_max_message(source, None)
+    }
+
+    /// A processor that stops at the first message whose payload would
+    /// exceed `max_message` bytes (`None`: no limit).
+    pub fn with_max_message(source: Source, max_message: Option<u64>) -> FrameProcessor {
         FrameProcessor {
             source,
             hdr: [0; MAX_HEADER_LEN],
@@ -182,6 +204,8 @@ impl FrameProcessor {
             close_queued: false,
             discard: false,
             close_code: None,
+            max_message: max_message.unwrap_or(u64::MAX),
+            message_len: 0,
         }
     }
 
@@ -347,11 +371,27 @@ impl FrameProcessor {
                 let op = header.opcode;
                 let slot = &mut r.frames[opcode_index(op)];
                 *slot = slot.wrapping_add(1);
+                let mut too_big = false;
                 if header.is_data() {
                     r.data = true;
-                    r.messages = r.messages.wrapping_add(u32::from(header.fin));
+                    // A text or binary frame starts a message; continuations
+                    // add to it.
+                    self.message_len = if op == opcode::CONTINUATION {
+                        self.message_len.saturating_add(header.payload_len)
+                    } else {
+                        header.payload_len
+                    };
+                    too_big = self.message_len > self.max_message;
+                    if !too_big {
+                        r.messages = r.messages.wrapping_add(u32::from(header.fin));
+                    }
                 }
                 let action = if self.discard {
+                    Action::Drop
+                } else if too_big {
+                    // This frame and everything after it stay here.
+                    r.too_big = true;
+                    self.discard = true;
                     Action::Drop
                 } else if client
                     && op == opcode::PONG

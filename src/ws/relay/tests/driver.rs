@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::ws::frame::opcode;
 use crate::ws::relay::driver::SCRATCH_LEN;
 use crate::ws::relay::{
-    relay, EndReason, Initiator, Relay, RelayConfig, RelayOutcome, StopHandle, StopReason,
+    relay, EndReason, Initiator, Relay, RelayConfig, RelayOutcome, Source, StopHandle, StopReason,
 };
 
 const KEY: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
@@ -29,6 +29,8 @@ fn config(idle: Option<u64>, ping: Option<u64>) -> RelayConfig {
         ping_interval: ping.map(Duration::from_secs),
         pong_timeout: Duration::from_secs(5),
         close_timeout: Duration::from_secs(2),
+        max_message_size: None,
+        send_timeout: None,
     }
 }
 
@@ -413,4 +415,155 @@ async fn a_slow_backend_holds_at_most_one_read_and_the_buffer_is_freed() {
     assert_eq!(c2b.bytes.get(), message.len() as u64);
     assert_eq!(c2b.messages.get(), 1);
     assert_eq!(c2b.frames[2].get(), 1);
+}
+
+fn limited(max_message: u64) -> RelayConfig {
+    RelayConfig {
+        max_message_size: Some(max_message),
+        ..config(None, None)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_over_the_limit_closes_both_sides_with_1009() {
+    // From the client: the message at the limit passes, the one over it
+    // does not reach the backend; both ends get 1009.
+    let mut p = start(limited(1000), None);
+    p.client_sends(opcode::BINARY, &pattern(1000)).await;
+    assert_eq!(p.backend_gets().await.payload, pattern(1000));
+    p.client_sends(opcode::BINARY, &pattern(1001)).await;
+    assert_eq!(p.backend_gets().await.close(), (1009, "message too big"));
+    assert_eq!(p.client_gets().await.close(), (1009, "message too big"));
+    let outcome = p.both_answer_close().await;
+    assert_eq!(outcome.initiator, Initiator::Internal);
+    assert_eq!(outcome.code, Some(1009));
+    assert_eq!(outcome.reason, EndReason::MessageTooBig(Source::Client));
+    assert_eq!(outcome.client_to_backend.messages, 1);
+
+    // From the backend, fragmented: the fragment that crosses the limit
+    // stays, the one before it was already relayed.
+    let mut p = start(limited(1000), None);
+    let first = frame(false, opcode::TEXT, &pattern(600), None);
+    let second = frame(true, opcode::CONTINUATION, &pattern(401), None);
+    p.backend.write_all(&first).await.unwrap();
+    p.backend.write_all(&second).await.unwrap();
+    let got = read_frame(&mut p.client).await.unwrap();
+    assert_eq!((got.op, got.payload.len()), (opcode::TEXT, 600));
+    assert_eq!(p.client_gets().await.close(), (1009, "message too big"));
+    assert_eq!(p.backend_gets().await.close(), (1009, "message too big"));
+    let outcome = p.both_answer_close().await;
+    assert_eq!(outcome.code, Some(1009));
+    assert_eq!(outcome.reason, EndReason::MessageTooBig(Source::Backend));
+}
+
+fn send_timeout(secs: u64) -> RelayConfig {
+    RelayConfig {
+        send_timeout: Some(Duration::from_secs(secs)),
+        ..config(None, None)
+    }
+}
+
+/// A relay whose client (`client_cap`) or backend (`backend_cap`) pipe is
+/// small, so that a peer that does not read falls behind at once.
+fn start_with(config: RelayConfig, client_cap: usize, backend_cap: usize) -> Peers {
+    let [(client, client_side), (backend, backend_side)] = pipes(client_cap, backend_cap);
+    let started = Instant::now();
+    let relay = tokio::spawn(relay(
+        client_side,
+        Bytes::new(),
+        backend_side,
+        Bytes::new(),
+        config,
+        None,
+        None,
+    ));
+    Peers {
+        client,
+        backend,
+        relay,
+        started,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_send_timeout_a_stuck_client_only_holds_the_relay_back() {
+    let mut p = start_with(config(None, None), 1024, 64 * 1024);
+    p.backend_sends(opcode::BINARY, &pattern(32 * 1024)).await;
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert!(!p.relay.is_finished(), "dropped without a send_timeout");
+    // Once the client reads, everything arrives.
+    let got = read_frame(&mut p.client).await.unwrap();
+    assert_eq!(got.payload, pattern(32 * 1024));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_takes_nothing_for_send_timeout_is_dropped() {
+    let mut p = start_with(send_timeout(5), 1024, 64 * 1024);
+    p.backend_sends(opcode::BINARY, &pattern(32 * 1024)).await;
+    // The backend hears why, with a masked Close 1001.
+    assert_eq!(
+        p.backend_gets().await.close(),
+        (1001, "client unresponsive")
+    );
+    p.at(5);
+    p.backend_sends(opcode::CLOSE, &close_payload(1001, ""))
+        .await;
+    let outcome = p.relay.await.unwrap();
+    assert_eq!(outcome.initiator, Initiator::Internal);
+    assert_eq!(outcome.code, Some(1001));
+    assert_eq!(outcome.reason, EndReason::SendTimeout(Source::Client));
+    // The client gets what its socket held, then the end of the stream:
+    // never a whole frame, never a Close.
+    let mut rest = Vec::new();
+    p.client.read_to_end(&mut rest).await.unwrap();
+    assert!(
+        rest.len() < 32 * 1024,
+        "{} bytes reached the client",
+        rest.len()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_client_that_keeps_reading_is_not_dropped() {
+    let mut p = start_with(send_timeout(5), 1024, 64 * 1024);
+    let message = frame(true, opcode::BINARY, &pattern(8 * 1024), None);
+    p.backend.write_all(&message).await.unwrap();
+    // 512 bytes every 3 s: slower than the backend, but never 5 s idle.
+    let mut got = Vec::new();
+    while got.len() < message.len() {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut buf = [0u8; 512];
+        let n = p.client.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the client was dropped");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got == message, "the message arrived changed");
+    assert!(p.started.elapsed() > Duration::from_secs(20));
+    assert!(!p.relay.is_finished());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_that_takes_nothing_for_send_timeout_is_dropped_and_the_client_gets_1014() {
+    let mut p = start_with(send_timeout(5), 64 * 1024, 1024);
+    p.client_sends(opcode::BINARY, &pattern(32 * 1024)).await;
+    assert_eq!(
+        p.client_gets().await.close(),
+        (1014, "backend unresponsive")
+    );
+    p.at(5);
+    p.client_sends(opcode::CLOSE, &close_payload(1014, ""))
+        .await;
+    let outcome = p.relay.await.unwrap();
+    assert_eq!(outcome.initiator, Initiator::Internal);
+    assert_eq!(outcome.code, Some(1014));
+    assert_eq!(outcome.reason, EndReason::SendTimeout(Source::Backend));
+    // The backend's connection was dropped: it never got a Close, nor the
+    // whole message.
+    let mut rest = Vec::new();
+    p.backend.read_to_end(&mut rest).await.unwrap();
+    assert!(
+        rest.len() < 32 * 1024,
+        "{} bytes reached the backend",
+        rest.len()
+    );
 }

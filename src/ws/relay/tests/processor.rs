@@ -57,6 +57,8 @@ struct Case {
     name: String,
     source: Source,
     pong: Option<[u8; PING_TOKEN_LEN]>,
+    /// The message size limit.
+    limit: Option<u64>,
     steps: Vec<Step>,
     out: Vec<u8>,
     frames: Frames,
@@ -64,6 +66,7 @@ struct Case {
     close: Option<u16>,
     pong_consumed: bool,
     ping_written: bool,
+    too_big: bool,
     error: Option<ProtocolError>,
 }
 
@@ -73,6 +76,7 @@ impl Case {
             name: name.into(),
             source,
             pong: None,
+            limit: None,
             steps: Vec::new(),
             out: Vec::new(),
             frames: Frames::default(),
@@ -80,8 +84,19 @@ impl Case {
             close: None,
             pong_consumed: false,
             ping_written: false,
+            too_big: false,
             error: None,
         }
+    }
+
+    fn limit(mut self, max_message: u64) -> Case {
+        self.limit = Some(max_message);
+        self
+    }
+
+    fn too_big(mut self) -> Case {
+        self.too_big = true;
+        self
     }
 
     fn pong(mut self, token: [u8; PING_TOKEN_LEN]) -> Case {
@@ -209,16 +224,18 @@ impl Sink for Check<'_> {
 /// between feeds as the driver does: queue what is due, then write a queued
 /// injection if the stream is at a boundary. Returns the merged report and
 /// the processor.
+#[allow(clippy::too_many_arguments)]
 fn feed_cut(
     label: &str,
     source: Source,
     pong: Option<[u8; PING_TOKEN_LEN]>,
+    limit: Option<u64>,
     input: &[u8],
     queues: &[QueueAt],
     cuts: impl Iterator<Item = usize>,
     expect: &[u8],
 ) -> (Report, FrameProcessor) {
-    let mut p = FrameProcessor::new(source);
+    let mut p = FrameProcessor::with_max_message(source, limit);
     let mut sink = Check {
         label,
         expect,
@@ -270,6 +287,13 @@ fn check_decisions(label: &str, case: &Case, r: &Report, p: &FrameProcessor) {
         "{label}: pong consumed"
     );
     assert_eq!(r.ping_written, case.ping_written, "{label}: ping written");
+    assert_eq!(r.too_big, case.too_big, "{label}: message too big");
+    if case.too_big {
+        assert!(
+            p.is_discarding(),
+            "{label}: still forwarding after the limit"
+        );
+    }
     assert_eq!(r.error, case.error, "{label}: protocol error");
     assert_eq!(p.is_broken(), case.error.is_some(), "{label}: broken");
     assert_eq!(p.close_code(), case.close, "{label}: close code");
@@ -284,6 +308,7 @@ fn run(case: &Case) {
             label,
             case.source,
             case.pong,
+            case.limit,
             &input,
             &queues,
             cuts,
@@ -601,6 +626,112 @@ fn each_protocol_error_stops_the_stream() {
     }
 }
 
+#[test]
+fn a_message_over_the_limit_stops_at_the_frame_that_crosses_it() {
+    for source in [Source::Client, Source::Backend] {
+        let m = masked(source);
+        let who = format!("{source:?}");
+        let text = |n| Frames {
+            text: n,
+            ..Frames::default()
+        };
+        // At the limit passes; one byte over does not, nor anything after.
+        run(&Case::new(format!("at the limit, {who}"), source)
+            .limit(300)
+            .pass(&frame(true, opcode::TEXT, &pattern(300), m))
+            .pass(&frame(true, opcode::TEXT, &pattern(300), m))
+            .frames(text(2), 2));
+        run(&Case::new(format!("one byte over, {who}"), source)
+            .limit(300)
+            .pass(&frame(true, opcode::TEXT, b"small", m))
+            .gone(&frame(true, opcode::TEXT, &pattern(301), m))
+            .gone(&frame(true, opcode::TEXT, b"after", m))
+            .frames(text(3), 2)
+            .too_big());
+        // Fragments add up: the one that crosses is dropped, the ones
+        // before it were already forwarded; control frames between them
+        // pass and do not count.
+        run(&Case::new(format!("fragments add up, {who}"), source)
+            .limit(100)
+            .pass(&frame(false, opcode::BINARY, &pattern(40), m))
+            .pass(&frame(true, opcode::PING, &pattern(125), m))
+            .pass(&frame(false, opcode::CONTINUATION, &pattern(60), m))
+            .gone(&frame(true, opcode::CONTINUATION, b"!", m))
+            .gone(&frame(true, opcode::CLOSE, &close_payload(1009, ""), m))
+            .frames(
+                Frames {
+                    cont: 2,
+                    binary: 1,
+                    close: 1,
+                    ping: 1,
+                    ..Frames::default()
+                },
+                0,
+            )
+            .too_big()
+            .close(1009));
+        // Exactly at the limit across fragments, then a new message: each
+        // message is measured on its own.
+        run(
+            &Case::new(format!("each message on its own, {who}"), source)
+                .limit(100)
+                .pass(&frame(false, opcode::TEXT, &pattern(50), m))
+                .pass(&frame(true, opcode::CONTINUATION, &pattern(50), m))
+                .pass(&frame(true, opcode::BINARY, &pattern(100), m))
+                .frames(
+                    Frames {
+                        cont: 1,
+                        text: 1,
+                        binary: 1,
+                        ..Frames::default()
+                    },
+                    2,
+                ),
+        );
+    }
+    // A 64-bit length far over the limit: dropped on its header alone.
+    let huge = frame(true, opcode::BINARY, &pattern(70_000), Some(KEY));
+    run(&Case::new("a 64-bit length", Source::Client)
+        .limit(65_536)
+        .pass(&frame(true, opcode::BINARY, &pattern(65_536), Some(KEY)))
+        .gone(&huge)
+        .frames(
+            Frames {
+                binary: 2,
+                ..Frames::default()
+            },
+            1,
+        )
+        .too_big());
+}
+
+#[test]
+fn control_frames_are_not_held_to_the_limit() {
+    let case = Case::new("pings and a close over a 16-byte limit", Source::Client)
+        .limit(16)
+        .pass(&frame(true, opcode::PING, &pattern(125), Some(KEY)))
+        .pass(&frame(true, opcode::PONG, &pattern(100), Some(KEY)))
+        .pass(&frame(true, opcode::TEXT, &pattern(16), Some(KEY)))
+        .pass(&frame(
+            true,
+            opcode::CLOSE,
+            &close_payload(1000, "a reason longer than sixteen bytes"),
+            Some(KEY),
+        ))
+        .frames(
+            Frames {
+                text: 1,
+                close: 1,
+                ping: 1,
+                pong: 1,
+                ..Frames::default()
+            },
+            1,
+        )
+        .close(1000);
+    run(&case);
+}
+
 /// A frame a proptest case may send, with whether it reaches the output.
 #[derive(Clone, Debug)]
 struct Gen {
@@ -686,8 +817,8 @@ proptest! {
         }
         let mut cuts: Vec<usize> = cuts.iter().map(|c| c % input.len()).collect();
         cuts.sort_unstable();
-        let (whole, p) = feed_cut("whole", source, pong, &input, &[], std::iter::empty(), &expect);
-        let (cut, q) = feed_cut("cut", source, pong, &input, &[], cuts.into_iter(), &expect);
+        let (whole, p) = feed_cut("whole", source, pong, None, &input, &[], std::iter::empty(), &expect);
+        let (cut, q) = feed_cut("cut", source, pong, None, &input, &[], cuts.into_iter(), &expect);
         prop_assert_eq!(whole, cut);
         prop_assert_eq!(whole.frames, frames);
         prop_assert_eq!(whole.messages, messages);
@@ -702,8 +833,9 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
-    /// Any bytes at all, valid or not, cut anywhere: no panic, and the
-    /// output and decisions of one whole feed (a protocol error stops the
+    /// Any bytes at all, valid or not, cut anywhere, with or without a
+    /// message size limit: no panic, and the output and decisions of one
+    /// whole feed (a protocol error or an oversized message stops the
     /// stream at the same byte however it was cut).
     #[test]
     fn arbitrary_bytes_cut_anywhere_match_one_feed(
@@ -711,17 +843,18 @@ proptest! {
         input in prop::collection::vec(any::<u8>(), 1..300),
         cuts in prop::collection::vec(any::<usize>(), 0..8),
         expect_pong in any::<bool>(),
+        limit in prop::option::of(0u64..300),
     ) {
         let source = if client { Source::Client } else { Source::Backend };
         let pong = expect_pong.then_some(TOKEN);
         let mut whole_out = Collect(Vec::new());
-        let mut p = FrameProcessor::new(source);
+        let mut p = FrameProcessor::with_max_message(source, limit);
         let whole = p.feed(&input, pong, &mut whole_out);
         let mut cuts: Vec<usize> = cuts.iter().map(|c| c % input.len()).collect();
         cuts.sort_unstable();
         cuts.push(input.len());
         let mut cut_out = Collect(Vec::new());
-        let mut q = FrameProcessor::new(source);
+        let mut q = FrameProcessor::with_max_message(source, limit);
         let mut cut = Report::default();
         let mut at = 0;
         for c in cuts {
