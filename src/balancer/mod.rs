@@ -227,6 +227,7 @@ mod tests {
                     max_connections: None,
                 })
                 .collect(),
+            auth: crate::config::AuthConfig::default(),
         };
         Pool::new(config, &metrics, None)
     }

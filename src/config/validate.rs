@@ -30,6 +30,8 @@ use super::{
 };
 use crate::tls::TlsError;
 
+mod auth;
+
 /// Parses and validates config text; relative paths in it are resolved
 /// against `base` (the config file's directory), or the working directory
 /// without one.
@@ -482,6 +484,9 @@ impl Checker<'_, '_> {
             }
         }
 
+        let affinity = self.affinity(name, raw);
+        let auth = self.auth(name, raw.auth.as_ref());
+        self.check_claim_affinity(name, &affinity, &auth);
         PoolConfig {
             name: name.to_string(),
             balance,
@@ -493,9 +498,10 @@ impl Checker<'_, '_> {
             close_timeout,
             drain_window,
             allowed_origins: self.origins(name, raw.allowed_origins.as_deref()),
-            affinity: self.affinity(name, raw),
+            affinity,
             health: self.health(name, raw.health.as_ref()),
             backends,
+            auth,
         }
     }
 
