@@ -18,7 +18,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::processor::{FrameProcessor, Inject, Report, Sink, Source, PING_TOKEN_LEN};
-use super::{DirStats, EndReason, Initiator, RelayConfig, RelayOutcome, StopHandle, StopReason};
+use super::{
+    Deadline, DirStats, EndReason, Initiator, RelayConfig, RelayOutcome, StopHandle, StopReason,
+};
 use crate::metrics::{DirCounters, RelayCounters};
 use crate::ws::frame::close_code;
 
@@ -65,6 +67,7 @@ where
         close_deadline: None,
         outcome: None,
         counters,
+        deadline: None,
     }
 }
 
@@ -272,6 +275,19 @@ pub struct Relay<C, B> {
     close_deadline: Option<Instant>,
     outcome: Option<(Initiator, Option<u16>, EndReason)>,
     counters: Option<Arc<RelayCounters>>,
+    /// When berth closes the connection itself (see [`Relay::with_deadline`]).
+    deadline: Option<Deadline>,
+}
+
+impl<C, B> Relay<C, B> {
+    /// Ends the connection at `deadline` if nothing ends it before: its
+    /// Close goes to the client and, masked, to the backend, each at a
+    /// frame boundary, and `close_timeout` bounds the rest as for any close
+    /// berth starts.
+    pub fn with_deadline(mut self, deadline: Option<Deadline>) -> Self {
+        self.deadline = deadline;
+        self
+    }
 }
 
 impl<C, B> Future for Relay<C, B>
@@ -495,6 +511,7 @@ where
             && self.next_ping.is_none()
             && self.close_deadline.is_none()
             && self.ping == PingState::Idle
+            && self.deadline.is_none()
         {
             return false;
         }
@@ -508,6 +525,13 @@ where
         if let PingState::Sent(_, due) = self.ping {
             if now >= due {
                 self.heartbeat_failed();
+            }
+        }
+        if let Some(d) = self.deadline.filter(|d| now >= d.at) {
+            self.deadline = None;
+            // A connection already closing ends as it was going to.
+            if self.close_deadline.is_none() {
+                self.internal_close(d.code, d.reason, d.code, d.reason, EndReason::Deadline);
             }
         }
         if let (Some(idle), None) = (self.config.idle_timeout, self.close_deadline) {
@@ -542,6 +566,7 @@ where
         if self.close_deadline.is_none() {
             consider(self.config.idle_timeout.map(|i| self.last_data + i));
             consider(self.next_ping);
+            consider(self.deadline.map(|d| d.at));
         }
         if let PingState::Sent(_, due) = self.ping {
             consider(Some(due));

@@ -14,8 +14,8 @@
 //!   reads go into, the per-connection pending-output buffer (allocated only
 //!   while a destination is slower than its source, freed as soon as it
 //!   drains), the one lazily allocated timer (idle timeout, ping interval,
-//!   pong timeout, close timeout), the [`StopHandle`], and the rules of how
-//!   a connection ends.
+//!   pong timeout, close timeout, a [`Deadline`]), the [`StopHandle`], and
+//!   the rules of how a connection ends.
 //!
 //! Memory: bytes are read into the scratch buffer only when a socket is
 //! readable and written straight on, so an idle connection holds no relay
@@ -29,8 +29,10 @@
 //! the other peer gets one from berth (1014 towards the client when the
 //! backend vanished, 1001 towards the backend when the client did). Idle
 //! timeouts, failed heartbeats, drains (1012), shutdown (1001, both through
-//! the [`StopHandle`]) and protocol errors (1002, RFC 6455 §7.4.1) make
-//! berth close both sides itself. No end waits longer than `close_timeout`.
+//! the [`StopHandle`]), a connection's [`Deadline`] (its own code, e.g.
+//! 1008 for an expired token) and protocol errors (1002, RFC 6455 §7.4.1)
+//! make berth close both sides itself. No end waits longer than
+//! `close_timeout`.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::Context;
@@ -54,6 +56,16 @@ pub struct RelayConfig {
     pub ping_interval: Option<Duration>,
     pub pong_timeout: Duration,
     pub close_timeout: Duration,
+}
+
+/// A moment at which berth ends the connection itself, with this Close code
+/// and reason to both peers (e.g. 1008 when the client's token expires).
+/// Set with [`Relay::with_deadline`]; one timer serves it with the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadline {
+    pub at: tokio::time::Instant,
+    pub code: u16,
+    pub reason: &'static str,
 }
 
 /// Why berth itself asks a connection to end.
@@ -139,6 +151,8 @@ pub enum EndReason {
     Drained,
     Shutdown,
     ProtocolError,
+    /// The connection's [`Deadline`] passed.
+    Deadline,
 }
 
 /// Traffic in one direction.
