@@ -18,6 +18,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::auth::PoolAuth;
 use crate::body::ProxyBody;
 use crate::config::{Balance, PoolConfig};
 use crate::metrics::Metrics;
@@ -55,6 +56,8 @@ pub struct Pool {
     cursor: AtomicUsize,
     /// Cancelled when a reload replaces this pool (stops its health checks).
     pub stop: tokio_util::sync::CancellationToken,
+    /// Who may reach the pool (`[pools.NAME.auth]`), when anyone may not.
+    pub auth: Option<Arc<PoolAuth>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -90,6 +93,7 @@ impl Pool {
             .collect();
         let weights: Vec<u32> = backends.iter().map(|b| b.weight()).collect();
         let http = http_client(config.connect_timeout);
+        let auth = PoolAuth::new(&config, metrics, previous.and_then(|p| p.auth.as_deref()));
         Pool {
             sticky: Sticky::from_config(&config.affinity),
             http,
@@ -98,6 +102,7 @@ impl Pool {
             backends,
             cursor: AtomicUsize::new(0),
             stop: tokio_util::sync::CancellationToken::new(),
+            auth,
         }
     }
 

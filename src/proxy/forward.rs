@@ -36,9 +36,10 @@ pub async fn handle(
         path: req.uri().path().to_string(),
         started: Instant::now(),
     };
-    let (parts, body) = req.into_parts();
-    let prepared = match Prepared::new(&ctx.routing, conn, &parts) {
+    let (mut parts, body) = req.into_parts();
+    let prepared = match Prepared::admit(ctx, conn, &mut parts).await {
         Ok(p) => p,
+        Err(err) if err.pool().is_some() => return refused(ctx, &access, &err),
         Err(err) => {
             tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %access.method, path = %access.path, status = 404u16, "no route");
             return err.response();
@@ -140,6 +141,23 @@ fn respond(
     } = access;
     tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %method, path = %path, status, pool, backend = %backend, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
     Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// A request authentication refused: counted and logged (not a failure of
+/// berth's or a backend's, so at info).
+fn refused(ctx: &ProxyContext, access: &Access<'_>, err: &ProxyError) -> Response<ProxyBody> {
+    let resp = err.response();
+    let pool = err.pool().unwrap_or("");
+    let status = resp.status().as_u16();
+    ctx.metrics
+        .http_requests
+        .with_label_values(&[pool, "", status_class(status)])
+        .inc();
+    let Access {
+        conn, method, path, ..
+    } = access;
+    tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %method, path = %path, status, pool, error = %err, "request refused");
+    resp
 }
 
 /// berth's own error response: counted and logged.

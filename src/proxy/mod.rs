@@ -88,6 +88,12 @@ pub enum ProxyError {
     /// stream berth opened.
     #[error("berth could not take over the connection to backend {0}")]
     Handover(String),
+    /// The pool's authentication refused the request (its own answer).
+    #[error("{rejection}")]
+    Auth {
+        pool: String,
+        rejection: Box<crate::auth::Rejection>,
+    },
 }
 
 impl ProxyError {
@@ -102,6 +108,7 @@ impl ProxyError {
             | ProxyError::BadAccept(_)
             | ProxyError::Backend { .. }
             | ProxyError::BackendClient { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Auth { rejection, .. } => rejection.status,
         }
     }
 
@@ -118,13 +125,25 @@ impl ProxyError {
             ProxyError::Backend { .. } | ProxyError::BackendClient { .. } => {
                 "backend_connect_error"
             }
+            ProxyError::Auth { .. } => "auth_rejected",
+        }
+    }
+
+    /// The pool of a request refused before any backend was chosen.
+    pub fn pool(&self) -> Option<&str> {
+        match self {
+            ProxyError::Auth { pool, .. } => Some(pool),
+            _ => None,
         }
     }
 
     /// The backend the failure is attributed to, if one was chosen.
     pub fn backend(&self) -> Option<&str> {
         match self {
-            ProxyError::NoRoute | ProxyError::BadTarget | ProxyError::NoBackend(_) => None,
+            ProxyError::NoRoute
+            | ProxyError::BadTarget
+            | ProxyError::NoBackend(_)
+            | ProxyError::Auth { .. } => None,
             ProxyError::Connect { backend, .. }
             | ProxyError::Backend { backend, .. }
             | ProxyError::BackendClient { backend, .. } => Some(backend),
@@ -136,6 +155,12 @@ impl ProxyError {
 
     /// The response the client gets.
     pub fn response(&self) -> Response<ProxyBody> {
+        if let ProxyError::Auth { rejection, .. } = self {
+            // berth's 401/503, or the auth service's answer as it was.
+            let mut resp = rejection.response();
+            headers::strip_hop_by_hop(resp.headers_mut());
+            return resp;
+        }
         let mut resp = text_response(self.status(), &format!("{self}\n"));
         if let ProxyError::NoBackend(_) = self {
             resp.headers_mut()

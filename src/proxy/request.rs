@@ -1,8 +1,10 @@
 //! The request path `forward` (plain HTTP, SSE) and `upgrade` (WebSocket)
 //! share, in two steps:
-//! - [`Prepared::new`]: route the request, and make the headers the backend
-//!   sees (hop-by-hop headers and berth's affinity cookie removed,
-//!   `X-Forwarded-*` added);
+//! - [`Prepared::admit`]: route the request, and make the headers the
+//!   backend sees (hop-by-hop headers and berth's affinity cookie removed,
+//!   `X-Forwarded-*` added) in [`Prepared::new`]; then, for a pool with
+//!   `[pools.NAME.auth]`, authenticate it (`crate::auth`) before any
+//!   backend is chosen, and set the headers auth passes on;
 //! - [`choose_and_connect`]: choose a backend (affinity first), run the
 //!   path's attempt on it, and when that could not connect, count it
 //!   against the backend (passive health) and try once more elsewhere;
@@ -20,7 +22,8 @@ use http::{HeaderMap, HeaderValue};
 use tokio::net::TcpStream;
 
 use super::headers::{add_forwarded, host_without_port, request_host, strip_hop_by_hop};
-use super::{ConnInfo, ProxyError};
+use super::{ConnInfo, ProxyContext, ProxyError};
+use crate::auth::{AuthRequest, Verified};
 use crate::balancer::{Backend, Choice, Pool, RequestFacts};
 use crate::metrics::Metrics;
 use crate::routing::Routing;
@@ -79,15 +82,72 @@ impl Prepared {
             path_and_query,
         })
     }
+
+    /// [`Prepared::new`], then the pool's authentication: a refused request
+    /// is an error before any backend is touched. Whatever the outcome, the
+    /// client's copies of the headers auth sets are gone and a query token
+    /// is out of `parts.uri` and the target; a request that passed carries
+    /// its [`Verified`] in `parts.extensions` (for affinity and the relay)
+    /// and the headers auth sets.
+    pub async fn admit(
+        ctx: &ProxyContext,
+        conn: &ConnInfo,
+        parts: &mut Parts,
+    ) -> Result<Prepared, ProxyError> {
+        let mut prepared = Prepared::new(&ctx.routing, conn, parts)?;
+        let Some(auth) = prepared.pool.auth.clone() else {
+            return Ok(prepared);
+        };
+        auth.strip_headers(&mut prepared.headers);
+        let sent_uri = match auth.strip_query(&prepared.path_and_query) {
+            Some(target) => {
+                let stripped = with_target(&parts.uri, &target)?;
+                prepared.path_and_query = target;
+                Some(std::mem::replace(&mut parts.uri, stripped))
+            }
+            None => None,
+        };
+        let req = AuthRequest {
+            method: &parts.method,
+            headers: &parts.headers,
+            uri: sent_uri.as_ref().unwrap_or(&parts.uri),
+            forwarded: &prepared.headers,
+            target: &prepared.path_and_query,
+        };
+        let verified = auth
+            .check(&req)
+            .await
+            .map_err(|rejection| ProxyError::Auth {
+                pool: prepared.pool.config.name.clone(),
+                rejection: Box::new(rejection),
+            })?;
+        for (name, value) in &verified.headers {
+            prepared.headers.append(name.clone(), value.clone());
+        }
+        parts.extensions.insert(verified);
+        Ok(prepared)
+    }
 }
 
-/// What the balancer may read of a request: as the client sent it.
+/// `uri` with its path and query replaced by `target`.
+fn with_target(uri: &http::Uri, target: &str) -> Result<http::Uri, ProxyError> {
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(target.parse().map_err(|_| ProxyError::BadTarget)?);
+    http::Uri::from_parts(parts).map_err(|_| ProxyError::BadTarget)
+}
+
+/// What the balancer may read of a request: as the client sent it, and
+/// the verified claim hash affinity may key on.
 pub fn facts<'a>(parts: &'a Parts, conn: &ConnInfo) -> RequestFacts<'a> {
     RequestFacts {
         headers: &parts.headers,
         uri: &parts.uri,
         peer: conn.peer.ip(),
         tls: conn.tls,
+        claim: parts
+            .extensions
+            .get::<Verified>()
+            .and_then(|v| v.affinity_key.as_deref()),
     }
 }
 

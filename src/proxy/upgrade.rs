@@ -1,9 +1,11 @@
 //! The WebSocket path: validate the client's handshake (RFC 6455 §4.2.1),
 //! forward it to a backend, check the backend's `101` and accept key
 //! (§4.1), answer the client, then run the relay in a tunnel task tracked
-//! by the lifecycle's tracker.
+//! by the lifecycle's tracker. Authentication runs in the shared request
+//! path (`Prepared::admit`); a token's expiry becomes the relay's deadline.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CONNECTION, UPGRADE};
@@ -20,10 +22,12 @@ use super::request::{
 };
 use super::tunnel::Tunnel;
 use super::{ConnInfo, ProxyContext, ProxyError};
+use crate::auth::Verified;
 use crate::balancer::{Backend, Choice, Pool};
 use crate::body::{empty, text_response, ProxyBody};
+use crate::ws::frame::close_code;
 use crate::ws::handshake::{accept_matches, validate, HandshakeError};
-use crate::ws::relay::RelayConfig;
+use crate::ws::relay::{Deadline, RelayConfig};
 
 /// The backend's side of a switched connection: the stream and the bytes
 /// hyper already read past the `101`.
@@ -42,11 +46,14 @@ pub async fn handle(
     // 2. Route, and the request the backend sees: end-to-end headers kept,
     //    the upgrade headers restated, X-Forwarded-* added.
     let client_upgrade = hyper::upgrade::on(&mut req);
-    let (parts, _body) = req.into_parts();
-    let prepared = match Prepared::new(&ctx.routing, conn, &parts) {
+    let (mut parts, _body) = req.into_parts();
+    let prepared = match Prepared::admit(ctx, conn, &mut parts).await {
         Ok(p) => p,
         Err(err) => {
-            count(ctx, "", "", err.upgrade_result());
+            if let Some(pool) = err.pool() {
+                tracing::info!(client = %conn.peer, pool, error = %err, "websocket upgrade refused");
+            }
+            count(ctx, err.pool().unwrap_or(""), "", err.upgrade_result());
             return err.response();
         }
     };
@@ -103,8 +110,18 @@ pub async fn handle(
     count(ctx, pool_name, &backend.id, "ok");
 
     // 5. The client gets the backend's 101; the relay starts once hyper
-    //    hands over the client's socket.
-    switch(ctx, conn, &pool, &choice, &resp, client_upgrade, backend_io)
+    //    hands over the client's socket, and ends when its token expires.
+    let expires = parts.extensions.get::<Verified>().and_then(|v| v.close_at);
+    switch(
+        ctx,
+        conn,
+        &pool,
+        &choice,
+        &resp,
+        client_upgrade,
+        backend_io,
+        expires,
+    )
 }
 
 /// The answer to a client handshake that is not valid.
@@ -192,7 +209,9 @@ async fn backend_handshake(
 }
 
 /// Answers the client with the backend's `101` (subprotocol, extensions and
-/// cookies included) and starts the tunnel that will relay.
+/// cookies included) and starts the tunnel that will relay (until
+/// `expires`, when its token's does: then Close 1008).
+#[allow(clippy::too_many_arguments)]
 fn switch(
     ctx: &Arc<ProxyContext>,
     conn: &Arc<ConnInfo>,
@@ -201,6 +220,7 @@ fn switch(
     resp: &Response<Incoming>,
     client_upgrade: OnUpgrade,
     (backend_stream, backend_prefix): BackendIo,
+    expires: Option<SystemTime>,
 ) -> Response<ProxyBody> {
     let mut client_resp = Response::new(empty());
     *client_resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -227,8 +247,22 @@ fn switch(
         backend_stream,
         backend_prefix,
         relay_config,
+        expires.map(token_expiry),
     ));
     client_resp
+}
+
+/// The relay deadline for a token that stops being valid at `at` (a time
+/// already past closes at once).
+fn token_expiry(at: SystemTime) -> Deadline {
+    let left = at
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    Deadline {
+        at: tokio::time::Instant::now() + left,
+        code: close_code::POLICY_VIOLATION,
+        reason: "token expired",
+    }
 }
 
 /// A handshake whose `Origin` is not listed is refused (cross-site
