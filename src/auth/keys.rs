@@ -47,14 +47,23 @@ impl Keys {
     }
 }
 
+/// When requests last caused a fetch, by cause: each is bounded on its own,
+/// so that a request that found no set at all (berth just started) does
+/// not hold back the fetch for a rotation that follows.
+#[derive(Default)]
+struct Asked {
+    unknown_kid: Option<Instant>,
+    no_keys: Option<Instant>,
+}
+
 /// A key set fetched from a `jwks_url`.
 pub(crate) struct KeyStore {
     pool: String,
     url: Uri,
     client: Option<ServiceClient>,
     keys: ArcSwapOption<KeySet>,
-    /// Held for the length of a fetch; when the last kid-triggered one was.
-    fetching: Mutex<Option<Instant>>,
+    /// Held for the length of a fetch.
+    fetching: Mutex<Asked>,
     fetched: IntCounter,
     failed: IntCounter,
 }
@@ -72,7 +81,7 @@ impl KeyStore {
             url,
             client,
             keys: ArcSwapOption::empty(),
-            fetching: Mutex::new(None),
+            fetching: Mutex::new(Asked::default()),
             fetched: counter("success"),
             failed: counter("failure"),
         }
@@ -92,15 +101,14 @@ impl KeyStore {
     /// ever fetched): fetch again, unless a fetch for this reason ran less
     /// than [`KID_REFETCH_MIN`] ago. Returns the set in force afterwards.
     pub(crate) async fn refresh_for_kid(&self, kid: Option<&str>) -> Option<Arc<KeySet>> {
-        let mut last = self.fetching.lock().await;
+        let mut asked = self.fetching.lock().await;
         // The fetch this request waited for may have brought the key.
         let current = self.keys.load_full();
-        if current
-            .as_ref()
-            .is_some_and(|set| kid.is_none_or(|kid| set.has_kid(kid)))
-        {
-            return current;
-        }
+        let last = match &current {
+            Some(set) if kid.is_none_or(|kid| set.has_kid(kid)) => return current,
+            Some(_) => &mut asked.unknown_kid,
+            None => &mut asked.no_keys,
+        };
         let now = Instant::now();
         if last.is_some_and(|at| now < at + KID_REFETCH_MIN) {
             return current;
