@@ -244,3 +244,21 @@ fn key_files_are_read_and_checked_at_load() {
     assert!(errors(&table("jwks_file", &dir_name))
         .contains("JWKS file must be a regular file, not a directory"));
 }
+
+#[test]
+fn the_example_config_shows_both_tables_and_check_fetches_nothing() {
+    // Loading it (as `berth check` does) needs no network: the jwks_url is
+    // fetched only by a running berth.
+    let config = super::shipped("berth.toml");
+    let pool = &config.pools["account"];
+    let jwt = pool.auth.jwt.as_ref().unwrap();
+    assert!(matches!(&jwt.keys, JwtKeys::Url(_)));
+    assert_eq!(jwt.token_from.len(), 3);
+    assert_eq!(jwt.claims_to_headers.len(), 2);
+    let forward = pool.auth.forward.as_ref().unwrap();
+    assert_eq!(forward.cache, Some(Duration::from_secs(30)));
+    let Affinity::Hash(hash) = &pool.affinity else {
+        panic!("hash affinity");
+    };
+    assert_eq!(hash.key, HashKey::Claim("sub".into()));
+}
