@@ -172,7 +172,13 @@ impl PoolAuth {
             return None;
         }
         let pool = config.name.as_str();
-        let client = client::service_client();
+        // Only a jwks_url and an auth service are called over the network.
+        let calls = auth.forward.is_some()
+            || auth
+                .jwt
+                .as_ref()
+                .is_some_and(|j| matches!(j.keys, JwtKeys::Url(_)));
+        let client = calls.then(client::service_client).flatten();
         let jwt = auth.jwt.as_ref().map(|jc| {
             let store = match &jc.keys {
                 JwtKeys::Url(url) => Some(
