@@ -371,3 +371,29 @@ async fn jwks_keys_verify_only_their_own_algorithm_and_kid() {
     };
     assert_eq!(Arc::strong_count(set), 1);
 }
+
+#[test]
+fn a_reload_with_the_same_jwks_url_keeps_the_key_store() {
+    let toml = |url: &str| {
+        format!(
+            "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\n\n[[routes]]\npool = \"p\"\n\n[pools.p]\n\n[pools.p.auth.jwt]\njwks_url = \"{url}\"\n\n[[pools.p.backends]]\nid = \"b\"\naddress = \"127.0.0.1:1\"\n"
+        )
+    };
+    let pool = |url: &str| {
+        crate::config::Config::from_toml_str(&toml(url), "t")
+            .unwrap()
+            .pools["p"]
+            .clone()
+    };
+    let metrics = crate::metrics::Metrics::new().unwrap();
+    let first = super::PoolAuth::new(&pool("https://a/jwks"), &metrics, None).unwrap();
+    let same = super::PoolAuth::new(&pool("https://a/jwks"), &metrics, Some(&first)).unwrap();
+    let other = super::PoolAuth::new(&pool("https://b/jwks"), &metrics, Some(&first)).unwrap();
+    let store = |a: &super::PoolAuth| a.key_store().unwrap();
+    assert!(Arc::ptr_eq(&store(&first), &store(&same)));
+    assert!(!Arc::ptr_eq(&store(&first), &store(&other)));
+    // A pool without auth has none.
+    let mut plain = pool("https://a/jwks");
+    plain.auth = Default::default();
+    assert!(super::PoolAuth::new(&plain, &metrics, Some(&first)).is_none());
+}

@@ -39,7 +39,7 @@ pub async fn handle(
     let (mut parts, body) = req.into_parts();
     let prepared = match Prepared::admit(ctx, conn, &mut parts).await {
         Ok(p) => p,
-        Err(err) if err.pool().is_some() => return refused(ctx, &access, &err),
+        Err(err @ ProxyError::Auth { .. }) => return refused(ctx, &access, &err),
         Err(err) => {
             tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %access.method, path = %access.path, status = 404u16, "no route");
             return err.response();
