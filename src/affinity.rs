@@ -298,6 +298,9 @@ pub fn hash_key_value(
         }
         HashKey::Cookie(name) => find_cookie(headers, name)?.to_string(),
         HashKey::Query(name) => query_param(uri.query()?, name)?,
+        // A verified claim is not in the request as sent: the balancer
+        // takes it from the authentication result.
+        HashKey::Claim(_) => return None,
     };
     (!value.is_empty()).then_some(value)
 }
@@ -305,7 +308,7 @@ pub fn hash_key_value(
 /// The first value of parameter `name` in `query`, both sides decoded as
 /// `application/x-www-form-urlencoded` (`+` is a space, `%XX` a byte; a
 /// malformed escape is kept literally, bytes that are not UTF-8 become U+FFFD).
-fn query_param(query: &str, name: &str) -> Option<String> {
+pub fn query_param(query: &str, name: &str) -> Option<String> {
     query
         .split('&')
         .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
@@ -313,7 +316,8 @@ fn query_param(query: &str, name: &str) -> Option<String> {
         .map(|(_, value)| form_decode(value).into_owned())
 }
 
-fn form_decode(text: &str) -> Cow<'_, str> {
+/// `text` decoded as `application/x-www-form-urlencoded` (see [`query_param`]).
+pub fn form_decode(text: &str) -> Cow<'_, str> {
     if !text.bytes().any(|b| b == b'%' || b == b'+') {
         return Cow::Borrowed(text);
     }

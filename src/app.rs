@@ -165,6 +165,9 @@ impl App {
         let metrics = &listeners.proxy.metrics;
         for pool in routing.load().pools.values() {
             crate::balancer::health::start(pool, metrics, &lifecycle.shutdown);
+            if let Some(auth) = &pool.auth {
+                crate::auth::start(auth, &pool.stop, &lifecycle.shutdown);
+            }
         }
         let admin_task = admin.map(|(listener, addr, ctx)| {
             tracing::info!(%addr, "admin API listening");

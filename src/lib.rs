@@ -13,6 +13,7 @@
 //! - 2 `listener`: accept loop and per-connection TLS + HTTP/1.1 serving.
 //! - 3 `proxy`: the request service: one request path for plain HTTP
 //!   forwarding and WebSocket upgrades, and the tunnel task.
+//! - 4 `auth`: JWT and forward-auth checks of each request, JWKS refresh.
 //! - 4 `balancer`: pools, backends, backend choice, health checks, the upgrade
 //!   rate limit, affinity at run time.
 //! - 4 `affinity`: pure sticky-routing functions (signed cookies, rendezvous hashing).
@@ -31,6 +32,7 @@
 pub mod admin;
 pub mod affinity;
 pub mod app;
+pub mod auth;
 pub mod balancer;
 pub mod body;
 pub mod config;

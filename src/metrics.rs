@@ -100,6 +100,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: Gauge,
     pub build_info: IntGauge,
+    pub auth: IntCounterVec,
+    pub auth_jwks_refresh: IntCounterVec,
 }
 
 fn counter(
@@ -304,6 +306,18 @@ impl Metrics {
                 g.set(1);
                 g
             },
+            auth: counter(
+                &r,
+                "berth_auth_total",
+                "Authentication decisions by method (jwt, forward) and result.",
+                &["pool", "method", "result"],
+            )?,
+            auth_jwks_refresh: counter(
+                &r,
+                "berth_auth_jwks_refresh_total",
+                "JWKS fetches by result; a failed one keeps the last good key set.",
+                &["pool", "result"],
+            )?,
             registry: r,
         };
         #[cfg(target_os = "linux")]

@@ -169,8 +169,9 @@ impl ReloadContext {
     }
 
     /// Builds the new routing table (keeping the backends that stay), puts
-    /// it in force, moves the health checks over, and drains the backends
-    /// that went away. Returns (added, removed) as `pool/id`.
+    /// it in force, moves the health checks and JWKS refreshers over, and
+    /// drains the backends that went away. Returns (added, removed) as
+    /// `pool/id`.
     fn apply_pools(&self, config: Config) -> (Vec<String>, Vec<String>) {
         let old = self.routing.load_full();
         let runtime = Arc::new(Runtime::new(Arc::new(config), &self.metrics, Some(&old)));
@@ -181,6 +182,9 @@ impl ReloadContext {
         }
         for pool in runtime.pools.values() {
             crate::balancer::health::start(pool, &self.metrics, &self.lifecycle.shutdown);
+            if let Some(auth) = &pool.auth {
+                crate::auth::start(auth, &pool.stop, &self.lifecycle.shutdown);
+            }
         }
         let mut removed = Vec::new();
         for gone in diff.removed {

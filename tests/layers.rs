@@ -13,7 +13,7 @@ use std::path::Path;
 /// The architecture in one line: layers from the top, `>` between layers.
 /// A module may refer to modules in its own layer (one way) or below.
 const LAYERS: &str = "main demo > app > admin reload drain listener > proxy \
-                      > balancer affinity ws routing lifecycle \
+                      > balancer auth affinity ws routing lifecycle \
                       > config metrics body io tls tls_stream";
 
 /// Upward references that another branch removes, with the reason. Each

@@ -20,6 +20,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::auth::PoolAuth;
 use crate::body::ProxyBody;
 use crate::config::{Balance, PoolConfig};
 use crate::metrics::Metrics;
@@ -60,6 +61,8 @@ pub struct Pool {
     cursor: AtomicUsize,
     /// Cancelled when a reload replaces this pool (stops its health checks).
     pub stop: tokio_util::sync::CancellationToken,
+    /// Who may reach the pool (`[pools.NAME.auth]`), when anyone may not.
+    pub auth: Option<Arc<PoolAuth>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -101,6 +104,7 @@ impl Pool {
                 .filter(|old| old.rate() == rate)
                 .map_or_else(|| Arc::new(UpgradeBucket::new(rate)), Arc::clone)
         });
+        let auth = PoolAuth::new(&config, metrics, previous.and_then(|p| p.auth.as_deref()));
         Pool {
             sticky: Sticky::from_config(&config.affinity),
             http,
@@ -110,6 +114,7 @@ impl Pool {
             backends,
             cursor: AtomicUsize::new(0),
             stop: tokio_util::sync::CancellationToken::new(),
+            auth,
         }
     }
 
@@ -246,6 +251,7 @@ mod tests {
                     max_connections: None,
                 })
                 .collect(),
+            auth: crate::config::AuthConfig::default(),
         };
         Pool::new(config, &metrics, None)
     }

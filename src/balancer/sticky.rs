@@ -77,6 +77,8 @@ pub struct RequestFacts<'a> {
     pub peer: IpAddr,
     /// The request came over TLS (cookies get `Secure`).
     pub tls: bool,
+    /// The verified claim `claim:NAME` hash affinity keys on, if any.
+    pub claim: Option<&'a str>,
 }
 
 /// The backend chosen for a request.
@@ -134,9 +136,11 @@ impl Pool {
                 bounded_load,
                 trusted_proxies,
             } => {
-                let Some(value) =
-                    hash_key_value(key, req.headers, req.uri, req.peer, trusted_proxies)
-                else {
+                let value = match key {
+                    HashKey::Claim(_) => req.claim.map(str::to_string),
+                    _ => hash_key_value(key, req.headers, req.uri, req.peer, trusted_proxies),
+                };
+                let Some(value) = value else {
                     return self.pick(&excluded).map(|backend| Choice {
                         backend,
                         set_cookie: None,

@@ -88,6 +88,38 @@ pub struct FilePool {
     pub hash: Option<FileHash>,
     pub health: Option<FileHealth>,
     pub backends: Vec<FileBackend>,
+    pub auth: Option<FileAuth>,
+}
+
+/// `[pools.NAME.auth]`.
+#[derive(Clone, Debug, Default)]
+pub struct FileAuth {
+    pub jwt: Option<FileJwt>,
+    pub forward: Option<FileForward>,
+}
+
+/// `[pools.NAME.auth.jwt]`.
+#[derive(Clone, Debug, Default)]
+pub struct FileJwt {
+    pub jwks_url: Option<String>,
+    pub jwks_file: Option<String>,
+    pub secret_file: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub token_from: Option<Vec<String>>,
+    pub refresh: Option<String>,
+    pub leeway: Option<String>,
+    pub on_expiry: Option<String>,
+    pub claims_to_headers: Option<BTreeMap<String, String>>,
+}
+
+/// `[pools.NAME.auth.forward]`.
+#[derive(Clone, Debug, Default)]
+pub struct FileForward {
+    pub url: Option<String>,
+    pub timeout: Option<String>,
+    pub copy_headers: Option<Vec<String>>,
+    pub cache: Option<String>,
 }
 
 /// A size as written: an integer number of bytes, or a string with a unit
@@ -190,6 +222,7 @@ const POOL_KEYS: &[&str] = &[
     "hash",
     "health",
     "backends",
+    "auth",
 ];
 const COOKIE_KEYS: &[&str] = &[
     "name",
@@ -203,6 +236,20 @@ const COOKIE_KEYS: &[&str] = &[
 const HASH_KEYS: &[&str] = &["key", "bounded_load", "trusted_proxies"];
 const HEALTH_KEYS: &[&str] = &["path", "interval", "timeout", "rise", "fall"];
 const BACKEND_KEYS: &[&str] = &["id", "address", "weight", "max_connections"];
+const AUTH_KEYS: &[&str] = &["jwt", "forward"];
+const JWT_KEYS: &[&str] = &[
+    "jwks_url",
+    "jwks_file",
+    "secret_file",
+    "issuer",
+    "audience",
+    "token_from",
+    "refresh",
+    "leeway",
+    "on_expiry",
+    "claims_to_headers",
+];
+const FORWARD_KEYS: &[&str] = &["url", "timeout", "copy_headers", "cache"];
 
 /// Reads a parsed document into [`FileConfig`], reporting every unknown key
 /// and every value of the wrong type.
@@ -296,6 +343,32 @@ fn pool(t: &Fields<'_>, report: &mut Report<'_>) -> FilePool {
                 max_connections: b.get(report, "max_connections"),
             })
             .collect(),
+        auth: t.table(report, "auth", AUTH_KEYS).map(|a| auth(&a, report)),
+    }
+}
+
+fn auth(t: &Fields<'_>, report: &mut Report<'_>) -> FileAuth {
+    FileAuth {
+        jwt: t.table(report, "jwt", JWT_KEYS).map(|j| FileJwt {
+            jwks_url: j.get(report, "jwks_url"),
+            jwks_file: j.get(report, "jwks_file"),
+            secret_file: j.get(report, "secret_file"),
+            issuer: j.get(report, "issuer"),
+            audience: j.get(report, "audience"),
+            token_from: j.get(report, "token_from"),
+            refresh: j.get(report, "refresh"),
+            leeway: j.get(report, "leeway"),
+            on_expiry: j.get(report, "on_expiry"),
+            claims_to_headers: j.get(report, "claims_to_headers"),
+        }),
+        forward: t
+            .table(report, "forward", FORWARD_KEYS)
+            .map(|f| FileForward {
+                url: f.get(report, "url"),
+                timeout: f.get(report, "timeout"),
+                copy_headers: f.get(report, "copy_headers"),
+                cache: f.get(report, "cache"),
+            }),
     }
 }
 

@@ -19,6 +19,7 @@
 //! is synchronous; [`Config::load_async`] runs it off the async runtime.
 
 mod file;
+mod jwks;
 mod locate;
 mod read;
 mod report;
@@ -32,6 +33,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use file::{FileConfig, FileSize};
+pub use jwks::{KeySet, VerifyKey};
+pub use read::JWKS_LIMIT;
 
 /// Where the running proxy's configuration came from and what it says.
 #[derive(Clone, Debug)]
@@ -114,6 +117,89 @@ pub struct PoolConfig {
     /// Active health checks; `None` means passive checks only.
     pub health: Option<HealthConfig>,
     pub backends: Vec<BackendConfig>,
+    /// Who may reach the pool (`[pools.NAME.auth]`); by default, anyone.
+    pub auth: AuthConfig,
+}
+
+/// `[pools.NAME.auth]`: a pool has JWT, forward-auth, both (JWT first) or
+/// neither.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AuthConfig {
+    pub jwt: Option<JwtConfig>,
+    pub forward: Option<ForwardAuthConfig>,
+}
+
+/// `[pools.NAME.auth.jwt]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JwtConfig {
+    pub keys: JwtKeys,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Required `aud`, when set.
+    pub audience: Option<String>,
+    /// Where the token is looked for, in order; never empty.
+    pub token_from: Vec<TokenSource>,
+    /// How often a `jwks_url` is fetched again.
+    pub refresh: Duration,
+    /// Clock skew allowed on `exp` and `nbf` (whole seconds count).
+    pub leeway: Duration,
+    pub on_expiry: OnExpiry,
+    /// Header set on the forwarded request, and the claim it carries; in
+    /// header-name order, names unique.
+    pub claims_to_headers: Vec<(http::HeaderName, String)>,
+}
+
+/// Where a pool's JWT verification keys come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JwtKeys {
+    /// `jwks_url`: fetched at run time (never by `check`).
+    Url(http::Uri),
+    /// `jwks_file`: read and parsed when the config is loaded.
+    File { path: PathBuf, keys: KeySet },
+    /// `secret_file`: an HS256 secret, read when the config is loaded.
+    Secret { path: PathBuf, keys: KeySet },
+}
+
+/// One entry of `token_from`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `header:NAME`; a `Bearer ` scheme is taken off the value.
+    Header(http::HeaderName),
+    /// `cookie:NAME`.
+    Cookie(String),
+    /// `query:NAME`: removed from the URI before it is forwarded or logged.
+    Query(String),
+}
+
+impl std::fmt::Display for TokenSource {
+    /// As written in the config.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenSource::Header(name) => write!(f, "header:{name}"),
+            TokenSource::Cookie(name) => write!(f, "cookie:{name}"),
+            TokenSource::Query(name) => write!(f, "query:{name}"),
+        }
+    }
+}
+
+/// `on_expiry`: what happens to a live WebSocket when its token expires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnExpiry {
+    /// Close 1008 to both sides.
+    Close,
+    Ignore,
+}
+
+/// `[pools.NAME.auth.forward]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ForwardAuthConfig {
+    /// `http://` or `https://`, absolute.
+    pub url: http::Uri,
+    pub timeout: Duration,
+    /// Headers copied from the auth service's 2xx answer onto the request.
+    pub copy_headers: Vec<http::HeaderName>,
+    /// How long an allowing answer is reused; `None`: never.
+    pub cache: Option<Duration>,
 }
 
 /// A pool's limits against overload and hostile or stuck clients.
@@ -239,6 +325,9 @@ pub enum HashKey {
     Cookie(String),
     /// `query:NAME`: a query-string parameter (form-decoded).
     Query(String),
+    /// `claim:NAME`: a claim of the request's verified JWT (pools with
+    /// `[pools.NAME.auth.jwt]` only).
+    Claim(String),
 }
 
 impl std::fmt::Display for HashKey {
@@ -249,6 +338,7 @@ impl std::fmt::Display for HashKey {
             HashKey::Header(name) => write!(f, "header:{name}"),
             HashKey::Cookie(name) => write!(f, "cookie:{name}"),
             HashKey::Query(name) => write!(f, "query:{name}"),
+            HashKey::Claim(name) => write!(f, "claim:{name}"),
         }
     }
 }

@@ -21,8 +21,10 @@ use std::path::{Path, PathBuf};
 pub(super) const CONFIG_FILE_LIMIT: u64 = 1024 * 1024;
 /// The largest PEM certificate chain or private key berth reads.
 pub(super) const PEM_LIMIT: u64 = 1024 * 1024;
-/// The largest cookie `secret_file` berth reads.
+/// The largest cookie or JWT `secret_file` berth reads.
 pub(super) const SECRET_LIMIT: u64 = 64 * 1024;
+/// The largest JWKS document berth reads (a `jwks_file`, or a fetched set).
+pub const JWKS_LIMIT: u64 = 1024 * 1024;
 
 /// Why a file named by the config could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::{Balance, HashKey, SameSite};
+use super::{Balance, HashKey, OnExpiry, SameSite, TokenSource};
 
 // ---------------------------------------------------------------------------
 // Ranges
@@ -81,8 +81,15 @@ pub(super) const HEALTH_TIMEOUT: DurationKey = required(secs(2), ms(100), secs(5
 /// Retry-After on berth's 503s is drawn from 1 s to this (whole seconds).
 pub(super) const RETRY_AFTER_MAX: DurationKey = required(secs(5), secs(1), secs(HOUR));
 pub(super) const SEND_TIMEOUT: DurationKey = optional(ms(100), secs(HOUR));
+// Authentication. The refresh minimum keeps berth from hammering an
+// identity provider; leeway is clock skew, which minutes already cover.
+pub(super) const JWT_REFRESH: DurationKey = required(secs(10 * MINUTE), secs(1), secs(DAY));
+pub(super) const JWT_LEEWAY: DurationKey = required(secs(30), Duration::ZERO, secs(10 * MINUTE));
+pub(super) const FORWARD_TIMEOUT: DurationKey = required(secs(2), ms(100), secs(MINUTE));
+pub(super) const FORWARD_CACHE: DurationKey = optional(secs(1), secs(HOUR));
 
-/// Every duration key by name (names are unique across tables).
+/// Every duration key by name: unique across tables, or qualified by the
+/// last part of its table's name (`health.timeout`, `forward.timeout`).
 #[cfg(test)]
 pub(super) const DURATIONS: &[(&str, DurationKey)] = &[
     ("shutdown_window", SHUTDOWN_WINDOW),
@@ -96,9 +103,13 @@ pub(super) const DURATIONS: &[(&str, DurationKey)] = &[
     ("drain_window", DRAIN_WINDOW),
     ("max_age", COOKIE_MAX_AGE),
     ("interval", HEALTH_INTERVAL),
-    ("timeout", HEALTH_TIMEOUT),
+    ("health.timeout", HEALTH_TIMEOUT),
     ("retry_after_max", RETRY_AFTER_MAX),
     ("send_timeout", SEND_TIMEOUT),
+    ("refresh", JWT_REFRESH),
+    ("leeway", JWT_LEEWAY),
+    ("forward.timeout", FORWARD_TIMEOUT),
+    ("cache", FORWARD_CACHE),
 ];
 
 /// An integer key: its inclusive range.
@@ -426,12 +437,13 @@ pub(super) fn balance(raw: &str) -> Result<Balance, String> {
     }
 }
 
-/// A hash-affinity key: `client_ip`, `header:NAME`, `cookie:NAME` or
-/// `query:NAME`.
+/// A hash-affinity key: `client_ip`, `header:NAME`, `cookie:NAME`,
+/// `query:NAME` or `claim:NAME` (whether the pool has JWT auth for a claim
+/// is a cross-key rule, checked in `validate.rs`).
 pub(super) fn hash_key(raw: &str) -> Result<HashKey, String> {
     let err = |reason: &str| {
         format!(
-            "invalid hash key {raw:?}: {reason} (use \"client_ip\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\")"
+            "invalid hash key {raw:?}: {reason} (use \"client_ip\", \"header:NAME\", \"cookie:NAME\", \"query:NAME\" or \"claim:NAME\")"
         )
     };
     if raw == "client_ip" {
@@ -449,6 +461,7 @@ pub(super) fn hash_key(raw: &str) -> Result<HashKey, String> {
             .map_err(|_| err("not a valid header name")),
         "cookie" => Ok(HashKey::Cookie(name.to_string())),
         "query" => Ok(HashKey::Query(name.to_string())),
+        "claim" => Ok(HashKey::Claim(name.to_string())),
         _ => Err(err("unknown key kind")),
     }
 }
@@ -532,6 +545,112 @@ pub(super) fn cookie_secret(secret: Vec<u8>) -> Result<Vec<u8>, String> {
     } else {
         Err(format!(
             "cookie secret is {} bytes; use at least {MIN_SECRET_BYTES} random bytes (e.g. openssl rand -base64 32)",
+            secret.len()
+        ))
+    }
+}
+
+/// A URL berth calls (`jwks_url`, a forward-auth `url`): absolute,
+/// `http://` or `https://`, with a host.
+pub(super) fn service_url(raw: &str) -> Result<http::Uri, String> {
+    let bad = |why: &str| {
+        format!("invalid URL {raw:?}: {why} (expected e.g. \"https://idp.example.com/.well-known/jwks.json\")")
+    };
+    let uri: http::Uri = raw.parse().map_err(|_| bad("not a URL"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err(bad("the scheme must be http or https")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    Ok(uri)
+}
+
+/// One `token_from` entry: `header:NAME`, `cookie:NAME` or `query:NAME`.
+pub(super) fn token_source(raw: &str) -> Result<TokenSource, String> {
+    let err = |reason: &str| {
+        format!(
+            "invalid token source {raw:?}: {reason} (use \"header:NAME\", \"cookie:NAME\" or \"query:NAME\")"
+        )
+    };
+    let Some((kind, name)) = raw.split_once(':') else {
+        return Err(err("unknown source"));
+    };
+    if name.is_empty() {
+        return Err(err("the name after ':' is empty"));
+    }
+    match kind {
+        "header" => http::HeaderName::from_bytes(name.as_bytes())
+            .map(TokenSource::Header)
+            .map_err(|_| err("not a valid header name")),
+        "cookie" => cookie_name(name)
+            .map(|()| TokenSource::Cookie(name.to_string()))
+            .map_err(|_| err("not a valid cookie name")),
+        "query" => Ok(TokenSource::Query(name.to_string())),
+        _ => Err(err("unknown source kind")),
+    }
+}
+
+pub(super) fn on_expiry(raw: &str) -> Result<OnExpiry, String> {
+    match raw {
+        "close" => Ok(OnExpiry::Close),
+        "ignore" => Ok(OnExpiry::Ignore),
+        other => Err(format!(
+            "on_expiry must be \"close\" or \"ignore\", got {other:?}"
+        )),
+    }
+}
+
+/// Headers the protocol or berth itself owns: never set from a claim or
+/// copied from an auth service.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "keep-alive",
+    "te",
+    "trailer",
+    "proxy-authorization",
+    "cookie",
+    "authorization",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+];
+
+/// A header berth sets on the forwarded request (`claims_to_headers`,
+/// `copy_headers`): a valid name that berth or the protocol does not own.
+pub(super) fn auth_header(raw: &str) -> Result<http::HeaderName, String> {
+    let name = http::HeaderName::from_bytes(raw.as_bytes())
+        .map_err(|_| format!("invalid header name {raw:?}"))?;
+    if RESERVED_HEADERS.contains(&name.as_str()) || name.as_str().starts_with("sec-websocket-") {
+        return Err(format!(
+            "header {raw:?} cannot be set by authentication (berth or the protocol owns it)"
+        ));
+    }
+    Ok(name)
+}
+
+/// A claim name (`claims_to_headers` values): not empty.
+pub(super) fn claim_name(raw: &str) -> Result<(), String> {
+    if raw.trim().is_empty() {
+        Err("claim name must not be empty".to_string())
+    } else {
+        Ok(())
+    }
+}
+
+/// An HS256 secret: at least 32 bytes (RFC 7518 §3.2: a key the size of the
+/// hash output).
+pub(super) fn jwt_secret(secret: &[u8]) -> Result<(), String> {
+    if secret.len() >= MIN_SECRET_BYTES {
+        Ok(())
+    } else {
+        Err(format!(
+            "HS256 secret is {} bytes; use at least {MIN_SECRET_BYTES} random bytes (e.g. openssl rand -base64 32)",
             secret.len()
         ))
     }

@@ -143,6 +143,7 @@ fn defaults_apply_to_a_minimal_config() {
                 weight: 1,
                 max_connections: None,
             }],
+            auth: AuthConfig::default(),
         }
     );
 }
@@ -551,7 +552,9 @@ fn tls_files_are_loaded_and_checked() {
 
 /// `BASE` with duration key `key` set to `value` in the table it belongs to.
 fn with_duration(key: &str, value: &str) -> String {
-    let line = format!("{key} = {value:?}");
+    // A key qualified by its table (`health.timeout`) is written bare.
+    let bare = key.split_once('.').map_or(key, |(_, bare)| bare);
+    let line = format!("{bare} = {value:?}");
     match key {
         "shutdown_window" => format!("{line}\n{BASE}"),
         "handshake_timeout" => BASE.replace(
@@ -565,9 +568,17 @@ fn with_duration(key: &str, value: &str) -> String {
                 "s".repeat(32)
             ),
         ),
-        "interval" | "timeout" => BASE.replace(
+        "interval" | "health.timeout" => BASE.replace(
             "[pools.chat]",
             &format!("[pools.chat]\n\n[pools.chat.health]\n{line}"),
+        ),
+        "refresh" | "leeway" => BASE.replace(
+            "[pools.chat]",
+            &format!("[pools.chat]\n\n[pools.chat.auth.jwt]\njwks_url = \"https://idp.example.com/jwks.json\"\n{line}"),
+        ),
+        "forward.timeout" | "cache" => BASE.replace(
+            "[pools.chat]",
+            &format!("[pools.chat]\n\n[pools.chat.auth.forward]\nurl = \"http://127.0.0.1:9000/verify\"\n{line}"),
         ),
         _ => BASE.replace("[pools.chat]", &format!("[pools.chat]\n{line}")),
     }
@@ -733,9 +744,25 @@ fn readme_documents_every_range() {
         .nth(1)
         .and_then(|rest| rest.split("\n## ").next())
         .expect("README has a Configuration section");
+    // A key qualified by its table (`health.timeout`) is looked up in the
+    // table's own subsection (`### [pools.NAME.health]`).
     let row = |key: &str| {
-        let start = format!("| `{key}` |");
-        let rows: Vec<&str> = section.lines().filter(|l| l.starts_with(&start)).collect();
+        let (scope, bare) = match key.split_once('.') {
+            Some((table, bare)) => {
+                let heading = section
+                    .split("\n### ")
+                    .find(|s| {
+                        s.lines()
+                            .next()
+                            .is_some_and(|h| h.contains(&format!(".{table}]")))
+                    })
+                    .unwrap_or_else(|| panic!("README has no subsection for [pools.NAME.{table}]"));
+                (heading, bare)
+            }
+            None => (section, key),
+        };
+        let start = format!("| `{bare}` |");
+        let rows: Vec<&str> = scope.lines().filter(|l| l.starts_with(&start)).collect();
         assert_eq!(rows.len(), 1, "README rows for {key}: {rows:?}");
         rows[0]
     };
@@ -846,7 +873,7 @@ weight = "heavy"
              `ping_interval`, `pong_timeout`, `close_timeout`, `drain_window`, \
              `allowed_origins`, `affinity`, `max_message_size`, `max_upgrades_per_second`, \
              `upgrade_burst`, `retry_after_max`, `send_timeout`, `cookie`, `hash`, `health`, \
-             `backends`",
+             `backends`, `auth`",
             "berth.toml:15: pools.chat.idle_timeout: duration must be \"0s\" (off) or between \
              100ms and 7d, got \"1ns\"",
             "berth.toml:18: pools.chat.backends[0].id: invalid backend id \"chat 1\" (use only \
@@ -1348,3 +1375,5 @@ fn pool_limits_outside_their_range_are_rejected() {
          and 1h, got \"1ns\""
     );
 }
+
+mod auth;

@@ -30,6 +30,7 @@ use super::{
 };
 use crate::tls::TlsError;
 
+mod auth;
 mod limits;
 
 /// Parses and validates config text; relative paths in it are resolved
@@ -484,6 +485,9 @@ impl Checker<'_, '_> {
             }
         }
 
+        let affinity = self.affinity(name, raw);
+        let auth = self.auth(name, raw.auth.as_ref());
+        self.check_claim_affinity(name, &affinity, &auth);
         PoolConfig {
             name: name.to_string(),
             balance,
@@ -495,10 +499,11 @@ impl Checker<'_, '_> {
             close_timeout,
             drain_window,
             allowed_origins: self.origins(name, raw.allowed_origins.as_deref()),
-            affinity: self.affinity(name, raw),
+            affinity,
             limits: self.pool_limits(name, raw),
             health: self.health(name, raw.health.as_ref()),
             backends,
+            auth,
         }
     }
 

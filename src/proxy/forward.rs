@@ -55,8 +55,11 @@ pub async fn handle(
         started: Instant::now(),
         request_id,
     };
-    let (parts, body) = req.into_parts();
-    let mut prepared = match Prepared::new(&ctx.routing, conn, &parts) {
+    // The shared path's order: normalize and route, then authenticate
+    // (before any backend is chosen; plain HTTP has no rate limit), then
+    // choose and connect.
+    let (mut parts, body) = req.into_parts();
+    let prepared = match Prepared::new(&ctx.routing, conn, &parts) {
         Ok(p) => p,
         Err(err) => {
             let status = err.status();
@@ -67,8 +70,12 @@ pub async fn handle(
             return err.response(DEFAULT_RETRY_AFTER_MAX);
         }
     };
-    prepared.headers.insert(X_REQUEST_ID, request_id.clone());
     let pool = Arc::clone(&prepared.pool);
+    let mut prepared = match prepared.authenticate(&mut parts).await {
+        Ok(p) => p,
+        Err(err) => return refused(ctx, &access, &pool, &err),
+    };
+    prepared.headers.insert(X_REQUEST_ID, request_id.clone());
     // A request without a body can be sent again if the first backend
     // could not be reached at all.
     let attempts = if body.is_end_stream() { 2 } else { 1 };
@@ -185,6 +192,29 @@ fn respond(
     } = access;
     tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %method, path = %path, status, pool, backend = %backend, duration_ms = elapsed.as_secs_f64() * 1000.0, request_id = access.request_id(), "request");
     Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// A request authentication refused: counted and logged (not a failure of
+/// berth's or a backend's, so at info). berth's own 503 carries the pool's
+/// `Retry-After`.
+fn refused(
+    ctx: &ProxyContext,
+    access: &Access<'_>,
+    pool: &crate::balancer::Pool,
+    err: &ProxyError,
+) -> Response<ProxyBody> {
+    let resp = err.response(pool.config.limits.retry_after_max);
+    let pool = pool.config.name.as_str();
+    let status = resp.status().as_u16();
+    ctx.metrics
+        .http_requests
+        .with_label_values(&[pool, "", status_class(status)])
+        .inc();
+    let Access {
+        conn, method, path, ..
+    } = access;
+    tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %method, path = %path, status, pool, request_id = access.request_id(), error = %err, "request refused");
+    resp
 }
 
 /// berth's own error response: counted and logged. The log line has the

@@ -117,6 +117,12 @@ pub enum ProxyError {
     /// stream berth opened.
     #[error("berth could not take over the connection to backend {0}")]
     Handover(String),
+    /// The pool's authentication refused the request (its own answer).
+    #[error("{rejection}")]
+    Auth {
+        pool: String,
+        rejection: Box<crate::auth::Rejection>,
+    },
 }
 
 impl ProxyError {
@@ -135,6 +141,7 @@ impl ProxyError {
             | ProxyError::BadAccept(_)
             | ProxyError::Backend { .. }
             | ProxyError::BackendClient { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Auth { rejection, .. } => rejection.status,
         }
     }
 
@@ -155,6 +162,15 @@ impl ProxyError {
             ProxyError::Backend { .. } | ProxyError::BackendClient { .. } => {
                 "backend_connect_error"
             }
+            ProxyError::Auth { .. } => "auth_rejected",
+        }
+    }
+
+    /// The pool of a request refused before any backend was chosen.
+    pub fn pool(&self) -> Option<&str> {
+        match self {
+            ProxyError::Auth { pool, .. } => Some(pool),
+            _ => None,
         }
     }
 
@@ -168,7 +184,8 @@ impl ProxyError {
             | ProxyError::NoBackend(_)
             | ProxyError::RateLimited(_)
             | ProxyError::LocalResource { .. }
-            | ProxyError::ClientBody { .. } => None,
+            | ProxyError::ClientBody { .. }
+            | ProxyError::Auth { .. } => None,
             ProxyError::Connect { backend, .. }
             | ProxyError::Backend { backend, .. }
             | ProxyError::BackendClient { backend, .. } => Some(backend),
@@ -179,7 +196,8 @@ impl ProxyError {
     }
 
     /// What the client is told: what happened, in generic words. The
-    /// details (which backend, which OS error) are for the log only.
+    /// details (which backend, which OS error) are for the log only. An
+    /// authentication refusal has its own answer ([`ProxyError::response`]).
     pub fn public_message(&self) -> &'static str {
         match self {
             ProxyError::NoRoute => "no route matches this host and path",
@@ -194,12 +212,25 @@ impl ProxyError {
             ProxyError::Backend { .. } | ProxyError::BackendClient { .. } => "backend failed",
             ProxyError::ClientBody { .. } => "malformed request body",
             ProxyError::Handover(_) => "internal error",
+            ProxyError::Auth { .. } => "authentication refused the request",
         }
     }
 
-    /// The response the client gets; a `503` carries a `Retry-After`
-    /// drawn from 1 s to `retry_after_max`.
+    /// The response the client gets; every `503` of berth's own carries a
+    /// `Retry-After` drawn from 1 s to `retry_after_max`. An authentication
+    /// refusal is berth's generic 401/503 or the auth service's answer as
+    /// it was (a 503 of the service's own is passed on unchanged, as a
+    /// backend's is).
     pub fn response(&self, retry_after_max: Duration) -> Response<ProxyBody> {
+        if let ProxyError::Auth { rejection, .. } = self {
+            let mut resp = rejection.response();
+            headers::strip_hop_by_hop(resp.headers_mut());
+            if rejection.own && rejection.status == StatusCode::SERVICE_UNAVAILABLE {
+                resp.headers_mut()
+                    .insert(http::header::RETRY_AFTER, retry_after(retry_after_max));
+            }
+            return resp;
+        }
         let mut resp = text_response(self.status(), &format!("{}\n", self.public_message()));
         if self.status() == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()

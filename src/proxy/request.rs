@@ -3,7 +3,10 @@
 //! - [`Prepared::new`]: normalize the host and target (`target`), route on
 //!   them, and make the request the backend sees: the same normalized
 //!   target and host, hop-by-hop headers and berth's affinity cookie
-//!   removed, `X-Forwarded-*` added;
+//!   removed, `X-Forwarded-*` added; then [`Prepared::authenticate`]: for
+//!   a pool with `[pools.NAME.auth]`, authenticate it (`crate::auth`)
+//!   before any backend is chosen, and set the headers auth passes on
+//!   (the callers run it right after routing, before any rate limit);
 //! - [`choose_and_connect`]: choose a backend (affinity first), run the
 //!   path's attempt on it, and when that could not connect, count it
 //!   against the backend (passive health) and try once more elsewhere;
@@ -26,6 +29,7 @@ use tokio::net::TcpStream;
 
 use super::headers::{add_forwarded, strip_hop_by_hop};
 use super::{target, ConnInfo, ProxyError};
+use crate::auth::{AuthRequest, Verified};
 use crate::balancer::{Backend, Choice, Pool, RequestFacts};
 use crate::metrics::Metrics;
 use crate::routing::Routing;
@@ -140,15 +144,72 @@ impl Prepared {
             path_and_query: target.path_and_query,
         })
     }
+
+    /// The pool's authentication, after routing: a refused request is an
+    /// error before any backend is touched. Whatever the outcome, the
+    /// client's copies of the headers auth sets are gone and a query token
+    /// is out of `parts.uri` and the target; a request that passed carries
+    /// its [`Verified`] in `parts.extensions` (for affinity and the relay)
+    /// and the headers auth sets.
+    pub async fn authenticate(mut self, parts: &mut Parts) -> Result<Prepared, ProxyError> {
+        let Some(auth) = self.pool.auth.clone() else {
+            return Ok(self);
+        };
+        auth.strip_headers(&mut self.headers);
+        // The token leaves both the normalized target the backend gets and
+        // the request as the client sent it (what affinity reads).
+        if let Some(target) = auth.strip_query(&self.path_and_query) {
+            self.path_and_query = target;
+        }
+        let sent = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let sent_uri = match auth.strip_query(sent) {
+            Some(target) => {
+                let stripped = with_target(&parts.uri, &target)?;
+                Some(std::mem::replace(&mut parts.uri, stripped))
+            }
+            None => None,
+        };
+        let req = AuthRequest {
+            method: &parts.method,
+            headers: &parts.headers,
+            uri: sent_uri.as_ref().unwrap_or(&parts.uri),
+            forwarded: &self.headers,
+            target: &self.path_and_query,
+        };
+        let verified = auth
+            .check(&req)
+            .await
+            .map_err(|rejection| ProxyError::Auth {
+                pool: self.pool.config.name.clone(),
+                rejection: Box::new(rejection),
+            })?;
+        for (name, value) in &verified.headers {
+            self.headers.append(name.clone(), value.clone());
+        }
+        parts.extensions.insert(verified);
+        Ok(self)
+    }
 }
 
-/// What the balancer may read of a request: as the client sent it.
+/// `uri` with its path and query replaced by `target`.
+fn with_target(uri: &http::Uri, target: &str) -> Result<http::Uri, ProxyError> {
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(target.parse().map_err(|_| ProxyError::BadTarget)?);
+    http::Uri::from_parts(parts).map_err(|_| ProxyError::BadTarget)
+}
+
+/// What the balancer may read of a request: as the client sent it, and
+/// the verified claim hash affinity may key on.
 pub fn facts<'a>(parts: &'a Parts, conn: &ConnInfo) -> RequestFacts<'a> {
     RequestFacts {
         headers: &parts.headers,
         uri: &parts.uri,
         peer: conn.peer.ip(),
         tls: conn.tls,
+        claim: parts
+            .extensions
+            .get::<Verified>()
+            .and_then(|v| v.affinity_key.as_deref()),
     }
 }
 

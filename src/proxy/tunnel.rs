@@ -23,7 +23,7 @@ use crate::balancer::ConnectionGuard;
 use crate::io::ClientStream;
 use crate::lifecycle::RelayId;
 use crate::metrics::close_code_label;
-use crate::ws::relay::{relay, EndReason, Relay, RelayConfig, RelayOutcome, Source};
+use crate::ws::relay::{relay, Deadline, EndReason, Relay, RelayConfig, RelayOutcome, Source};
 
 /// One upgraded connection, from the `101` to its end.
 pub struct Tunnel {
@@ -54,6 +54,7 @@ struct Pending {
     backend: TcpStream,
     backend_prefix: Bytes,
     config: RelayConfig,
+    deadline: Option<Deadline>,
 }
 
 impl Tunnel {
@@ -66,6 +67,7 @@ impl Tunnel {
         backend: TcpStream,
         backend_prefix: Bytes,
         config: RelayConfig,
+        deadline: Option<Deadline>,
     ) -> Tunnel {
         Tunnel {
             ctx,
@@ -78,6 +80,7 @@ impl Tunnel {
                 backend,
                 backend_prefix,
                 config,
+                deadline,
             })),
         }
     }
@@ -149,6 +152,7 @@ impl Future for Tunnel {
                         backend,
                         backend_prefix,
                         config,
+                        deadline,
                         ..
                     } = *pending;
                     let client = match upgraded.map(|u| u.downcast::<TokioIo<ClientStream>>()) {
@@ -167,15 +171,18 @@ impl Future for Tunnel {
                     this.started = Instant::now();
                     let (id, stop) = this.ctx.lifecycle.relay_started(this.guard.backend());
                     this.registered = Some(id);
-                    this.state = State::Relaying(relay(
-                        client.io.into_inner(),
-                        client.read_buf,
-                        backend,
-                        backend_prefix,
-                        config,
-                        Some(stop),
-                        Some(Arc::clone(&this.guard.backend().counters)),
-                    ));
+                    this.state = State::Relaying(
+                        relay(
+                            client.io.into_inner(),
+                            client.read_buf,
+                            backend,
+                            backend_prefix,
+                            config,
+                            Some(stop),
+                            Some(Arc::clone(&this.guard.backend().counters)),
+                        )
+                        .with_deadline(deadline),
+                    );
                 }
                 State::Relaying(relay) => {
                     let outcome = match Pin::new(relay).poll(cx) {

@@ -1,7 +1,10 @@
 //! The WebSocket path: validate the client's handshake (RFC 6455 §4.2.1),
-//! admit it under the pool's upgrade rate, forward it to a backend, check
-//! the backend's `101` and accept key (§4.1), answer the client, then run
-//! the relay in a tunnel task tracked by the lifecycle's tracker.
+//! route it, authenticate it, admit it under the pool's upgrade rate,
+//! forward it to a backend, check the backend's `101` and accept key
+//! (§4.1), answer the client, then run the relay in a tunnel task tracked
+//! by the lifecycle's tracker. Authentication runs in the shared request
+//! path (`Prepared::authenticate`); a token's expiry becomes the relay's
+//! deadline.
 //!
 //! Passive health: a good `101`, or any other answer below 500, counts
 //! for the backend; a 5xx answer, a `101` with a bad accept key, a broken
@@ -9,6 +12,7 @@
 //! `request`).
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CONNECTION, UPGRADE};
@@ -27,10 +31,12 @@ use super::tunnel::Tunnel;
 use super::{
     count_rejected, ConnInfo, ProxyContext, ProxyError, DEFAULT_RETRY_AFTER_MAX, X_REQUEST_ID,
 };
+use crate::auth::Verified;
 use crate::balancer::{Backend, Choice, Pool};
 use crate::body::{empty, text_response, ProxyBody};
+use crate::ws::frame::close_code;
 use crate::ws::handshake::{accept_matches, validate, HandshakeError};
-use crate::ws::relay::RelayConfig;
+use crate::ws::relay::{Deadline, RelayConfig};
 
 /// The backend's side of a switched connection: the stream and the bytes
 /// hyper already read past the `101`.
@@ -48,11 +54,21 @@ pub async fn handle(
         Ok(key) => key.to_string(),
         Err(err) => return refuse(ctx, conn, &err),
     };
-    // 2. Route, and the request the backend sees: end-to-end headers kept,
-    //    the upgrade headers restated, X-Forwarded-* added.
+    // 2. Route, authenticate, and the request the backend sees: end-to-end
+    //    headers kept, the upgrade headers restated, X-Forwarded-* added.
+    //
+    //    The order, and why: normalize and route first (nothing else can
+    //    be decided without the pool); then the Origin check (cheap and
+    //    local: a cross-site page never costs a call to the auth
+    //    service); then authentication, before any backend is chosen;
+    //    then the pool's upgrade rate limit, after authentication so that
+    //    refused clients (a storm of expired tokens) do not spend the
+    //    tokens admitted ones need (auth touches no backend, so the bucket
+    //    still stands between a storm and the backends); then choose and
+    //    connect.
     let client_upgrade = hyper::upgrade::on(&mut req);
-    let (parts, _body) = req.into_parts();
-    let mut prepared = match Prepared::new(&ctx.routing, conn, &parts) {
+    let (mut parts, _body) = req.into_parts();
+    let prepared = match Prepared::new(&ctx.routing, conn, &parts) {
         Ok(p) => p,
         Err(err) => {
             count(ctx, "", "", err.upgrade_result());
@@ -63,7 +79,6 @@ pub async fn handle(
             return err.response(DEFAULT_RETRY_AFTER_MAX);
         }
     };
-    prepared.headers.insert(X_REQUEST_ID, request_id.clone());
     let pool = Arc::clone(&prepared.pool);
     let pool_name = pool.config.name.as_str();
     let retry_after_max = pool.config.limits.retry_after_max;
@@ -71,6 +86,15 @@ pub async fn handle(
         count(ctx, pool_name, "", "origin_rejected");
         return text_response(StatusCode::FORBIDDEN, "origin not allowed\n");
     }
+    let mut prepared = match prepared.authenticate(&mut parts).await {
+        Ok(p) => p,
+        Err(err) => {
+            count(ctx, pool_name, "", err.upgrade_result());
+            tracing::info!(client = %conn.peer, pool = %pool_name, request_id = rid, error = %err, "websocket upgrade refused");
+            return err.response(retry_after_max);
+        }
+    };
+    prepared.headers.insert(X_REQUEST_ID, request_id.clone());
     let out = match handshake_request(prepared) {
         Ok(out) => out,
         Err(err) => {
@@ -140,8 +164,18 @@ pub async fn handle(
     count(ctx, pool_name, &backend.id, "ok");
 
     // 5. The client gets the backend's 101; the relay starts once hyper
-    //    hands over the client's socket.
-    switch(ctx, conn, &pool, &choice, &resp, client_upgrade, backend_io)
+    //    hands over the client's socket, and ends when its token expires.
+    let expires = parts.extensions.get::<Verified>().and_then(|v| v.close_at);
+    switch(
+        ctx,
+        conn,
+        &pool,
+        &choice,
+        &resp,
+        client_upgrade,
+        backend_io,
+        expires,
+    )
 }
 
 /// The answer to a client handshake that is not valid.
@@ -230,7 +264,9 @@ async fn backend_handshake(
 }
 
 /// Answers the client with the backend's `101` (subprotocol, extensions and
-/// cookies included) and starts the tunnel that will relay.
+/// cookies included) and starts the tunnel that will relay (until
+/// `expires`, when its token's does: then Close 1008).
+#[allow(clippy::too_many_arguments)]
 fn switch(
     ctx: &Arc<ProxyContext>,
     conn: &Arc<ConnInfo>,
@@ -239,6 +275,7 @@ fn switch(
     resp: &Response<Incoming>,
     client_upgrade: OnUpgrade,
     (backend_stream, backend_prefix): BackendIo,
+    expires: Option<SystemTime>,
 ) -> Response<ProxyBody> {
     let mut client_resp = Response::new(empty());
     *client_resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -267,8 +304,22 @@ fn switch(
         backend_stream,
         backend_prefix,
         relay_config,
+        expires.map(token_expiry),
     ));
     client_resp
+}
+
+/// The relay deadline for a token that stops being valid at `at` (a time
+/// already past closes at once).
+fn token_expiry(at: SystemTime) -> Deadline {
+    let left = at
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    Deadline {
+        at: tokio::time::Instant::now() + left,
+        code: close_code::POLICY_VIOLATION,
+        reason: "token expired",
+    }
 }
 
 /// A handshake whose `Origin` is not listed is refused (cross-site

@@ -27,7 +27,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
 use super::processor::{Inject, Report, Source, PING_TOKEN_LEN};
-use super::{EndReason, Ending, Initiator, PeerEnd, RelayConfig, RelayOutcome, StopHandle};
+use super::{
+    Deadline, EndReason, Ending, Initiator, PeerEnd, RelayConfig, RelayOutcome, StopHandle,
+};
 use crate::metrics::RelayCounters;
 use crate::ws::frame::close_code;
 use dir::{poll_dir, Dir};
@@ -75,6 +77,7 @@ where
         close_deadline: None,
         outcome: None,
         counters,
+        deadline: None,
     }
 }
 
@@ -117,6 +120,22 @@ pub struct Relay<C, B> {
     close_deadline: Option<Instant>,
     outcome: Option<(Initiator, Option<u16>, EndReason)>,
     counters: Option<Arc<RelayCounters>>,
+    /// When berth closes the connection itself (see [`Relay::with_deadline`]).
+    /// Boxed: only some connections have one (an authenticated WebSocket),
+    /// and every idle relay would otherwise carry its 40 bytes.
+    deadline: Option<Box<Deadline>>,
+}
+
+impl<C, B> Relay<C, B> {
+    /// Ends the connection at `deadline` if nothing ends it before, as its
+    /// [`Deadline::ending`] says (through the same [`Ending`] rules as every
+    /// end berth decides on): its Close goes to the client and, masked, to
+    /// the backend, each at a frame boundary, and `close_timeout` bounds
+    /// the rest.
+    pub fn with_deadline(mut self, deadline: Option<Deadline>) -> Self {
+        self.deadline = deadline.map(Box::new);
+        self
+    }
 }
 
 impl<C, B> Future for Relay<C, B>
@@ -358,6 +377,7 @@ where
             && self.ping == PingState::Idle
             && self.up.stall.is_none()
             && self.down.stall.is_none()
+            && self.deadline.is_none()
         {
             return false;
         }
@@ -391,6 +411,12 @@ where
                 });
             }
         }
+        if let Some(d) = self.deadline.take_if(|d| now >= d.at) {
+            // A connection already closing ends as it was going to.
+            if self.close_deadline.is_none() {
+                self.end(d.ending());
+            }
+        }
         if let (Some(idle), None) = (self.config.idle_timeout, self.close_deadline) {
             if now >= self.last_data + idle {
                 self.end(Ending::close_both(
@@ -421,6 +447,7 @@ where
         if self.close_deadline.is_none() {
             consider(self.config.idle_timeout.map(|i| self.last_data + i));
             consider(self.next_ping);
+            consider(self.deadline.as_ref().map(|d| d.at));
         }
         if let PingState::Sent(_, due) = self.ping {
             consider(Some(due));

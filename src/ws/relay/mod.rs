@@ -14,8 +14,8 @@
 //!   reads go into, the per-connection pending-output buffer (allocated only
 //!   while a destination is slower than its source, freed as soon as it
 //!   drains), the one lazily allocated timer (idle timeout, ping interval,
-//!   pong timeout, close timeout), the [`StopHandle`], and the rules of how
-//!   a connection ends.
+//!   pong timeout, close timeout, a [`Deadline`]), the [`StopHandle`], and
+//!   the rules of how a connection ends.
 //!
 //! Memory: bytes are read into the scratch buffer only when a socket is
 //! readable and written straight on, so an idle connection holds no relay
@@ -30,11 +30,12 @@
 //! backend vanished, 1001 towards the backend when the client did). Idle
 //! timeouts, failed heartbeats, drains (1012), shutdown (1001, both through
 //! the [`StopHandle`]), protocol errors (1002, RFC 6455 §7.4.1), a message
-//! over `max_message_size` (1009) and a peer that takes nothing within
-//! `send_timeout` make berth end the connection itself; each such cause is
-//! one [`Ending`] (what each peer is told, or that it is dropped, and the
-//! [`EndReason`]), so a new cause is a new value, not new closing code. No
-//! end waits longer than `close_timeout`.
+//! over `max_message_size` (1009), a peer that takes nothing within
+//! `send_timeout` and a connection's [`Deadline`] (its own code, e.g. 1008
+//! for an expired token) make berth end the connection itself; each such
+//! cause is one [`Ending`] (what each peer is told, or that it is dropped,
+//! and the [`EndReason`]), so a new cause is a new value, not new closing
+//! code. No end waits longer than `close_timeout`.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::Context;
@@ -66,6 +67,24 @@ pub struct RelayConfig {
     /// A peer that accepts no bytes for this long while berth holds bytes
     /// for it is dropped; `None` leaves backpressure alone.
     pub send_timeout: Option<Duration>,
+}
+
+/// A moment at which berth ends the connection itself, with this Close code
+/// and reason to both peers (e.g. 1008 when the client's token expires).
+/// Set with [`Relay::with_deadline`]; one timer serves it with the others,
+/// and when it passes it is one more [`Ending`] ([`Deadline::ending`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadline {
+    pub at: tokio::time::Instant,
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+impl Deadline {
+    /// What each peer is told when the deadline passes.
+    pub fn ending(self) -> Ending {
+        Ending::close_both(EndReason::Deadline, self.code, self.reason)
+    }
 }
 
 /// Why berth itself asks a connection to end.
@@ -223,6 +242,8 @@ pub enum EndReason {
     MessageTooBig(Source),
     /// This peer accepted no bytes within `send_timeout`.
     SendTimeout(Source),
+    /// The connection's [`Deadline`] passed.
+    Deadline,
 }
 
 /// Traffic in one direction.

@@ -18,7 +18,8 @@ use crate::metrics::Metrics;
 use crate::ws::frame::opcode;
 use crate::ws::relay::driver::SCRATCH_LEN;
 use crate::ws::relay::{
-    relay, EndReason, Initiator, Relay, RelayConfig, RelayOutcome, Source, StopHandle, StopReason,
+    relay, Deadline, EndReason, Initiator, Relay, RelayConfig, RelayOutcome, Source, StopHandle,
+    StopReason,
 };
 
 const KEY: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
@@ -566,4 +567,93 @@ async fn a_backend_that_takes_nothing_for_send_timeout_is_dropped_and_the_client
         "{} bytes reached the backend",
         rest.len()
     );
+}
+
+/// [`start`], with a deadline `secs` from now.
+fn start_with_deadline(config: RelayConfig, secs: u64) -> Peers {
+    let [(client, client_side), (backend, backend_side)] = pipes(64 * 1024, 64 * 1024);
+    let started = Instant::now();
+    let deadline = Deadline {
+        at: started + Duration::from_secs(secs),
+        code: 1008,
+        reason: "token expired",
+    };
+    let relay = tokio::spawn(
+        relay(
+            client_side,
+            Bytes::new(),
+            backend_side,
+            Bytes::new(),
+            config,
+            None,
+            None,
+        )
+        .with_deadline(Some(deadline)),
+    );
+    Peers {
+        client,
+        backend,
+        relay,
+        started,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_closes_both_sides_with_its_code_at_a_frame_boundary() {
+    let mut p = start_with_deadline(config(None, None), 10);
+    p.client_sends(opcode::TEXT, b"early").await;
+    assert_eq!(p.backend_gets().await.payload, b"early");
+    // A frame towards the client is half written when the deadline passes:
+    // the Close waits for its end.
+    let message = frame(true, opcode::TEXT, b"straddling", None);
+    let (head, tail) = message.split_at(5);
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    p.backend.write_all(head).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    p.backend.write_all(tail).await.unwrap();
+    assert_eq!(p.client_gets().await, text(b"straddling"));
+    assert_eq!(p.client_gets().await.close(), (1008, "token expired"));
+    p.at(11);
+    // The backend's direction was between frames: its Close went at 10 s.
+    assert_eq!(p.backend_gets().await.close(), (1008, "token expired"));
+    let outcome = p.both_answer_close().await;
+    assert_eq!(outcome.initiator, Initiator::Internal);
+    assert_eq!(outcome.code, Some(1008));
+    assert_eq!(outcome.reason, EndReason::Deadline);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_shares_the_timer_and_gives_way_to_a_close_under_way() {
+    // An idle timeout before the deadline wins, and the deadline is moot.
+    let mut p = start_with_deadline(config(Some(5), None), 10);
+    assert_eq!(p.client_gets().await.close(), (1001, "idle timeout"));
+    p.at(5);
+    assert_eq!(p.backend_gets().await.close(), (1001, "idle timeout"));
+    let outcome = p.both_answer_close().await;
+    assert_eq!(outcome.reason, EndReason::IdleTimeout);
+
+    // A client's Close before the deadline: the deadline passes during the
+    // closing handshake and changes nothing.
+    let mut p = start_with_deadline(config(None, None), 1);
+    p.client_sends(opcode::CLOSE, &close_payload(1000, "bye"))
+        .await;
+    assert_eq!(p.backend_gets().await.close(), (1000, "bye"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    p.backend_sends(opcode::CLOSE, &close_payload(1000, ""))
+        .await;
+    assert_eq!(p.client_gets().await.close(), (1000, ""));
+    let outcome = p.relay.await.unwrap();
+    assert_eq!(outcome.initiator, Initiator::Client);
+    assert_eq!(outcome.code, Some(1000));
+    assert_eq!(outcome.reason, EndReason::Peer);
+
+    // Data keeps flowing up to the deadline, and the timer is used once.
+    let mut p = start_with_deadline(config(None, None), 3600);
+    for i in 0..5u8 {
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        p.client_sends(opcode::BINARY, &[i]).await;
+        assert_eq!(p.backend_gets().await.payload, [i]);
+    }
+    assert_eq!(p.client_gets().await.close(), (1008, "token expired"));
+    p.at(3600);
 }
