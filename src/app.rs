@@ -82,7 +82,8 @@ impl App {
             }
             None => None,
         };
-        metrics.config_reloads.with_label_values(&["success"]);
+        // The load at startup counts as a successful config load.
+        metrics.config_reloads.with_label_values(&["success"]).inc();
         metrics.config_reloads.with_label_values(&["failure"]);
         metrics.config_last_reload_success.set(unix_now());
 

@@ -89,6 +89,16 @@ pub enum Balance {
     RoundRobin,
 }
 
+impl Balance {
+    /// As written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::LeastConnections => "least_connections",
+            Balance::RoundRobin => "round_robin",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct PoolConfig {
     pub name: String,
