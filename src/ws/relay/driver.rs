@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -185,6 +186,8 @@ impl Dir {
             c.bytes.inc_by(bytes as u64);
             if report.messages > 0 {
                 c.messages.inc_by(u64::from(report.messages));
+                c.backend_messages
+                    .fetch_add(u64::from(report.messages), Ordering::Relaxed);
             }
             if frames > 0 {
                 for (counter, n) in c.frames.iter().zip(report.frames) {
