@@ -204,7 +204,7 @@
     $("drains").hidden = s.drains.length === 0;
     for (const d of s.drains) {
       const row = keyed(list, d.pool + "\u0000" + d.backend, () => {
-        const r = el("div", "drain");
+        const r = el("div", "drain-row");
         r.who = el("div", "who", d.pool + " / " + d.backend);
         r.bar = el("div", "bar");
         r.fill = el("div", "fill");
@@ -228,7 +228,7 @@
 
   const COLUMNS = [
     ["Backend", ""], ["Address", ""], ["State", ""], ["Health", ""], ["Weight", "num"],
-    ["Live WebSockets (bar: against weighted share)", ""], ["Upgrades/s", "num"],
+    ["Live WebSockets", ""], ["Upgrades/s", "num"],
     ["Msgs/s →", "num"], ["Msgs/s ←", "num"], ["Bytes/s →", "num"], ["Bytes/s ←", "num"], ["", ""],
   ];
 
@@ -276,7 +276,7 @@
     tr.msgOut = cell("num msgs-out");
     tr.bytesIn = cell("num bytes-in");
     tr.bytesOut = cell("num bytes-out");
-    const actions = cell("actions");
+    const actions = cell("actions").appendChild(el("div"));
     tr.drain = actions.appendChild(el("button", "drain", "Drain"));
     tr.undrain = actions.appendChild(el("button", "undrain", "Undrain"));
     tr.drain.type = tr.undrain.type = "button";
@@ -293,10 +293,12 @@
       setText(sec.balance, "balance: " + pool.balance);
       setText(sec.affinity, "affinity: " + pool.affinity);
       setText(sec.live, pool.live_connections + " live");
+      // Room past the fullest bar and the furthest share mark.
       let scale = 1;
       for (const b of pool.backends) {
         scale = Math.max(scale, b.live_connections, b.weighted_share * pool.live_connections);
       }
+      scale *= 1.15;
       for (const b of pool.backends) {
         const tr = keyed(sec.rows, b.id, () => makeRow(name, b.id));
         setText(tr.addr, b.address);
