@@ -258,8 +258,13 @@ async fn the_page_shows_every_backend_with_live_counts_that_match_the_api() {
     let live: Vec<u64> = rows.iter().map(|r| r.2).collect();
     assert_eq!(live.iter().sum::<u64>(), 5, "{rows:?}");
     assert_eq!(rows[2].2, 2, "{rows:?}");
-    let process = text_of(&browser, "p-ws").await;
-    assert_eq!(process, "5 live WebSockets");
+    browser
+        .wait_until(
+            WAIT,
+            "five live WebSockets in the process card",
+            "return document.getElementById('p-ws').textContent === '5 live WebSockets'",
+        )
+        .await;
 
     // ...and go.
     for mut ws in chat.drain(..2) {
