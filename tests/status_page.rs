@@ -607,6 +607,50 @@ async fn with_a_token_the_page_asks_once_and_sends_it() {
     proxy.shutdown().await;
 }
 
+/// Processes whose command line mentions `needle` (Linux: /proc).
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push(format!(
+                "{}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn a_dropped_browser_leaves_no_chromium_behind() {
+    let _one = ONE_BROWSER.lock().await;
+    let browser = Browser::start().await;
+    browser.goto("about:blank").await;
+    assert_eq!(browser.execute("return 6 * 7", vec![]).await, 42);
+    let answer = browser
+        .execute_async(
+            "const done = arguments[0]; setTimeout(() => done('later'), 50);",
+            vec![],
+        )
+        .await;
+    assert_eq!(answer, "later");
+    let png = browser.screenshot().await;
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    let profile = browser.profile_dir().display().to_string();
+    assert!(
+        !processes_mentioning(&profile).is_empty(),
+        "no Chromium with {profile}"
+    );
+    drop(browser);
+    let left = processes_mentioning(&profile);
+    assert!(left.is_empty(), "left running: {left:#?}");
+    assert!(!Path::new(&profile).exists(), "{profile} was not removed");
+}
+
 async fn wait_for_state(admin: SocketAddr, id: &str, want: &str) {
     let deadline = Instant::now() + WAIT;
     while backend_state(admin, id).await != want {

@@ -125,7 +125,7 @@ impl Browser {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let user_data = browser.profile.path().join("profile");
+        let user_data = browser.profile_dir();
         let mut args: Vec<String> = [
             "--headless=new",
             "--no-sandbox",
@@ -169,6 +169,12 @@ impl Browser {
             .unwrap_or_else(|| panic!("no sessionId in {created}"))
             .to_string();
         browser
+    }
+
+    /// The browser's profile directory (`--user-data-dir`), unique to this
+    /// browser and removed with it.
+    pub fn profile_dir(&self) -> PathBuf {
+        self.profile.path().join("profile")
     }
 
     /// The tail of chromedriver's log, for failure messages.
@@ -323,9 +329,12 @@ impl Browser {
 impl Drop for Browser {
     fn drop(&mut self) {
         if !self.session.is_empty() {
-            // Deleting the session closes Chromium; Drop cannot await, so
-            // the request runs on a thread of its own with its own runtime.
-            let (client, base) = (self.client.clone(), self.base.clone());
+            // Deleting the session quits Chromium (chromedriver waits for
+            // it to exit). Drop cannot await, and the caller's runtime may
+            // be the one this thread blocks, so the request runs on a
+            // thread of its own, with its own runtime and client (a pooled
+            // connection of the caller's runtime would never be polled).
+            let base = self.base.clone();
             let path = format!("/session/{}", self.session);
             let _ = std::thread::spawn(move || {
                 let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -335,8 +344,14 @@ impl Drop for Browser {
                     return;
                 };
                 rt.block_on(async {
+                    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+                    let limit = Duration::from_secs(10);
                     let delete = send(&client, &base, "DELETE", &path, None);
-                    let _ = tokio::time::timeout(Duration::from_secs(10), delete).await;
+                    if !matches!(tokio::time::timeout(limit, delete).await, Ok(Ok(_))) {
+                        // chromedriver's own endpoint: quit every session, then itself.
+                        let shutdown = send(&client, &base, "GET", "/shutdown", None);
+                        let _ = tokio::time::timeout(limit, shutdown).await;
+                    }
                 });
             })
             .join();
