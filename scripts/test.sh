@@ -15,6 +15,10 @@ command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 # verify opens the unit's Documentation=man:berth(1) with man.
 command -v man >/dev/null 2>&1 || need_apt+=(man-db)
 command -v groff >/dev/null 2>&1 || need_apt+=(groff-base)
+# Headless Chromium and its WebDriver: the status page tests
+# (tests/status_page.rs, tests/support/browser.rs).
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+[ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> installing: ${need_apt[*]}"
     if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi

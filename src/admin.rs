@@ -1,32 +1,44 @@
-//! The admin listener: `GET /metrics`, `/healthz`, `/readyz`,
+//! The admin listener: the status page (`GET /`) and its event stream
+//! (`GET /admin/events`), `GET /metrics`, `/healthz`, `/readyz`,
 //! `/admin/pools`, and `POST /admin/reload`,
 //! `/admin/pools/{pool}/backends/{id}/drain` and `.../undrain`.
-//! A plain `match` on method and path; it never shares a socket with client
-//! traffic.
+//! A plain `match` on the path, then the method (another method gets `405`
+//! with `Allow`); it never shares a socket with client traffic.
 //!
 //! [`AdminContext`] is all the API answers from: the routing table, the
-//! metrics, the lifecycle (readiness, drains) and the reload handle.
-//! [`serve`] runs the accept loop (one untracked task per admin
-//! connection); the wiring module aborts it after shutdown.
+//! metrics, the lifecycle (readiness, drains), the reload handle and the
+//! status feed. [`serve`] runs the accept loop and one task per admin
+//! connection until its stop token is cancelled (the wiring module does
+//! that at the end of shutdown); then each connection finishes its answer
+//! in progress within [`CLOSE_GRACE`] (an event stream ends as soon as the
+//! sampler stops) and the loop returns.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use futures_util::StreamExt;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::balancer::BackendState;
 use crate::body::{full, text_response, ProxyBody};
-use crate::config::Balance;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::reload::ReloadContext;
 use crate::routing::Routing;
+use crate::status::Feed;
+
+/// How long an admin connection may take to finish once the admin API
+/// stops.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// What the admin API reads and acts on.
 pub struct AdminContext {
@@ -34,12 +46,20 @@ pub struct AdminContext {
     pub metrics: Metrics,
     pub lifecycle: Arc<Lifecycle>,
     pub reload: Arc<ReloadContext>,
+    /// The status page's snapshots.
+    pub status: Feed,
 }
 
-pub async fn serve(listener: TcpListener, ctx: Arc<AdminContext>) {
+/// Serves the admin API on `listener` until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, ctx: Arc<AdminContext>, stop: CancellationToken) {
+    let connections = TaskTracker::new();
     loop {
-        let (stream, _peer) = match listener.accept().await {
-            Ok(s) => s,
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -47,78 +67,231 @@ pub async fn serve(listener: TcpListener, ctx: Arc<AdminContext>) {
             }
         };
         let ctx = Arc::clone(&ctx);
-        tokio::spawn(async move {
+        let stop = stop.clone();
+        connections.spawn(async move {
             let svc = service_fn(move |req| {
                 let ctx = Arc::clone(&ctx);
                 async move { Ok::<_, Infallible>(route(req, &ctx).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
         });
+    }
+    drop(listener);
+    connections.close();
+    let _ = tokio::time::timeout(CLOSE_GRACE, connections.wait()).await;
+}
+
+/// The admin routes.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    Page,
+    Events,
+    Metrics,
+    Healthz,
+    Readyz,
+    Pools,
+    Reload,
+    /// Drain (`true`) or undrain a backend; pool and id percent-decoded.
+    Backend {
+        pool: String,
+        id: String,
+        drain: bool,
+    },
+}
+
+impl Target {
+    /// The route for a request path; `None` for a path that is none.
+    fn of(path: &str) -> Option<Target> {
+        let simple = match path {
+            "/" => Some(Target::Page),
+            "/admin/events" => Some(Target::Events),
+            "/metrics" => Some(Target::Metrics),
+            "/healthz" => Some(Target::Healthz),
+            "/readyz" => Some(Target::Readyz),
+            "/admin/pools" => Some(Target::Pools),
+            "/admin/reload" => Some(Target::Reload),
+            _ => None,
+        };
+        if simple.is_some() {
+            return simple;
+        }
+        // /admin/pools/{pool}/backends/{id}/drain | undrain; the page
+        // percent-encodes pool names (any TOML key) and ids.
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let ["admin", "pools", pool, "backends", id, action @ ("drain" | "undrain")] =
+            parts.as_slice()
+        else {
+            return None;
+        };
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8()
+                .ok()
+                .map(|c| c.into_owned())
+        };
+        Some(Target::Backend {
+            pool: decode(pool)?,
+            id: decode(id)?,
+            drain: *action == "drain",
+        })
+    }
+
+    /// The one method the route answers.
+    fn method(&self) -> Method {
+        match self {
+            Target::Reload | Target::Backend { .. } => Method::POST,
+            _ => Method::GET,
+        }
     }
 }
 
 /// Answers one admin request (the body is never read).
 pub async fn route<B>(req: Request<B>, ctx: &AdminContext) -> Response<ProxyBody> {
-    if req.method() == Method::POST {
-        return mutate(req, ctx).await;
+    let Some(target) = Target::of(req.uri().path()) else {
+        return text_response(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let allowed = target.method();
+    if req.method() != allowed {
+        let mut resp = text_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("method not allowed (use {allowed})\n"),
+        );
+        resp.headers_mut().insert(
+            http::header::ALLOW,
+            HeaderValue::from_static(if allowed == Method::POST {
+                "POST"
+            } else {
+                "GET"
+            }),
+        );
+        return resp;
     }
-    match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => {
+    if allowed == Method::POST {
+        if let Some(refused) = cross_origin(&req).or_else(|| authorize(&req, ctx)) {
+            return refused;
+        }
+    }
+    match target {
+        Target::Page => page(ctx),
+        Target::Events => events(ctx),
+        Target::Metrics => {
             let mut resp = Response::new(full(Bytes::from(ctx.metrics.render())));
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             resp
         }
-        (&Method::GET, "/healthz") => text_response(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") => {
+        Target::Healthz => text_response(StatusCode::OK, "ok\n"),
+        Target::Readyz => {
             if ctx.lifecycle.is_ready() {
                 text_response(StatusCode::OK, "ready\n")
             } else {
                 text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        (&Method::GET, "/admin/pools") => json_response(StatusCode::OK, &pools_json(ctx)),
-        (_, "/metrics" | "/healthz" | "/readyz" | "/admin/pools") => {
-            text_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-        }
-        _ => text_response(StatusCode::NOT_FOUND, "not found\n"),
-    }
-}
-
-/// POST routes: reload, drain, undrain. They require the bearer token when
-/// `[admin] token` is set (`check` refuses a non-loopback admin bind
-/// without one).
-async fn mutate<B>(req: Request<B>, ctx: &AdminContext) -> Response<ProxyBody> {
-    if let Some(refused) = authorize(&req, ctx) {
-        return refused;
-    }
-    let path = req.uri().path();
-    if path == "/admin/reload" {
-        return match ctx.reload.reload().await {
+        Target::Pools => json_response(
+            StatusCode::OK,
+            &crate::status::pools_document(&ctx.routing.load()),
+        ),
+        Target::Reload => match ctx.reload.reload().await {
             Ok(summary) => json_response(
                 StatusCode::OK,
-                &serde_json::json!({ "result": "success", "changes": summary }),
+                &serde_json::json!({
+                    "result": "success",
+                    "changes": summary,
+                    "summary": summary.in_words(),
+                }),
             ),
             Err(e) => text_response(StatusCode::UNPROCESSABLE_ENTITY, &format!("{e}\n")),
-        };
+        },
+        Target::Backend { pool, id, drain } => drain_or_undrain(ctx, &pool, &id, drain),
     }
-    // /admin/pools/{pool}/backends/{id}/drain | undrain
-    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    if let ["admin", "pools", pool, "backends", id, action @ ("drain" | "undrain")] =
-        parts.as_slice()
-    {
-        return drain_or_undrain(ctx, pool, id, *action == "drain");
-    }
-    text_response(StatusCode::NOT_FOUND, "not found\n")
 }
 
-/// `None` when the request may mutate; otherwise the 401 to send.
+/// The status page.
+fn page(ctx: &AdminContext) -> Response<ProxyBody> {
+    let (html, csp) = crate::status::page(ctx.reload.config_path.as_deref());
+    let mut resp = Response::new(full(Bytes::from(html)));
+    let headers = resp.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    if let Ok(csp) = HeaderValue::from_str(csp) {
+        headers.insert(http::header::CONTENT_SECURITY_POLICY, csp);
+    }
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    headers.insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        http::header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    resp
+}
+
+/// `/admin/events`: the sampler's snapshots as Server-Sent Events.
+fn events(ctx: &AdminContext) -> Response<ProxyBody> {
+    let frames = ctx
+        .status
+        .events()
+        .map(|event| Ok::<_, hyper::Error>(Frame::data(event)));
+    let mut resp = Response::new(StreamBody::new(frames).boxed_unsync());
+    let headers = resp.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    resp
+}
+
+/// `None` when a POST may proceed; a `403` when a browser sent it from
+/// another origin (its `Origin` names another host than the request's
+/// `Host`). Without this, any web page could make the operator's browser
+/// drain backends through a loopback admin API that has no token. Clients
+/// that send no `Origin` (curl, scripts) are not affected.
+fn cross_origin<B>(req: &Request<B>) -> Option<Response<ProxyBody>> {
+    let origin = req.headers().get(http::header::ORIGIN)?;
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok());
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, rest)| rest);
+    match (origin_host, host) {
+        (Some(o), Some(h)) if o.eq_ignore_ascii_case(h) => None,
+        _ => Some(text_response(
+            StatusCode::FORBIDDEN,
+            "cross-origin admin request refused (Origin does not match Host)\n",
+        )),
+    }
+}
+
+/// `None` when the request may mutate; otherwise the 401 to send. POST
+/// routes require the bearer token when `[admin] token` is set (`check`
+/// refuses a non-loopback admin bind without one).
 fn authorize<B>(req: &Request<B>, ctx: &AdminContext) -> Option<Response<ProxyBody>> {
     let runtime = ctx.routing.load();
     let token = runtime.config.admin.as_ref()?.token.as_deref()?;
@@ -135,7 +308,7 @@ fn authorize<B>(req: &Request<B>, ctx: &AdminContext) -> Option<Response<ProxyBo
     let mut resp = text_response(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
     resp.headers_mut().insert(
         http::header::WWW_AUTHENTICATE,
-        http::HeaderValue::from_static("Bearer"),
+        HeaderValue::from_static("Bearer"),
     );
     Some(resp)
 }
@@ -169,46 +342,12 @@ fn drain_or_undrain(ctx: &AdminContext, pool: &str, id: &str, drain: bool) -> Re
     )
 }
 
-fn pools_json(ctx: &AdminContext) -> serde_json::Value {
-    let runtime = ctx.routing.load();
-    let mut pools = serde_json::Map::new();
-    let mut names: Vec<&String> = runtime.pools.keys().collect();
-    names.sort();
-    for name in names {
-        let Some(pool) = runtime.pools.get(name) else {
-            continue;
-        };
-        let backends: Vec<serde_json::Value> = pool
-            .backends
-            .iter()
-            .map(|b| {
-                serde_json::json!({
-                    "id": b.id,
-                    "address": b.address,
-                    "state": b.state().as_str(),
-                    "healthy": b.state() != BackendState::Down,
-                    "live_connections": b.live_connections(),
-                    "weight": b.weight(),
-                })
-            })
-            .collect();
-        pools.insert(
-            name.clone(),
-            serde_json::json!({ "balance": match pool.config.balance {
-                Balance::LeastConnections => "least_connections",
-                Balance::RoundRobin => "round_robin",
-            }, "backends": backends }),
-        );
-    }
-    serde_json::json!({ "pools": pools })
-}
-
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
     let mut resp = Response::new(full(Bytes::from(value.to_string())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
+        HeaderValue::from_static("application/json"),
     );
     resp
 }
@@ -216,6 +355,8 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Prox
 #[cfg(test)]
 mod tests {
     use http_body_util::BodyExt;
+
+    use crate::balancer::BackendState;
 
     use super::*;
     use crate::listener::ListenerContext;
@@ -255,11 +396,19 @@ weight = 3
             proxy.metrics.clone(),
             None,
         );
+        let reload = Arc::new(reload);
+        let (_sampler, status) = crate::status::Sampler::new(
+            Arc::clone(&proxy.routing),
+            proxy.metrics.clone(),
+            Arc::clone(&proxy.lifecycle),
+            Arc::clone(&reload),
+        );
         AdminContext {
             routing: Arc::clone(&proxy.routing),
             metrics: proxy.metrics.clone(),
             lifecycle: Arc::clone(&proxy.lifecycle),
-            reload: Arc::new(reload),
+            reload,
+            status,
         }
     }
 
@@ -390,6 +539,145 @@ weight = 3
             body,
             "berth was started without a config file; nothing to reload\n"
         );
+    }
+
+    /// Sends `method path` with extra headers; returns the response.
+    async fn send(
+        ctx: &AdminContext,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Response<ProxyBody> {
+        let mut req = Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        route(req.body(()).unwrap(), ctx).await
+    }
+
+    #[tokio::test]
+    async fn a_wrong_method_is_405_with_allow() {
+        let ctx = context(CONFIG);
+        let token = ("authorization", "Bearer s3cret-token");
+        let post_only = [
+            "/admin/reload",
+            "/admin/pools/main/backends/b1/drain",
+            "/admin/pools/main/backends/b1/undrain",
+        ];
+        for path in post_only {
+            for method in ["GET", "PUT", "DELETE", "HEAD", "PATCH"] {
+                let resp = send(&ctx, method, path, &[token]).await;
+                assert_eq!(
+                    resp.status(),
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {path}"
+                );
+                assert_eq!(resp.headers()["allow"], "POST", "{method} {path}");
+            }
+        }
+        let get_only = [
+            "/",
+            "/admin/events",
+            "/metrics",
+            "/healthz",
+            "/readyz",
+            "/admin/pools",
+        ];
+        for path in get_only {
+            for method in ["POST", "PUT", "DELETE"] {
+                let resp = send(&ctx, method, path, &[token]).await;
+                assert_eq!(
+                    resp.status(),
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {path}"
+                );
+                assert_eq!(resp.headers()["allow"], "GET", "{method} {path}");
+            }
+        }
+        // Nothing was drained by the wrong methods; unknown paths stay 404.
+        let b1 = Arc::clone(ctx.routing.load().pools["main"].find("b1").unwrap());
+        assert_eq!(b1.state(), BackendState::Up);
+        for (method, path) in [
+            ("GET", "/admin/nothing"),
+            ("POST", "/admin/pools/main/drain"),
+        ] {
+            let resp = send(&ctx, method, path, &[token]).await;
+            assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{method} {path}");
+            assert!(resp.headers().get("allow").is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn pool_names_and_ids_are_percent_decoded() {
+        let text = CONFIG
+            .replace("pool = \"main\"", "pool = \"a/b <c>\"")
+            .replace("[pools.main]", "[pools.\"a/b <c>\"]")
+            .replace("[[pools.main.backends]]", "[[pools.\"a/b <c>\".backends]]");
+        let ctx = context(&text);
+        let path = "/admin/pools/a%2Fb%20%3Cc%3E/backends/b%31/drain";
+        let (status, _, body) = call(&ctx, "POST", path, Some("s3cret-token")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (json["pool"].as_str(), json["backend"].as_str()),
+            (Some("a/b <c>"), Some("b1"))
+        );
+        // Not UTF-8 after decoding: no such route.
+        let (status, _, _) = call(
+            &ctx,
+            "POST",
+            "/admin/pools/%FF/backends/b1/drain",
+            Some("s3cret-token"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn a_cross_origin_post_is_refused() {
+        let ctx = context(&CONFIG.replace("token = \"s3cret-token\"\n", ""));
+        let drain = "/admin/pools/main/backends/b1/drain";
+        for origin in ["http://evil.example", "null", "http://127.0.0.1:9901"] {
+            let headers = [("host", "127.0.0.1:9900"), ("origin", origin)];
+            let resp = send(&ctx, "POST", drain, &headers).await;
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{origin}");
+        }
+        let b1 = Arc::clone(ctx.routing.load().pools["main"].find("b1").unwrap());
+        assert_eq!(b1.state(), BackendState::Up);
+        // The page's own origin, and clients that send no Origin, may.
+        let same = [
+            ("host", "127.0.0.1:9900"),
+            ("origin", "http://127.0.0.1:9900"),
+        ];
+        assert_eq!(
+            send(&ctx, "POST", drain, &same).await.status(),
+            StatusCode::OK
+        );
+        let undrain = "/admin/pools/main/backends/b1/undrain";
+        assert_eq!(
+            send(&ctx, "POST", undrain, &[]).await.status(),
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn the_page_and_the_event_stream() {
+        let ctx = context(CONFIG);
+        let resp = send(&ctx, "GET", "/", &[]).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let h = resp.headers();
+        assert_eq!(h["content-type"], "text/html; charset=utf-8");
+        assert!(h["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .starts_with("default-src 'none'"));
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let html = String::from_utf8(body.to_vec()).unwrap();
+        assert!(html.contains("<title>berth "), "{html}");
+        let resp = send(&ctx, "GET", "/admin/events", &[]).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        assert_eq!(resp.headers()["cache-control"], "no-store");
     }
 
     #[tokio::test]

@@ -8,13 +8,15 @@
 //! handle and one [`Lifecycle`] shared by all; the [`ProxyContext`]
 //! (routing, metrics, lifecycle); the [`ListenerContext`] (the proxy's plus
 //! the running listeners); the [`ReloadContext`] (routing, listeners,
-//! lifecycle, metrics, config path); the [`AdminContext`] (routing, metrics,
-//! lifecycle, reload).
+//! lifecycle, metrics, config path); the status [`Sampler`] and its feed;
+//! the [`AdminContext`] (routing, metrics, lifecycle, reload, status feed).
 //!
 //! Shutdown: the token is cancelled; accept loops stop; HTTP connections
 //! finish their in-flight request; every WebSocket relay sends Close 1001,
-//! the closes spread over `shutdown_window`; `run` returns once all tracked
-//! tasks are done, or after the window plus the longest `close_timeout`.
+//! the closes spread over `shutdown_window`; once all tracked tasks are done
+//! (or after the window plus the longest `close_timeout`), the admin API
+//! and the status sampler stop (which ends every event stream), and `run`
+//! returns.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -23,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::admin::AdminContext;
 use crate::config::Config;
@@ -32,6 +35,7 @@ use crate::metrics::{Metrics, MetricsError};
 use crate::proxy::ProxyContext;
 use crate::reload::{unix_now, ReloadContext};
 use crate::routing::{Routing, Runtime};
+use crate::status::Sampler;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -51,7 +55,7 @@ pub struct App {
     lifecycle: Arc<Lifecycle>,
     listeners: Arc<ListenerContext>,
     reload: Arc<ReloadContext>,
-    admin: Option<(TcpListener, SocketAddr, Arc<AdminContext>)>,
+    admin: Option<(TcpListener, SocketAddr, Arc<AdminContext>, Sampler)>,
     pending: Vec<BoundListener>,
     shutdown_window: Duration,
 }
@@ -82,7 +86,8 @@ impl App {
             }
             None => None,
         };
-        metrics.config_reloads.with_label_values(&["success"]);
+        // The load at startup counts as a successful config load.
+        metrics.config_reloads.with_label_values(&["success"]).inc();
         metrics.config_reloads.with_label_values(&["failure"]);
         metrics.config_last_reload_success.set(unix_now());
 
@@ -104,13 +109,20 @@ impl App {
             config_path,
         ));
         let admin = admin_socket.map(|(l, addr)| {
+            let (sampler, status) = Sampler::new(
+                Arc::clone(&routing),
+                metrics.clone(),
+                Arc::clone(&lifecycle),
+                Arc::clone(&reload),
+            );
             let ctx = Arc::new(AdminContext {
                 routing: Arc::clone(&routing),
                 metrics,
                 lifecycle: Arc::clone(&lifecycle),
                 reload: Arc::clone(&reload),
+                status,
             });
-            (l, addr, ctx)
+            (l, addr, ctx, sampler)
         });
         Ok(App {
             routing,
@@ -140,7 +152,7 @@ impl App {
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().map(|(_, addr, _)| *addr)
+        self.admin.as_ref().map(|(_, addr, _, _)| *addr)
     }
 
     /// The reload handle (for SIGHUP), usable while and after `run` runs.
@@ -169,9 +181,13 @@ impl App {
                 crate::auth::start(auth, &pool.stop, &lifecycle.shutdown);
             }
         }
-        let admin_task = admin.map(|(listener, addr, ctx)| {
+        // The admin API and the status sampler outlive the drain (so the
+        // status page shows it) and stop together after it.
+        let admin_stop = CancellationToken::new();
+        let admin_task = admin.map(|(listener, addr, ctx, sampler)| {
             tracing::info!(%addr, "admin API listening");
-            tokio::spawn(crate::admin::serve(listener, ctx))
+            tokio::spawn(sampler.run(admin_stop.clone()));
+            tokio::spawn(crate::admin::serve(listener, ctx, admin_stop.clone()))
         });
         lifecycle.set_ready(true);
 
@@ -201,8 +217,13 @@ impl App {
                 "drain deadline passed; exiting with connections open"
             );
         }
-        if let Some(task) = admin_task {
-            task.abort();
+        admin_stop.cancel();
+        if let Some(mut task) = admin_task {
+            // `serve` gives its connections CLOSE_GRACE; this bounds it again.
+            let limit = crate::admin::CLOSE_GRACE * 2;
+            if tokio::time::timeout(limit, &mut task).await.is_err() {
+                task.abort();
+            }
         }
         tracing::info!("stopped");
     }

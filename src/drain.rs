@@ -8,7 +8,8 @@
 //! its handle at its next poll and closes at a frame boundary (1012 for a
 //! drain, 1001 for a shutdown).
 //! A drain's task ends early when the backend is undrained (or drained
-//! again) or berth shuts down.
+//! again) or berth shuts down. Each drain is recorded in the lifecycle
+//! (its backend, connection count, start and window) for the status page.
 //!
 //! Costs: a drain costs one task, not a timer per connection.
 
@@ -29,6 +30,7 @@ pub fn drain_backend(lifecycle: &Lifecycle, backend: &Arc<Backend>, window: Dura
         return false;
     }
     let handles = lifecycle.stop_handles(Some(backend));
+    lifecycle.drain_started(backend, handles.len(), window);
     tokio::spawn(drain_schedule(
         handles,
         Arc::clone(backend),

@@ -7,7 +7,9 @@
 //! - 0 `demo`: `berth demo`, three in-process backends behind a TLS listener.
 //! - 1 `app`: the wiring: binds sockets, builds each layer's context, runs,
 //!   drains on shutdown. Only layer 0 uses it.
-//! - 2 `admin`: `/metrics`, `/healthz`, `/readyz`, `/admin/pools`, reload and drains.
+//! - 2 `admin`: the status page, `/admin/events`, `/metrics`, `/healthz`,
+//!   `/readyz`, `/admin/pools`, reload and drains.
+//! - 2 `status`: the status page's sampler (rates, close history) and snapshots.
 //! - 2 `reload`: read, validate, diff and swap a new config.
 //! - 2 `drain`: the spread-out closes of drains and shutdown.
 //! - 2 `listener`: accept loop and per-connection TLS + HTTP/1.1 serving.
@@ -45,6 +47,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod routing;
+pub mod status;
 pub mod tls;
 pub mod tls_stream;
 pub mod ws;

@@ -6,14 +6,18 @@
 //! reports, and the registry of live relays: every relayed WebSocket
 //! registers a [`StopHandle`] with its backend while it runs, so that a
 //! drain (one backend) or a shutdown (all) can signal it. The registry lock
-//! is taken when a relay starts and ends, never per frame. This module
-//! starts no tasks; the drain controllers that use the registry live in
-//! `drain`.
+//! is taken when a relay starts and ends, never per frame. It also keeps
+//! the drains in progress (which backend, how many connections it had,
+//! when and over what window), so the status page can show their progress.
+//! This module starts no tasks; the drain controllers that use the registry
+//! live in `drain`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -33,6 +37,48 @@ pub struct Lifecycle {
     /// Live relayed WebSockets across all pools.
     ws_live: AtomicU64,
     relays: Mutex<Relays>,
+    drains: Mutex<Vec<DrainRecord>>,
+}
+
+/// How long a finished drain stays listed after its window ends, so that
+/// whoever watches sees it complete.
+pub const FINISHED_DRAIN_KEPT: Duration = Duration::from_secs(60);
+
+/// A drain as it started.
+struct DrainRecord {
+    backend: Arc<Backend>,
+    /// The backend's drain epoch at the start; another drain or an undrain
+    /// changes it, which ends this record.
+    epoch: u64,
+    total: u64,
+    started: Instant,
+    window: Duration,
+}
+
+/// A drain's progress: the connections the backend had when it started,
+/// and how many of them have closed since.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DrainProgress {
+    pub pool: String,
+    pub backend: String,
+    /// Live WebSockets when the drain started.
+    pub total: u64,
+    /// Of those, closed so far (`total` minus the live ones, never below 0).
+    pub closed: u64,
+    pub elapsed: Duration,
+    pub window: Duration,
+}
+
+impl DrainProgress {
+    /// True once every connection the drain started with has closed.
+    pub fn finished(&self) -> bool {
+        self.closed >= self.total
+    }
+
+    /// Time left in the drain window (zero once it has passed).
+    pub fn remaining(&self) -> Duration {
+        self.window.saturating_sub(self.elapsed)
+    }
 }
 
 /// A live relay's entry in the registry.
@@ -100,6 +146,51 @@ impl Lifecycle {
         }
     }
 
+    fn drain_records(&self) -> MutexGuard<'_, Vec<DrainRecord>> {
+        match self.drains.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Records that `backend` started draining `total` connections over
+    /// `window` (replacing an earlier drain of the same backend).
+    pub fn drain_started(&self, backend: &Arc<Backend>, total: usize, window: Duration) {
+        let mut drains = self.drain_records();
+        drains.retain(|d| !Arc::ptr_eq(&d.backend, backend));
+        drains.push(DrainRecord {
+            backend: Arc::clone(backend),
+            epoch: backend.drain_epoch(),
+            total: total as u64,
+            started: Instant::now(),
+            window,
+        });
+    }
+
+    /// The drains in progress, oldest first. A drain is listed until its
+    /// backend is undrained (or drained again), and a finished one for
+    /// [`FINISHED_DRAIN_KEPT`] after its window; then it is forgotten.
+    pub fn drains(&self) -> Vec<DrainProgress> {
+        let mut drains = self.drain_records();
+        let progress = |d: &DrainRecord| {
+            let live = d.backend.live_connections();
+            DrainProgress {
+                pool: d.backend.pool.clone(),
+                backend: d.backend.id.clone(),
+                total: d.total,
+                closed: d.total.saturating_sub(live),
+                elapsed: d.started.elapsed(),
+                window: d.window,
+            }
+        };
+        drains.retain(|d| {
+            let p = progress(d);
+            d.backend.drain_epoch() == d.epoch
+                && !(p.finished() && p.elapsed > d.window + FINISHED_DRAIN_KEPT)
+        });
+        drains.iter().map(progress).collect()
+    }
+
     /// The stop handles of one backend's relays, or of all of them.
     pub fn stop_handles(&self, backend: Option<&Arc<Backend>>) -> Vec<Arc<StopHandle>> {
         self.relays()
@@ -158,6 +249,35 @@ address = "127.0.0.1:9002"
         assert_eq!(life.live_websockets(), 2);
         assert_eq!(life.stop_handles(Some(&b1)).len(), 1);
         assert_ne!(first, second);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drains_are_listed_until_undrained_or_long_finished() {
+        let (b1, b2) = backends();
+        let life = Lifecycle::new();
+        let guards: Vec<_> = (0..3).map(|_| b1.track_websocket()).collect();
+        let window = Duration::from_secs(10);
+        assert!(b1.start_drain());
+        life.drain_started(&b1, 3, window);
+        assert!(b2.start_drain());
+        life.drain_started(&b2, 0, window);
+        tokio::time::advance(Duration::from_secs(4)).await;
+        let drains = life.drains();
+        assert_eq!(drains.len(), 2);
+        let d = &drains[0];
+        assert_eq!((d.backend.as_str(), d.total, d.closed), ("b1", 3, 0));
+        assert_eq!(d.remaining(), Duration::from_secs(6));
+        assert!(!d.finished());
+        // b2 had nothing to close: finished at once.
+        assert!(drains[1].finished());
+        drop(guards);
+        assert!(life.drains()[0].finished());
+        // An undrain ends the record; a finished one goes a while after
+        // its window.
+        assert!(b1.undrain());
+        assert_eq!(life.drains().len(), 1);
+        tokio::time::advance(window + FINISHED_DRAIN_KEPT).await;
+        assert!(life.drains().is_empty());
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //! once per pool and backend into [`RelayCounters`]; nothing per frame takes
 //! a lock or allocates.
 
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
 use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
@@ -43,7 +46,10 @@ pub fn opcode_index(op: u8) -> usize {
 #[derive(Clone)]
 pub struct DirCounters {
     pub bytes: IntCounter,
+    /// Per pool (the exported series).
     pub messages: IntCounter,
+    /// Per backend, not exported: the status page's messages per second.
+    pub backend_messages: Arc<AtomicU64>,
     /// Indexed by [`opcode_index`].
     pub frames: [IntCounter; 7],
 }
@@ -340,6 +346,7 @@ impl Metrics {
         let dir = |direction: &str| DirCounters {
             bytes: self.ws_bytes.with_label_values(&[pool, backend, direction]),
             messages: self.ws_messages.with_label_values(&[pool, direction]),
+            backend_messages: Arc::default(),
             frames: OPCODE_LABELS
                 .map(|op| self.ws_frames.with_label_values(&[pool, direction, op])),
         };

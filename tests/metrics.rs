@@ -935,6 +935,15 @@ async fn backend_state_process_and_config_gauges() {
         loaded > 0.0 && loaded <= now + 1.0 && now - loaded < 600.0,
         "last successful load at {loaded}, now {now}"
     );
+    // The load at startup is a config load: counted as a success.
+    assert_eq!(
+        s.get("berth_config_reloads_total", &[("result", "success")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        s.get("berth_config_reloads_total", &[("result", "failure")]),
+        Some(0.0)
+    );
     assert_eq!(
         s.get(
             "berth_build_info",

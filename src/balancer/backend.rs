@@ -204,6 +204,12 @@ impl Backend {
         self.live_ws.load(Ordering::Relaxed) >= self.max_connections.load(Ordering::Relaxed)
     }
 
+    /// The cap on live WebSockets; `None` when unlimited.
+    pub fn max_connections(&self) -> Option<u64> {
+        let max = self.max_connections.load(Ordering::Relaxed);
+        (max != u64::MAX).then_some(max)
+    }
+
     pub fn set_max_connections(&self, max: Option<u64>) {
         self.max_connections
             .store(max.unwrap_or(u64::MAX), Ordering::Relaxed);

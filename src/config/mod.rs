@@ -35,6 +35,7 @@ use std::time::Duration;
 pub use file::{FileConfig, FileSize};
 pub use jwks::{KeySet, VerifyKey};
 pub use read::JWKS_LIMIT;
+pub use rules::human_size;
 
 /// Where the running proxy's configuration came from and what it says.
 #[derive(Clone, Debug)]
@@ -90,6 +91,16 @@ pub struct RouteConfig {
 pub enum Balance {
     LeastConnections,
     RoundRobin,
+}
+
+impl Balance {
+    /// As written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::LeastConnections => "least_connections",
+            Balance::RoundRobin => "round_robin",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

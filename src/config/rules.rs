@@ -192,7 +192,7 @@ pub(super) const SIZES: &[(&str, SizeKey)] = &[("max_message_size", MAX_MESSAGE_
 
 /// A size as the README writes it: `512 B`, `64 KiB`, `1 MiB`, in the
 /// largest binary unit that divides it exactly.
-pub(super) fn human_size(n: u64) -> String {
+pub fn human_size(n: u64) -> String {
     for (unit, size) in [("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
         if n >= size && n % size == 0 {
             return format!("{} {unit}", n / size);

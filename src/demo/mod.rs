@@ -138,8 +138,10 @@ impl Demo {
             } else {
                 String::new()
             };
+            let status = format!("http://{admin}/");
             let metrics = format!("http://{admin}/metrics");
             let pools = format!("http://{admin}/admin/pools");
+            let _ = writeln!(g, "  {status:<36} live status page (drain buttons){note}");
             let _ = writeln!(g, "  {metrics:<36} Prometheus metrics{note}");
             let _ = writeln!(g, "  {pools:<36} pools and backends as JSON{note}");
         }

@@ -5,6 +5,8 @@
 //! frame code, so tests do not check berth against itself.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

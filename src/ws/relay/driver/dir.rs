@@ -5,6 +5,7 @@
 //! blocking. It owns no task: the driver polls it.
 
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -150,6 +151,8 @@ impl Dir {
             c.bytes.inc_by(bytes as u64);
             if report.messages > 0 {
                 c.messages.inc_by(u64::from(report.messages));
+                c.backend_messages
+                    .fetch_add(u64::from(report.messages), Ordering::Relaxed);
             }
             if frames > 0 {
                 for (counter, n) in c.frames.iter().zip(report.frames) {

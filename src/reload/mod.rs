@@ -17,10 +17,18 @@
 //! health checks, a drain task per removed backend, and a task per removed
 //! backend that forgets its metric series once its last connection is gone
 //! (or at shutdown).
+//!
+//! Every reload's outcome is kept as the [`LastReload`] (the status page
+//! shows it), and what it changed is described in plain words
+//! (`changes.rs`) for the log line and the admin API's answer.
+
+mod changes;
+
+pub use changes::BackendChange;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::balancer::Backend;
@@ -49,8 +57,53 @@ pub enum ReloadError {
 pub struct ReloadSummary {
     pub listeners_added: Vec<String>,
     pub listeners_removed: Vec<String>,
+    /// `pool/id`.
     pub backends_added: Vec<String>,
+    /// `pool/id`; these are drained.
     pub backends_removed: Vec<String>,
+    /// Weight and `max_connections` changes of backends that stayed.
+    pub backends_changed: Vec<BackendChange>,
+    /// Every other change (settings, routes, pools), in plain words.
+    pub settings_changed: Vec<String>,
+}
+
+impl ReloadSummary {
+    /// Every change, one plain sentence each, in a fixed order: listeners,
+    /// backends, then settings.
+    pub fn in_words(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let named = |out: &mut Vec<String>, what: &str, list: &[String], how: &str| {
+            out.extend(list.iter().map(|n| format!("{what} {n} {how}")));
+        };
+        named(&mut out, "listener", &self.listeners_added, "added");
+        named(&mut out, "listener", &self.listeners_removed, "removed");
+        named(&mut out, "backend", &self.backends_added, "added");
+        named(
+            &mut out,
+            "backend",
+            &self.backends_removed,
+            "removed (draining)",
+        );
+        out.extend(self.backends_changed.iter().map(ToString::to_string));
+        out.extend(self.settings_changed.iter().cloned());
+        out
+    }
+}
+
+/// The outcome of the last config load: the one at startup, or the last
+/// reload (by SIGHUP or the admin API).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct LastReload {
+    /// Unix time, seconds.
+    pub time: f64,
+    /// `success` or `failure`.
+    pub result: &'static str,
+    /// True for the load at startup.
+    pub initial: bool,
+    /// What changed, in plain words (a success).
+    pub changes: Vec<String>,
+    /// Why the file was rejected, one message per line (a failure).
+    pub messages: Vec<String>,
 }
 
 /// What a reload may touch.
@@ -63,6 +116,7 @@ pub struct ReloadContext {
     pub config_path: Option<PathBuf>,
     /// One reload at a time.
     lock: tokio::sync::Mutex<()>,
+    last: Mutex<LastReload>,
 }
 
 /// Seconds since the Unix epoch, for timestamp gauges.
@@ -87,7 +141,26 @@ impl ReloadContext {
             metrics,
             config_path,
             lock: tokio::sync::Mutex::new(()),
+            last: Mutex::new(LastReload {
+                time: unix_now(),
+                result: "success",
+                initial: true,
+                changes: Vec::new(),
+                messages: Vec::new(),
+            }),
         }
+    }
+
+    fn last(&self) -> MutexGuard<'_, LastReload> {
+        match self.last.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The outcome of the last load (the startup load until a reload runs).
+    pub fn last_reload(&self) -> LastReload {
+        self.last().clone()
     }
 
     /// Re-reads the config file and applies it; counts the result.
@@ -105,15 +178,35 @@ impl ReloadContext {
             .config_reloads
             .with_label_values(&[label])
             .inc();
-        match &result {
+        let record = match &result {
             Ok(summary) => {
                 self.metrics.config_last_reload_success.set(unix_now());
-                tracing::info!(?summary, "config reloaded");
+                let words = summary.in_words();
+                if words.is_empty() {
+                    tracing::info!("config reloaded: nothing changed");
+                } else {
+                    tracing::info!("config reloaded: {}", words.join("; "));
+                }
+                LastReload {
+                    time: unix_now(),
+                    result: "success",
+                    initial: false,
+                    changes: words,
+                    messages: Vec::new(),
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "config reload rejected; the running config stays in force");
+                LastReload {
+                    time: unix_now(),
+                    result: "failure",
+                    initial: false,
+                    changes: Vec::new(),
+                    messages: e.to_string().lines().map(str::to_string).collect(),
+                }
             }
-        }
+        };
+        *self.last() = record;
         result
     }
 
@@ -122,13 +215,20 @@ impl ReloadContext {
         if config.source.is_none() {
             config.source.clone_from(&self.config_path);
         }
+        let old = Arc::clone(&self.routing.load().config);
         let (listeners_added, listeners_removed) = self.apply_listeners(&config.listeners)?;
-        let (backends_added, backends_removed) = self.apply_pools(config);
+        let backends_changed = changes::backend_changes(&old, &config);
+        let settings_changed = changes::setting_changes(&old, &config);
+        let (mut backends_added, mut backends_removed) = self.apply_pools(config);
+        backends_added.sort();
+        backends_removed.sort();
         Ok(ReloadSummary {
             listeners_added,
             listeners_removed,
             backends_added,
             backends_removed,
+            backends_changed,
+            settings_changed,
         })
     }
 
@@ -436,6 +536,15 @@ mod tests {
         assert_eq!(summary.listeners_removed, ["b"]);
         assert_eq!(summary.backends_added, ["chat/b3"]);
         assert_eq!(summary.backends_removed, ["chat/b1"]);
+        assert_eq!(
+            summary.in_words(),
+            [
+                "listener c added",
+                "listener b removed",
+                "backend chat/b3 added",
+                "backend chat/b1 removed (draining)",
+            ]
+        );
         // `a` kept its socket; `b` is gone and `c` is accepting.
         let addrs = ctx.listeners.addrs();
         assert_eq!(sorted(addrs.keys().cloned().collect()), ["a", "c"]);
@@ -491,12 +600,27 @@ mod tests {
         assert!(matches!(err, ReloadError::Config(_)), "{err}");
         assert!(err.to_string().contains("berth.toml:"), "{err}");
         assert_eq!(count(&ctx, "failure"), 2);
+        // The failure is kept, one validation message per line.
+        let last = ctx.last_reload();
+        assert_eq!((last.result, last.initial), ("failure", false));
+        assert!(!last.messages.is_empty());
+        assert_eq!(last.messages.join("\n"), err.to_string());
         assert!(ctx.routing.load().pools["chat"].find("b1").is_some());
 
         std::fs::write(&path, text.replace("\"b1\"", "\"b2\"")).unwrap();
         let summary = ctx.reload().await.unwrap();
         assert_eq!(summary.backends_added, ["chat/b2"]);
         assert_eq!(count(&ctx, "success"), 1);
+        let last = ctx.last_reload();
+        assert_eq!(last.result, "success");
+        assert_eq!(
+            last.changes,
+            [
+                "backend chat/b2 added",
+                "backend chat/b1 removed (draining)"
+            ]
+        );
+        assert!(last.messages.is_empty());
         assert!(ctx.routing.load().pools["chat"].find("b2").is_some());
         assert_eq!(
             ctx.routing.load().config.source.as_deref(),
