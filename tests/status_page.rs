@@ -438,6 +438,76 @@ async fn a_rejected_reload_shows_the_validation_messages() {
 }
 
 #[tokio::test]
+async fn a_pool_with_authentication_is_tagged_until_a_reload_turns_it_off() {
+    let _one = ONE_BROWSER.lock().await;
+    let b1 = WsBackend::start("b1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("berth.toml");
+    let plain = config_for(&[b1.addr], "")
+        .replace("{CERT}", CERT)
+        .replace("{KEY}", KEY);
+    // Nothing is asked until a request comes: the service need not exist.
+    let with_auth = config_for(
+        &[b1.addr],
+        "\n[pools.main.auth.forward]\nurl = \"http://127.0.0.1:9/verify\"\n",
+    )
+    .replace("{CERT}", CERT)
+    .replace("{KEY}", KEY);
+    std::fs::write(&path, &with_auth).unwrap();
+    let proxy = Proxy::start_file(&path).await;
+    let admin = proxy.admin.unwrap();
+    let browser = Browser::start().await;
+    open_page(&browser, admin).await;
+    let tags = "return [...document.querySelectorAll('section.pool .tag')].map(t => t.textContent)";
+    assert_eq!(
+        browser.execute(tags, vec![]).await,
+        json!([
+            "balance: round_robin",
+            "affinity: none",
+            "auth: forward",
+            "0 live"
+        ])
+    );
+
+    std::fs::write(&path, &plain).unwrap();
+    browser
+        .execute("document.getElementById('reload-btn').click()", vec![])
+        .await;
+    let changes = browser
+        .wait_until(
+            WAIT,
+            "the reload's changes",
+            "const r = document.getElementById('r-result').textContent;
+             const li = [...document.querySelectorAll('#r-changes li')].map(l => l.textContent);
+             return r === 'reloaded' && li",
+        )
+        .await;
+    // (After the TLS listener's files, read again on every reload.)
+    assert!(
+        changes
+            .as_array()
+            .unwrap()
+            .contains(&json!("pool \"main\": [auth.forward] turned off")),
+        "{changes}"
+    );
+    browser
+        .wait_until(
+            WAIT,
+            "the auth tag to go",
+            "return [...document.querySelectorAll('section.pool .tag')]
+                .every(t => !t.textContent.startsWith('auth'))",
+        )
+        .await;
+    assert_eq!(
+        browser.execute(tags, vec![]).await,
+        json!(["balance: round_robin", "affinity: none", "0 live"])
+    );
+    assert_eq!(console_errors(&browser).await, Vec::<String>::new());
+    drop(browser);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
 async fn markup_in_names_paths_and_messages_is_shown_as_text() {
     let _one = ONE_BROWSER.lock().await;
     let b1 = WsBackend::start("b1").await;

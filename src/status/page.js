@@ -292,6 +292,17 @@
       const sec = keyed(main, name, () => makePool(name));
       setText(sec.balance, "balance: " + pool.balance);
       setText(sec.affinity, "affinity: " + pool.affinity);
+      // A tag only for a pool with authentication (made and removed as a
+      // reload turns it on and off).
+      const auth = pool.auth || [];
+      if (auth.length > 0 && !sec.auth) {
+        sec.auth = el("span", "tag");
+        sec.live.before(sec.auth);
+      } else if (auth.length === 0 && sec.auth) {
+        sec.auth.remove();
+        sec.auth = null;
+      }
+      if (sec.auth) setText(sec.auth, "auth: " + auth.join(", "));
       setText(sec.live, pool.live_connections + " live");
       // Room past the fullest bar and the furthest share mark.
       let scale = 1;

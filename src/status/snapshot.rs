@@ -16,7 +16,8 @@ use crate::metrics::Metrics;
 use crate::reload::LastReload;
 use crate::routing::Runtime;
 
-/// `/admin/pools`: for each pool (by name), its balance and affinity mode
+/// `/admin/pools`: for each pool (by name), its balance and affinity mode,
+/// its authentication methods (`jwt`, `forward`, in the order they run)
 /// and its backends' id, address, state, health, live WebSockets, weight
 /// and `max_connections` (`null`: unlimited).
 pub fn pools_document(runtime: &Runtime) -> Value {
@@ -42,11 +43,20 @@ pub fn pools_document(runtime: &Runtime) -> Value {
                 })
             })
             .collect();
+        let auth = &pool.config.auth;
+        let methods: Vec<&str> = [
+            ("jwt", auth.jwt.is_some()),
+            ("forward", auth.forward.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(method, on)| on.then_some(method))
+        .collect();
         pools.insert(
             name.clone(),
             json!({
                 "balance": pool.config.balance.as_str(),
                 "affinity": pool.config.affinity.mode(),
+                "auth": methods,
                 "backends": backends,
             }),
         );

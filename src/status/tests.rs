@@ -139,6 +139,7 @@ async fn the_sampler_turns_counters_into_rates_once_a_second() {
     assert_eq!(pool["backends"][1]["upgrades_per_second"], 0.0);
     assert_eq!(pool["live_connections"], 2);
     assert_eq!(pool["affinity"], "none");
+    assert_eq!(pool["auth"], serde_json::json!([]));
     // Closes summed over initiators, in the last ten-second bucket.
     let closes = &pool["closes"];
     assert_eq!(closes["window_seconds"], 300);
@@ -290,4 +291,15 @@ fn escape_html_escapes_the_five() {
         "&lt;a href=&quot;x&quot;&gt;Tom &amp; &#39;Jerry&#39;&lt;/a&gt;"
     );
     assert_eq!(escape_html("plain · text"), "plain · text");
+}
+
+#[test]
+fn a_pool_document_names_its_authentication_methods_in_order() {
+    let text = CONFIG.replace(
+        "drain_window = \"10s\"\n",
+        "drain_window = \"10s\"\n\n[pools.main.auth.forward]\nurl = \"http://127.0.0.1:9000/verify\"\n",
+    );
+    let proxy = testing::context(&text);
+    let doc = pools_document(&proxy.routing.load());
+    assert_eq!(doc["pools"]["main"]["auth"], serde_json::json!(["forward"]));
 }
