@@ -114,6 +114,25 @@ enum Command {
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
     },
+    /// Opens C connections that stop halfway through the TLS ClientHello
+    /// (`--stage hello`, wss:// only) or the request head (`--stage head`,
+    /// after the TLS handshake over wss://), holds them, and reports how much
+    /// the watched processes' RSS grew per connection.
+    HalfOpen {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// `hello` or `head`.
+        #[arg(long, default_value = "head")]
+        stage: String,
+        /// Seconds to wait after the last connection before measuring.
+        #[arg(long, default_value_t = 2.0)]
+        settle: f64,
+        /// Connections opened at once.
+        #[arg(long, default_value_t = 128)]
+        concurrency: usize,
+    },
     /// Writes the markdown report of a `benches/compare.sh` results directory.
     Report {
         /// The results directory (see benches/loadgen/report.rs for its layout).
@@ -308,6 +327,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 concurrency,
             };
             modes::idle(client(c, "127.0.0.2-127.0.0.250").await?, opts).await?
+        }
+        Command::HalfOpen {
+            client: c,
+            connections,
+            stage,
+            settle,
+            concurrency,
+        } => {
+            let stage = match stage.as_str() {
+                "hello" => modes::HalfStage::Hello,
+                "head" => modes::HalfStage::Head,
+                other => bail!("--stage must be hello or head, not {other:?}"),
+            };
+            let opts = modes::HalfOpenOpts {
+                connections,
+                stage,
+                settle: secs(settle, "settle")?,
+                concurrency,
+            };
+            modes::half_open(client(c, "127.0.0.2-127.0.0.250").await?, opts).await?
         }
         Command::Handshake {
             client: c,
