@@ -41,6 +41,40 @@ pub struct FileListener {
     pub bind: Option<String>,
     pub tls: Option<FileTls>,
     pub handshake_timeout: Option<String>,
+    /// Signed, so that a negative count gets a range message.
+    pub max_connections: Option<i64>,
+    pub max_connections_per_ip: Option<i64>,
+    pub max_header_bytes: Option<RawSize>,
+}
+
+/// A size as written: an integer number of bytes, or a string with a unit
+/// (`"64 KiB"`). `rules::size` checks it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RawSize {
+    Bytes(i64),
+    Text(String),
+}
+
+impl<'de> serde::Deserialize<'de> for RawSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a size: an integer number of bytes or a string such as \"64 KiB\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<RawSize, E> {
+                Ok(RawSize::Bytes(n))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<RawSize, E> {
+                Ok(RawSize::Bytes(i64::try_from(n).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RawSize, E> {
+                Ok(RawSize::Text(s.to_string()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// A listener's `tls = { cert = "...", key = "..." }`.
@@ -126,7 +160,15 @@ pub struct FileBackend {
 
 // The keys of each table, in the order the messages list them.
 const ROOT_KEYS: &[&str] = &["shutdown_window", "listeners", "admin", "routes", "pools"];
-const LISTENER_KEYS: &[&str] = &["name", "bind", "tls", "handshake_timeout"];
+const LISTENER_KEYS: &[&str] = &[
+    "name",
+    "bind",
+    "tls",
+    "handshake_timeout",
+    "max_connections",
+    "max_connections_per_ip",
+    "max_header_bytes",
+];
 const TLS_KEYS: &[&str] = &["cert", "key"];
 const ADMIN_KEYS: &[&str] = &["bind", "token"];
 const ROUTE_KEYS: &[&str] = &["host", "path_prefix", "pool"];
@@ -200,6 +242,9 @@ fn listener(t: &Fields<'_>, report: &mut Report<'_>) -> FileListener {
             key: tls.get(report, "key"),
         }),
         handshake_timeout: t.get(report, "handshake_timeout"),
+        max_connections: t.get(report, "max_connections"),
+        max_connections_per_ip: t.get(report, "max_connections_per_ip"),
+        max_header_bytes: t.get(report, "max_header_bytes"),
     }
 }
 

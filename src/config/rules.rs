@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use super::file::RawSize;
 use super::{Balance, HashKey, SameSite};
 
 // ---------------------------------------------------------------------------
@@ -127,9 +128,42 @@ pub(super) const FALL: IntKey = IntKey {
     max: 100,
 };
 
+/// Connections from one client address (an IPv6 /64) on one listener.
+pub(super) const MAX_CONNECTIONS_PER_IP: IntKey = IntKey {
+    name: "max_connections_per_ip",
+    min: 1,
+    max: 1_000_000,
+};
+
 /// Every integer key.
 #[cfg(test)]
-pub(super) const NUMBERS: &[IntKey] = &[WEIGHT, MAX_CONNECTIONS, RISE, FALL];
+pub(super) const NUMBERS: &[IntKey] =
+    &[WEIGHT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP, RISE, FALL];
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+
+/// A size key: its default and its inclusive range, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct SizeKey {
+    /// `None`: the key is optional (absent means no limit).
+    pub default: Option<u64>,
+    pub min: u64,
+    pub max: u64,
+}
+
+/// A listener's request line plus headers. The minimum still fits any
+/// ordinary request; the maximum is far above what browsers send (a few
+/// KiB; the largest cookies browsers keep add up to some tens of KiB).
+pub(super) const MAX_HEADER_BYTES: SizeKey = SizeKey {
+    default: Some(64 * KIB),
+    min: KIB,
+    max: MIB,
+};
+
+/// Every size key by name.
+#[cfg(test)]
+pub(super) const SIZES: &[(&str, SizeKey)] = &[("max_header_bytes", MAX_HEADER_BYTES)];
 
 /// `bounded_load` must be above this...
 pub(super) const BOUNDED_LOAD_ABOVE: f64 = 1.0;
@@ -156,9 +190,66 @@ pub(super) fn human(d: Duration) -> String {
     format!("{ms}ms")
 }
 
+/// A size as the README writes it: `512 B`, `64 KiB`, `1 MiB`, in the
+/// largest binary unit that divides it exactly.
+pub(super) fn human_size(n: u64) -> String {
+    for (unit, size) in [("GiB", 1024 * MIB), ("MiB", MIB), ("KiB", KIB)] {
+        if n != 0 && n % size == 0 {
+            return format!("{} {unit}", n / size);
+        }
+    }
+    format!("{n} B")
+}
+
 // ---------------------------------------------------------------------------
 // Validators
 // ---------------------------------------------------------------------------
+
+/// A size within `key`'s range: an integer number of bytes, or a string of
+/// an integer and a unit: `B`, `KiB`, `MiB`, `GiB` (powers of 1024) or `KB`,
+/// `MB`, `GB` (powers of 1000), in any case, with or without a space.
+pub(super) fn size(raw: &RawSize, key: &SizeKey) -> Result<u64, String> {
+    let (n, shown) = match raw {
+        RawSize::Bytes(n) => (u64::try_from(*n).ok(), n.to_string()),
+        RawSize::Text(text) => (parse_size(text), format!("{text:?}")),
+    };
+    let Some(n) = n else {
+        return Err(format!(
+            "invalid size {shown} (use a number of bytes, or e.g. \"64 KiB\", \"1 MiB\")"
+        ));
+    };
+    if (key.min..=key.max).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "size must be between {} and {}, got {shown}",
+            human_size(key.min),
+            human_size(key.max)
+        ))
+    }
+}
+
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().ok()?;
+    let unit = unit.trim_start();
+    let scale = [
+        ("", 1),
+        ("b", 1),
+        ("kib", KIB),
+        ("mib", MIB),
+        ("gib", 1024 * MIB),
+        ("kb", 1000),
+        ("mb", 1000 * 1000),
+        ("gb", 1000 * 1000 * 1000),
+    ]
+    .into_iter()
+    .find(|(name, _)| unit.eq_ignore_ascii_case(name))?
+    .1;
+    number.checked_mul(scale)
+}
 
 /// A duration string within `key`'s range. `Ok(None)` is "off" (`"0s"` on an
 /// optional key).

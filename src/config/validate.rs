@@ -18,12 +18,12 @@ use std::time::Duration;
 
 use super::file::{
     FileAdmin, FileBackend, FileConfig, FileCookie, FileHash, FileHealth, FileListener, FilePool,
-    FileRoute, FileTls,
+    FileRoute, FileTls, RawSize,
 };
 use super::locate::{line_at, path_at, Seg};
 use super::read;
 use super::report::Report;
-use super::rules::{self, DurationKey, IntKey};
+use super::rules::{self, DurationKey, IntKey, SizeKey};
 use super::{
     AdminConfig, Affinity, BackendConfig, Balance, Config, CookieConfig, HashConfig, HealthConfig,
     ListenerConfig, PoolConfig, Problem, RouteConfig, SameSite, TlsConfig,
@@ -155,6 +155,29 @@ impl Checker<'_, '_> {
         self.check(at, rules::int(raw.unwrap_or(default), &key))
     }
 
+    /// An optional cap (absent: no cap); a bad value yields a problem and
+    /// `None`.
+    fn cap(&mut self, at: &[Seg<'_>], raw: Option<i64>, key: IntKey) -> Option<Option<u64>> {
+        match raw {
+            None => Some(None),
+            Some(n) => self
+                .check(
+                    at,
+                    rules::int(n, &key)
+                        .map_err(|message| format!("{message} (omit it for no cap)")),
+                )
+                .map(|n| Some(n.unsigned_abs())),
+        }
+    }
+
+    /// A size key with a default; a bad value yields a problem and the
+    /// default.
+    fn size(&mut self, at: &[Seg<'_>], raw: Option<&RawSize>, key: SizeKey) -> u64 {
+        let default = key.default.unwrap_or(0);
+        raw.and_then(|raw| self.check(at, rules::size(raw, &key)))
+            .unwrap_or(default)
+    }
+
     fn config(&mut self, file: &FileConfig) -> Config {
         let shutdown_window = self.duration(
             &[Seg::Key("shutdown_window")],
@@ -225,6 +248,21 @@ impl Checker<'_, '_> {
             raw.handshake_timeout.as_deref(),
             rules::HANDSHAKE_TIMEOUT,
         );
+        let max_connections = self.cap(
+            &path(&base, &[Seg::Key("max_connections")]),
+            raw.max_connections,
+            rules::MAX_CONNECTIONS,
+        );
+        let max_connections_per_ip = self.cap(
+            &path(&base, &[Seg::Key("max_connections_per_ip")]),
+            raw.max_connections_per_ip,
+            rules::MAX_CONNECTIONS_PER_IP,
+        );
+        let max_header_bytes = self.size(
+            &path(&base, &[Seg::Key("max_header_bytes")]),
+            raw.max_header_bytes.as_ref(),
+            rules::MAX_HEADER_BYTES,
+        );
         // A TLS failure is already a problem, so the (then unused) listener
         // is kept without TLS to let the uniqueness checks still see it.
         let tls = raw
@@ -236,6 +274,11 @@ impl Checker<'_, '_> {
             bind: bind?,
             tls,
             handshake_timeout,
+            // A bad value is already a problem; the listener is kept (for
+            // the uniqueness checks) without the cap.
+            max_connections: max_connections.flatten(),
+            max_connections_per_ip: max_connections_per_ip.flatten(),
+            max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
         })
     }
 
@@ -522,21 +565,16 @@ impl Checker<'_, '_> {
             1,
             rules::WEIGHT,
         );
-        let max_connections = match raw.max_connections {
-            None => Some(None),
-            Some(n) => self
-                .check(
-                    &path(base, &[Seg::Key("max_connections")]),
-                    rules::int(n, &rules::MAX_CONNECTIONS)
-                        .map_err(|message| format!("{message} (omit it for no cap)")),
-                )
-                .map(Some),
-        };
+        let max_connections = self.cap(
+            &path(base, &[Seg::Key("max_connections")]),
+            raw.max_connections,
+            rules::MAX_CONNECTIONS,
+        );
         Some(BackendConfig {
             id: id?.to_string(),
             address: address?.to_string(),
             weight: u32::try_from(weight?).ok()?,
-            max_connections: max_connections?.map(|n| n.unsigned_abs()),
+            max_connections: max_connections?,
         })
     }
 
