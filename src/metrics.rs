@@ -11,6 +11,11 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+/// Label values for `reason` of `berth_connections_refused_total`.
+pub const REFUSED_LISTENER_FULL: &str = "listener_full";
+pub const REFUSED_PER_IP: &str = "per_ip";
+pub const REFUSED_FD_LIMIT: &str = "fd_limit";
+
 /// Label values for `direction`.
 pub const CLIENT_TO_BACKEND: &str = "client_to_backend";
 pub const BACKEND_TO_CLIENT: &str = "backend_to_client";
@@ -76,6 +81,8 @@ pub enum MetricsError {
 pub struct Metrics {
     pub registry: Registry,
     pub connections_active: IntGaugeVec,
+    pub connections_refused: IntCounterVec,
+    pub requests_rejected: IntCounterVec,
     pub ws_connections_active: IntGaugeVec,
     pub ws_upgrades: IntCounterVec,
     pub ws_duration: HistogramVec,
@@ -146,6 +153,18 @@ impl Metrics {
                 "berth_connections_active",
                 "Client connections open, per listener.",
                 &["listener"],
+            )?,
+            connections_refused: counter(
+                &r,
+                "berth_connections_refused_total",
+                "Client connections closed at accept, by reason: listener_full, per_ip or fd_limit.",
+                &["listener", "reason"],
+            )?,
+            requests_rejected: counter(
+                &r,
+                "berth_requests_rejected_total",
+                "Requests berth answered itself before routing, by status (400, 414, 431).",
+                &["listener", "status"],
             )?,
             ws_connections_active: gauge(
                 &r,

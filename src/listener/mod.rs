@@ -1,31 +1,41 @@
-//! Client-facing listeners: the accept loop and one task per connection
-//! (TLS handshake under `handshake_timeout`, then hyper's HTTP/1.1 server
-//! with upgrades enabled).
+//! Client-facing listeners: the accept loop, admission, and one task per
+//! connection (`conn`: the TLS handshake and the first request head under
+//! `handshake_timeout`, then hyper's HTTP/1.1 server with upgrades enabled).
 //!
 //! [`ListenerContext`] is this layer's context: the proxy's context (which
-//! the connections serve requests with) plus the set of running listeners
-//! and their accept-loop tracker. `start` spawns a listener's accept loop;
-//! the loop stops when the shutdown token is cancelled or a reload stops
-//! the listener; each HTTP connection then finishes its in-flight request
-//! (hyper's graceful shutdown). Connection tasks are tracked by the
-//! lifecycle's tracker; upgraded connections are owned by their relay tasks.
+//! the connections serve requests with), the set of running listeners and
+//! their accept-loop tracker, and the process-wide descriptor reserve
+//! ([`FdGuard`], whose monitor task the wiring module runs). `start` spawns
+//! a listener's accept loop; the loop stops when the shutdown token is
+//! cancelled or a reload stops the listener; each HTTP connection then
+//! finishes its in-flight request (hyper's graceful shutdown). Connection
+//! tasks are tracked by the lifecycle's tracker; upgraded connections are
+//! owned by their relay tasks.
+//!
+//! Every accepted socket is admitted or refused at once (`limits`): a
+//! refused one (listener full, its address over its cap, or berth inside
+//! its descriptor reserve) is closed before anything is read from it, and
+//! counted in `berth_connections_refused_total`.
+
+mod conn;
 
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use futures_util::FutureExt;
+use prometheus::IntCounter;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ListenerConfig;
-use crate::io::ClientStream;
-use crate::proxy::{self, ConnInfo, ProxyContext};
-use crate::tls_stream;
+use crate::limits::{Caps, FdGuard, ListenerLimits, Refusal};
+use crate::metrics::Metrics;
+use crate::proxy::ProxyContext;
 
 /// What a listener's connections need to know.
 pub struct ListenerSpec {
@@ -40,6 +50,8 @@ pub struct ListenerSpec {
 pub struct ListenerSettings {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub handshake_timeout: Duration,
+    pub caps: Caps,
+    pub max_header_bytes: usize,
 }
 
 impl ListenerSettings {
@@ -47,6 +59,11 @@ impl ListenerSettings {
         ListenerSettings {
             tls: config.tls.as_ref().map(|t| Arc::clone(&t.server_config)),
             handshake_timeout: config.handshake_timeout,
+            caps: Caps {
+                max_connections: config.max_connections,
+                max_connections_per_ip: config.max_connections_per_ip,
+            },
+            max_header_bytes: config.max_header_bytes,
         }
     }
 }
@@ -85,6 +102,8 @@ impl BoundListener {
 /// the listeners accepting now.
 pub struct ListenerContext {
     pub proxy: Arc<ProxyContext>,
+    /// The descriptor reserve, shared by every listener.
+    pub fds: Arc<FdGuard>,
     /// Accept loops (listeners come and go with reloads).
     accept_loops: TaskTracker,
     running: Mutex<Vec<RunningListener>>,
@@ -96,12 +115,15 @@ pub struct RunningListener {
     /// The configured bind address (port 0 stays 0 here).
     pub bind: SocketAddr,
     pub addr: SocketAddr,
+    /// Its connection counts (they live as long as its socket).
+    pub limits: Arc<ListenerLimits>,
 }
 
 impl ListenerContext {
     pub fn new(proxy: Arc<ProxyContext>) -> ListenerContext {
         ListenerContext {
             proxy,
+            fds: Arc::new(FdGuard::new()),
             accept_loops: TaskTracker::new(),
             running: Mutex::new(Vec::new()),
         }
@@ -125,13 +147,22 @@ impl ListenerContext {
             .connections_active
             .with_label_values(&[&bound.spec.name])
             .add(0);
+        let limits = Arc::new(ListenerLimits::new(Arc::clone(&self.fds)));
         let entry = RunningListener {
             spec: Arc::clone(&bound.spec),
             bind: bound.bind,
             addr: bound.addr,
+            limits: Arc::clone(&limits),
         };
-        self.accept_loops
-            .spawn(accept_loop(bound.socket, bound.spec, Arc::clone(self)));
+        let accept = Accept {
+            counters: Refused::new(&self.proxy.metrics, &bound.spec.name),
+            spec: bound.spec,
+            limits,
+            ctx: Arc::clone(self),
+            trouble: None,
+            full: false,
+        };
+        self.accept_loops.spawn(accept.run(bound.socket));
         self.running().push(entry);
     }
 
@@ -158,6 +189,14 @@ impl ListenerContext {
         stopped
     }
 
+    /// A running listener's connection counts, by name.
+    pub fn limits(&self, name: &str) -> Option<Arc<ListenerLimits>> {
+        self.running()
+            .iter()
+            .find(|l| &*l.spec.name == name)
+            .map(|l| Arc::clone(&l.limits))
+    }
+
     /// The listeners currently accepting, by name and address.
     pub fn addrs(&self) -> HashMap<String, SocketAddr> {
         self.running()
@@ -174,221 +213,166 @@ impl ListenerContext {
     }
 }
 
-/// Accepts until shutdown or until the listener is stopped by a reload.
-/// Accept errors (EMFILE and the like) back off briefly instead of ending
-/// the loop.
-async fn accept_loop(listener: TcpListener, spec: Arc<ListenerSpec>, ctx: Arc<ListenerContext>) {
-    let lifecycle = &ctx.proxy.lifecycle;
-    loop {
-        let accepted = tokio::select! {
-            _ = lifecycle.shutdown.cancelled() => break,
-            _ = spec.stop.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let spec = Arc::clone(&spec);
-                let proxy = Arc::clone(&ctx.proxy);
-                lifecycle
-                    .tracker
-                    .spawn(serve_connection(stream, peer, spec, proxy));
-            }
-            Err(e) => {
-                tracing::warn!(listener = %spec.name, error = %e, "accept failed; backing off");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-async fn serve_connection(
-    tcp: TcpStream,
-    peer: SocketAddr,
+/// One listener's accept loop and its state.
+struct Accept {
     spec: Arc<ListenerSpec>,
-    ctx: Arc<ProxyContext>,
-) {
-    // The gauge goes up now and down when the last holder of the
-    // connection's `ConnInfo` lets go: this task, or the relay after an upgrade.
-    let open_gauge = ctx
-        .metrics
-        .connections_active
-        .with_label_values(&[&spec.name]);
-    open_gauge.inc();
-    let mut info = ConnInfo {
-        peer,
-        listener: Arc::clone(&spec.name),
-        tls: false,
-        open_gauge,
-    };
+    limits: Arc<ListenerLimits>,
+    ctx: Arc<ListenerContext>,
+    counters: Refused,
+    /// The current back-off after failed accepts (None: accepting fine).
+    trouble: Option<Duration>,
+    /// Whether the listener is refusing at `max_connections` (logged once
+    /// per episode).
+    full: bool,
+}
 
-    let settings = spec.settings.load_full();
-    let stream = match &settings.tls {
-        None => ClientStream::Plain(tcp),
-        Some(config) => {
-            let Some(stream) = tls_handshake(tcp, &info, &settings, config, &ctx).await else {
-                return;
-            };
-            ClientStream::Tls(Box::new(stream))
+/// `berth_connections_refused_total` for one listener, resolved once.
+struct Refused {
+    listener_full: IntCounter,
+    per_ip: IntCounter,
+    fd_limit: IntCounter,
+}
+
+impl Refused {
+    fn new(metrics: &Metrics, listener: &str) -> Refused {
+        let c = |reason: Refusal| {
+            metrics
+                .connections_refused
+                .with_label_values(&[listener, reason.label()])
+        };
+        Refused {
+            listener_full: c(Refusal::ListenerFull),
+            per_ip: c(Refusal::PerIp),
+            fd_limit: c(Refusal::FdLimit),
         }
-    };
-    info.tls = settings.tls.is_some();
-    let info = Arc::new(info);
-    let svc_ctx = Arc::clone(&ctx);
-    let service = service_fn(move |req| proxy::serve(req, Arc::clone(&info), Arc::clone(&svc_ctx)));
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.handshake_timeout)
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
-    tokio::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(e) = res {
-                tracing::debug!(client = %peer, error = %e, "connection ended with an error");
-            }
+    }
+
+    fn count(&self, reason: Refusal) {
+        match reason {
+            Refusal::ListenerFull => &self.listener_full,
+            Refusal::PerIp => &self.per_ip,
+            Refusal::FdLimit => &self.fd_limit,
         }
-        _ = ctx.lifecycle.shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
+        .inc();
     }
 }
 
-/// The TLS handshake under `handshake_timeout`, counted by result; `None`
-/// when it failed or timed out (the connection is then dropped).
-async fn tls_handshake(
-    tcp: TcpStream,
-    info: &ConnInfo,
-    settings: &ListenerSettings,
-    config: &Arc<rustls::ServerConfig>,
-    ctx: &ProxyContext,
-) -> Option<tls_stream::ServerTlsStream> {
-    let listener = &*info.listener;
-    let started = Instant::now();
-    let result = tokio::time::timeout(
-        settings.handshake_timeout,
-        tls_stream::accept(tcp, Arc::clone(config)),
+/// The first back-off after a failed accept, and the longest.
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Accept errors that concern one connection only (it went away before it
+/// was accepted): the next accept is tried at once.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
     )
-    .await;
-    let label = match &result {
-        Ok(Ok(_)) => "ok",
-        Ok(Err(_)) => "error",
-        Err(_) => "timeout",
-    };
-    let m = &ctx.metrics;
-    m.tls_handshakes.with_label_values(&[listener, label]).inc();
-    match result {
-        Ok(Ok(s)) => {
-            m.tls_duration
-                .with_label_values(&[listener])
-                .observe(started.elapsed().as_secs_f64());
-            if s.resumed() {
-                m.tls_resumed.with_label_values(&[listener]).inc();
+}
+
+/// EMFILE (the process's limit) or ENFILE (the system's).
+fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+impl Accept {
+    /// Accepts until shutdown or until the listener is stopped by a reload.
+    async fn run(mut self, listener: TcpListener) {
+        let lifecycle = Arc::clone(&self.ctx.proxy.lifecycle);
+        loop {
+            let accepted = tokio::select! {
+                _ = lifecycle.shutdown.cancelled() => break,
+                _ = self.spec.stop.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    if self.trouble.take().is_some() {
+                        tracing::info!(listener = %self.spec.name, "accepting again");
+                    }
+                    self.admit(stream, peer);
+                }
+                Err(e) if is_per_connection(&e) => {}
+                Err(e) if is_out_of_descriptors(&e) => {
+                    // Out of descriptors although the reserve should have
+                    // prevented it: accept the pending connection with the
+                    // spare descriptor and close it, so it does not wait in
+                    // the backlog; back off when even that fails.
+                    let closed = self
+                        .ctx
+                        .fds
+                        .with_spare(|| matches!(listener.accept().now_or_never(), Some(Ok(_))));
+                    if closed {
+                        self.counters.count(Refusal::FdLimit);
+                    } else {
+                        self.back_off(&e).await;
+                    }
+                }
+                Err(e) => self.back_off(&e).await,
             }
-            Some(s)
         }
-        Ok(Err(e)) => {
-            tracing::debug!(client = %info.peer, listener, error = %e, "TLS handshake failed");
-            None
+    }
+
+    /// Serves an accepted socket, or closes it at once (nothing read, no
+    /// TLS) when it is refused.
+    fn admit(&mut self, stream: tokio::net::TcpStream, peer: SocketAddr) {
+        let caps = self.spec.settings.load().caps;
+        match self.limits.admit(peer.ip(), caps) {
+            Ok(slot) => {
+                if std::mem::take(&mut self.full) {
+                    tracing::info!(listener = %self.spec.name, "below max_connections again: accepting");
+                }
+                let _ = stream.set_nodelay(true);
+                let spec = Arc::clone(&self.spec);
+                let proxy = Arc::clone(&self.ctx.proxy);
+                self.ctx
+                    .proxy
+                    .lifecycle
+                    .tracker
+                    .spawn(conn::serve(stream, peer, spec, proxy, slot));
+            }
+            Err(reason) => {
+                drop(stream);
+                self.counters.count(reason);
+                match reason {
+                    Refusal::ListenerFull if !self.full => {
+                        self.full = true;
+                        tracing::warn!(
+                            listener = %self.spec.name,
+                            max_connections = caps.max_connections,
+                            "listener at max_connections: refusing new connections until some close"
+                        );
+                    }
+                    Refusal::PerIp => {
+                        tracing::debug!(listener = %self.spec.name, client = %peer, "over max_connections_per_ip: refused");
+                    }
+                    // The descriptor reserve logs its own episodes.
+                    _ => {}
+                }
+            }
         }
-        Err(_) => {
-            tracing::debug!(client = %info.peer, listener, "TLS handshake timed out");
-            None
+    }
+
+    /// Waits before the next accept after a failure: from 10 ms, doubling
+    /// to 1 s while failures go on. Logged once per episode.
+    async fn back_off(&mut self, e: &io::Error) {
+        let delay = match self.trouble {
+            None => {
+                tracing::warn!(listener = %self.spec.name, error = %e, "accept failed; backing off until it succeeds again");
+                BACKOFF_MIN
+            }
+            Some(d) => (d * 2).min(BACKOFF_MAX),
+        };
+        self.trouble = Some(delay);
+        tokio::select! {
+            _ = self.ctx.proxy.lifecycle.shutdown.cancelled() => {}
+            _ = self.spec.stop.cancelled() => {}
+            _ = tokio::time::sleep(delay) => {}
         }
     }
 }
-
 #[cfg(test)]
-mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    use super::*;
-    use crate::proxy::testing;
-
-    const CONFIG: &str = r#"
-[[listeners]]
-name = "public"
-bind = "127.0.0.1:0"
-
-[[routes]]
-host = "only.example"
-pool = "main"
-
-[[pools.main.backends]]
-id = "b1"
-address = "127.0.0.1:9"
-"#;
-
-    /// A listener context with `public` accepting; its address.
-    fn started() -> (Arc<ListenerContext>, SocketAddr) {
-        let proxy = testing::context(CONFIG);
-        let ctx = Arc::new(ListenerContext::new(Arc::clone(&proxy)));
-        let lc = &proxy.routing.load().config.listeners[0];
-        ctx.start(BoundListener::bind(lc).unwrap());
-        let addr = ctx.addrs()["public"];
-        (ctx, addr)
-    }
-
-    fn open_connections(ctx: &ListenerContext) -> i64 {
-        ctx.proxy
-            .metrics
-            .connections_active
-            .with_label_values(&["public"])
-            .get()
-    }
-
-    /// Waits (up to 5 s) for `check` to hold.
-    async fn eventually(what: &str, check: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !check() {
-            assert!(Instant::now() < deadline, "never: {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    #[tokio::test]
-    async fn a_connection_is_served_and_counted() {
-        let (ctx, addr) = started();
-        assert_eq!(open_connections(&ctx), 0);
-        let mut client = TcpStream::connect(addr).await.unwrap();
-        client
-            .write_all(b"GET /x HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = vec![0u8; 1024];
-        let n = client.read(&mut buf).await.unwrap();
-        let head = String::from_utf8_lossy(&buf[..n]);
-        assert!(head.starts_with("HTTP/1.1 404"), "{head}");
-        assert!(
-            head.contains("no route matches this host and path"),
-            "{head}"
-        );
-        assert_eq!(open_connections(&ctx), 1);
-        drop(client);
-        eventually("the gauge drops", || open_connections(&ctx) == 0).await;
-    }
-
-    #[tokio::test]
-    async fn a_stopped_listener_stops_accepting() {
-        let (ctx, addr) = started();
-        let spec = Arc::clone(&ctx.snapshot()[0].0);
-        assert_eq!(ctx.stop(&[&spec]), ["public"]);
-        assert!(ctx.addrs().is_empty());
-        // The accept loop ends and closes the socket.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect(addr).await.is_ok() {
-            assert!(Instant::now() < deadline, "still accepting");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    #[tokio::test]
-    async fn shutdown_ends_the_accept_loops() {
-        let (ctx, _addr) = started();
-        ctx.proxy.lifecycle.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(5), ctx.stopped())
-            .await
-            .expect("accept loops ended");
-    }
-}
+mod tests;
