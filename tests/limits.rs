@@ -350,6 +350,49 @@ async fn heads_over_max_header_bytes_get_431_and_long_request_lines_414() {
     proxy.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_slowloris_on_the_admin_port_does_not_stop_metrics_or_a_drain() {
+    let backend = WsBackend::start("b1").await;
+    let proxy = Proxy::start(&config_for(&[backend.addr], "")).await;
+    let admin = proxy.admin.unwrap();
+    // 100 connections that send half a request head and then nothing.
+    let mut slow = Vec::new();
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(admin).await.unwrap();
+        s.write_all(b"GET /metr").await.unwrap();
+        slow.push(s);
+    }
+    let started = Instant::now();
+    let (status, body) = admin_request(admin, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("berth_connections_active"), "{body}");
+    let (status, _) = admin_request(admin, "GET", "/healthz", None).await;
+    assert_eq!(status, 200);
+    let (status, body) =
+        admin_request(admin, "POST", "/admin/pools/main/backends/b1/drain", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the admin API took {:?}",
+        started.elapsed()
+    );
+    // The oldest slow connections were closed to make room.
+    let mut closed = 0;
+    for s in &mut slow {
+        if closed_within(s, Duration::from_millis(10)).await {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= 100 - 32,
+        "only {closed} of 100 slow connections were closed"
+    );
+    // The rest are cut off by the head timeout.
+    let mut last = slow.pop().unwrap();
+    assert!(closed_within(&mut last, Duration::from_secs(8)).await);
+    proxy.shutdown().await;
+}
+
 /// utime + stime of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
