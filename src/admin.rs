@@ -514,6 +514,36 @@ weight = 3
         );
     }
 
+    #[test]
+    fn at_the_cap_the_longest_waiting_head_is_evicted_and_busy_ones_are_not() {
+        let conns = Arc::new(Mutex::new(AdminConns::default()));
+        let mut held: Vec<(AdminSlot, CancellationToken)> = (0..ADMIN_MAX_CONNECTIONS)
+            .map(|_| admit(&conns).unwrap())
+            .collect();
+        // The first two have sent their heads: they can no longer be evicted.
+        held[0].0.busy();
+        held[1].0.busy();
+        let (newcomer, _) = admit(&conns).unwrap();
+        let cancelled: Vec<usize> = (0..held.len())
+            .filter(|&i| held[i].1.is_cancelled())
+            .collect();
+        assert_eq!(cancelled, [2]);
+        // The evicted connection's task ends and gives its place back.
+        held.remove(2);
+        assert_eq!(lock(&conns).open, ADMIN_MAX_CONNECTIONS);
+        // Everyone busy: a new connection is refused.
+        for (slot, _) in &held {
+            slot.busy();
+        }
+        assert_eq!(lock(&conns).waiting.len(), 1);
+        newcomer.busy();
+        assert!(admit(&conns).is_none());
+        drop(held);
+        assert_eq!(lock(&conns).open, 1);
+        drop(newcomer);
+        assert_eq!(lock(&conns).open, 0);
+    }
+
     #[tokio::test]
     async fn without_a_token_mutations_are_open() {
         let ctx = context(&CONFIG.replace("token = \"s3cret-token\"\n", ""));

@@ -7,7 +7,7 @@
 //!
 //! The ranges are a documented contract: README.md's Configuration tables
 //! and config/berth.toml's comments state each one, and a unit test checks
-//! that the README agrees with [`DURATIONS`] and [`NUMBERS`].
+//! that the README agrees with [`DURATIONS`], [`NUMBERS`] and [`SIZES`].
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;

@@ -92,3 +92,43 @@ async fn shutdown_ends_the_accept_loops() {
         .await
         .expect("accept loops ended");
 }
+
+#[tokio::test]
+async fn over_max_connections_a_socket_is_closed_unread_and_counted() {
+    let proxy = testing::context(&CONFIG.replace(
+        "bind = \"127.0.0.1:0\"",
+        "bind = \"127.0.0.1:0\"\nmax_connections = 1",
+    ));
+    let ctx = Arc::new(ListenerContext::new(Arc::clone(&proxy)));
+    let lc = &proxy.routing.load().config.listeners[0];
+    ctx.start(BoundListener::bind(lc).unwrap());
+    let addr = ctx.addrs()["public"];
+    let limits = ctx.limits("public").unwrap();
+
+    // The first connection sends nothing yet: it holds the only place.
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    eventually("the first connection is counted", || limits.open() == 1).await;
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(2), second.read(&mut buf))
+        .await
+        .expect("closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let refused = proxy
+        .metrics
+        .connections_refused
+        .with_label_values(&["public", "listener_full"]);
+    eventually("the refusal is counted", || refused.get() == 1).await;
+
+    // The first is still served.
+    first
+        .write_all(b"GET / HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n")
+        .await
+        .unwrap();
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 404"));
+    drop(first);
+    eventually("the place is given back", || limits.open() == 0).await;
+    assert_eq!(ctx.fds.clients(), 0);
+}
