@@ -351,6 +351,91 @@ async fn heads_over_max_header_bytes_get_431_and_long_request_lines_414() {
 }
 
 #[tokio::test]
+async fn frames_sent_in_the_same_write_as_the_upgrade_reach_the_backend() {
+    let backend = WsBackend::start("b1").await;
+    let proxy = Proxy::start(&config_for(&[backend.addr], "")).await;
+    // A small head, and a 20 KiB one that hyper reads in several pieces.
+    for extra in [
+        String::new(),
+        format!("X-Big: {}\r\n", "b".repeat(20 * 1024)),
+    ] {
+        let mut bytes = upgrade_head("/", &extra).into_bytes();
+        bytes.extend(client_frame(true, 1, b"first"));
+        bytes.extend(client_frame(true, 1, b"second"));
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(&bytes).await.unwrap();
+        assert!(read_head(&mut s).await.starts_with("HTTP/1.1 101"));
+        for text in ["first", "second"] {
+            let frame = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut s))
+                .await
+                .unwrap();
+            assert_eq!(frame, Some((true, 1, text.as_bytes().to_vec())));
+        }
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn handshake_timeout_bounds_the_tls_handshake_and_the_first_head_together() {
+    let backend = WsBackend::start("b1").await;
+    let proxy = Proxy::start(&with_listener_keys(
+        &[backend.addr],
+        "handshake_timeout = \"600ms\"",
+    ))
+    .await;
+    // Half a head, then nothing: closed without an answer at the deadline.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+    assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(550) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    // Over TLS the same deadline covers the handshake and the head: a
+    // handshake after 400 ms leaves 200 ms for the head.
+    let started = Instant::now();
+    let tcp = TcpStream::connect(proxy.tls_addr.unwrap()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut tls = tokio_rustls::TlsConnector::from(tls_client_config())
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+    let mut b = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut b))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(550) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    // A head in time is served.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    assert!(upgrade(&mut s).await.starts_with("HTTP/1.1 101"));
+    drop(s);
+    // Bytes that are not HTTP get hyper's 400 at once, not a wait.
+    let started = Instant::now();
+    let (_s, head) = raw_request(proxy.addr, "\u{16}\u{3}\u{1}\u{0}\u{5}hello\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_metric(
+        proxy.admin.unwrap(),
+        r#"berth_requests_rejected_total{listener="public",status="400"}"#,
+        1.0,
+    )
+    .await;
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_slowloris_on_the_admin_port_does_not_stop_metrics_or_a_drain() {
     let backend = WsBackend::start("b1").await;
     let proxy = Proxy::start(&config_for(&[backend.addr], "")).await;
