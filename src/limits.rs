@@ -323,6 +323,18 @@ impl FdGuard {
     /// until `shutdown`; an accept that failed for lack of descriptors
     /// wakes it at once.
     pub async fn monitor(self: Arc<Self>, shutdown: CancellationToken) {
+        let limit = self.limit();
+        let room = self.room_for_clients();
+        if room < 100 {
+            tracing::warn!(limit, reserve = fd_reserve(limit), client_connections = room, "the open-file limit leaves room for very few client connections; raise it (LimitNOFILE= under systemd, ulimit -n)");
+        } else {
+            tracing::info!(
+                limit,
+                reserve = fd_reserve(limit),
+                client_connections = room,
+                "open-file limit and reserve"
+            );
+        }
         loop {
             let me = Arc::clone(&self);
             // A directory read of up to the whole limit's entries: off the
@@ -367,6 +379,13 @@ impl FdGuard {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         }
+    }
+
+    /// How many more client connections fit above the reserve now.
+    pub fn room_for_clients(&self) -> u64 {
+        let limit = self.limit();
+        let used = self.estimate(self.clients()) + fd_reserve(limit);
+        limit.saturating_sub(used) / 2
     }
 
     /// Client connections open on every listener.
@@ -483,8 +502,11 @@ mod tests {
         assert!(fds.refusing.load(Ordering::Relaxed));
         assert_eq!(fds.refused.load(Ordering::Relaxed), 1);
         drop(slots);
-        assert!(l.admit(ip("10.0.0.1"), Caps::default()).is_ok());
+        assert_eq!(fds.room_for_clients(), 350);
+        let again = l.admit(ip("10.0.0.1"), Caps::default()).unwrap();
         assert!(!fds.refusing.load(Ordering::Relaxed));
+        assert_eq!(fds.room_for_clients(), 349);
+        drop(again);
     }
 
     #[test]
