@@ -11,11 +11,6 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
-/// Label values for `reason` of `berth_connections_refused_total`.
-pub const REFUSED_LISTENER_FULL: &str = "listener_full";
-pub const REFUSED_PER_IP: &str = "per_ip";
-pub const REFUSED_FD_LIMIT: &str = "fd_limit";
-
 /// Label values for `direction`.
 pub const CLIENT_TO_BACKEND: &str = "client_to_backend";
 pub const BACKEND_TO_CLIENT: &str = "backend_to_client";
@@ -157,7 +152,7 @@ impl Metrics {
             connections_refused: counter(
                 &r,
                 "berth_connections_refused_total",
-                "Client connections closed at accept, by reason: listener_full, per_ip or fd_limit.",
+                "Client connections closed right after accept, unread, by reason: fd_limit, listener_full or per_ip.",
                 &["listener", "reason"],
             )?,
             requests_rejected: counter(

@@ -40,7 +40,8 @@ use crate::proxy::ProxyContext;
 /// What a listener's connections need to know.
 pub struct ListenerSpec {
     pub name: Arc<str>,
-    /// TLS and timeouts; swapped on reload without touching the socket.
+    /// TLS, timeouts and limits; swapped on reload without touching the
+    /// socket.
     pub settings: ArcSwap<ListenerSettings>,
     /// Cancelled when a reload removes or rebinds this listener.
     pub stop: CancellationToken,
