@@ -12,9 +12,16 @@
 //! that at the end of shutdown); then each connection finishes its answer
 //! in progress within [`CLOSE_GRACE`] (an event stream ends as soon as the
 //! sampler stops) and the loop returns.
+//!
+//! The admin port must answer while client traffic misbehaves: it has its
+//! own small connection cap ([`ADMIN_MAX_CONNECTIONS`], inside the
+//! descriptor reserve, so it works while client listeners refuse at their
+//! descriptor limit), a request-head timeout, one request per connection,
+//! and at the cap a new connection evicts the one that has waited longest
+//! for its request head.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,11 +32,14 @@ use hyper::body::Frame;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use subtle::ConstantTimeEq;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::body::{full, text_response, ProxyBody};
+use crate::io::head::Head;
+use crate::io::ClientStream;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::reload::ReloadContext;
@@ -50,9 +60,85 @@ pub struct AdminContext {
     pub status: Feed,
 }
 
-/// Serves the admin API on `listener` until `stop` is cancelled.
+/// Admin connections open at once. The descriptor reserve has room for
+/// them whatever the client listeners do.
+pub const ADMIN_MAX_CONNECTIONS: usize = 32;
+/// The time an admin connection has to send its request head.
+pub const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest admin request head.
+const ADMIN_MAX_HEAD: usize = 8 * 1024;
+
+/// The admin connections open, and those still waiting for their request
+/// head, oldest first, each with the token that closes it.
+#[derive(Default)]
+struct AdminConns {
+    open: usize,
+    next_id: u64,
+    waiting: std::collections::VecDeque<(u64, CancellationToken)>,
+}
+
+/// An admin connection's place; dropping it gives the place back.
+struct AdminSlot {
+    conns: Arc<Mutex<AdminConns>>,
+    id: u64,
+}
+
+impl AdminSlot {
+    /// The head has arrived: the connection can no longer be evicted.
+    fn busy(&self) {
+        lock(&self.conns).waiting.retain(|(id, _)| *id != self.id);
+    }
+}
+
+impl Drop for AdminSlot {
+    fn drop(&mut self) {
+        let mut conns = lock(&self.conns);
+        conns.open -= 1;
+        conns.waiting.retain(|(id, _)| *id != self.id);
+    }
+}
+
+fn lock(conns: &Mutex<AdminConns>) -> MutexGuard<'_, AdminConns> {
+    match conns.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Takes a place for a new admin connection. At the cap, the connection
+/// that has waited longest for its request head gives up its place (so a
+/// client that opens connections and sends nothing cannot keep /metrics or
+/// a drain out); with none waiting, `None`.
+fn admit(conns: &Arc<Mutex<AdminConns>>) -> Option<(AdminSlot, CancellationToken)> {
+    let mut c = lock(conns);
+    if c.open >= ADMIN_MAX_CONNECTIONS {
+        let (_, evicted) = c.waiting.pop_front()?;
+        evicted.cancel();
+    }
+    c.open += 1;
+    c.next_id += 1;
+    let id = c.next_id;
+    let token = CancellationToken::new();
+    c.waiting.push_back((id, token.clone()));
+    let slot = AdminSlot {
+        conns: Arc::clone(conns),
+        id,
+    };
+    Some((slot, token))
+}
+
+/// Serves the admin API on `listener` until `stop` is cancelled: at most
+/// [`ADMIN_MAX_CONNECTIONS`] connections, each with [`ADMIN_HEAD_TIMEOUT`]
+/// for its request head and one request (no keep-alive), so no client can
+/// hold the admin port.
 pub async fn serve(listener: TcpListener, ctx: Arc<AdminContext>, stop: CancellationToken) {
     let connections = TaskTracker::new();
+    let conns = Arc::new(Mutex::new(AdminConns::default()));
+    let refused = ctx
+        .metrics
+        .connections_refused
+        .with_label_values(&["admin", crate::limits::Refusal::ListenerFull.label()]);
+    let mut failing = false;
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -61,28 +147,25 @@ pub async fn serve(listener: TcpListener, ctx: Arc<AdminContext>, stop: Cancella
         let stream = match accepted {
             Ok((stream, _peer)) => stream,
             Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(error = %e, "admin accept failed; backing off until it succeeds again");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        failing = false;
+        let Some((slot, evicted)) = admit(&conns) else {
+            refused.inc();
+            continue;
+        };
         let ctx = Arc::clone(&ctx);
         let stop = stop.clone();
         connections.spawn(async move {
-            let svc = service_fn(move |req| {
-                let ctx = Arc::clone(&ctx);
-                async move { Ok::<_, Infallible>(route(req, &ctx).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
             tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+                _ = evicted.cancelled() => {}
+                _ = serve_connection(stream, &slot, ctx, &stop) => {}
             }
-            let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
         });
     }
     drop(listener);
@@ -152,6 +235,54 @@ impl Target {
             _ => Method::GET,
         }
     }
+}
+
+/// One admin connection: its request head within [`ADMIN_HEAD_TIMEOUT`],
+/// then one request; when `stop` is cancelled, the answer in progress gets
+/// [`CLOSE_GRACE`] to finish.
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    slot: &AdminSlot,
+    ctx: Arc<AdminContext>,
+    stop: &CancellationToken,
+) {
+    let mut stream = ClientStream::plain(tcp);
+    let head = tokio::select! {
+        _ = stop.cancelled() => return,
+        head = tokio::time::timeout(
+            ADMIN_HEAD_TIMEOUT,
+            crate::io::head::read_head(&mut stream, ADMIN_MAX_HEAD),
+        ) => head,
+    };
+    let refusal = match head {
+        Ok(Head::Ready(bytes)) => {
+            slot.busy();
+            stream.unread(bytes);
+            None
+        }
+        Ok(Head::LineTooLong) => Some(414),
+        Ok(Head::TooLarge) => Some(431),
+        Ok(Head::Closed) | Err(_) => return,
+    };
+    if let Some(status) = refusal {
+        let _ = stream.write_all(crate::io::head::refusal(status)).await;
+        return;
+    }
+    let svc = service_fn(move |req| {
+        let ctx = Arc::clone(&ctx);
+        async move { Ok::<_, Infallible>(route(req, &ctx).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ADMIN_HEAD_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
 }
 
 /// Answers one admin request (the body is never read).
@@ -678,6 +809,36 @@ weight = 3
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.headers()["content-type"], "text/event-stream");
         assert_eq!(resp.headers()["cache-control"], "no-store");
+    }
+
+    #[test]
+    fn at_the_cap_the_longest_waiting_head_is_evicted_and_busy_ones_are_not() {
+        let conns = Arc::new(Mutex::new(AdminConns::default()));
+        let mut held: Vec<(AdminSlot, CancellationToken)> = (0..ADMIN_MAX_CONNECTIONS)
+            .map(|_| admit(&conns).unwrap())
+            .collect();
+        // The first two have sent their heads: they can no longer be evicted.
+        held[0].0.busy();
+        held[1].0.busy();
+        let (newcomer, _) = admit(&conns).unwrap();
+        let cancelled: Vec<usize> = (0..held.len())
+            .filter(|&i| held[i].1.is_cancelled())
+            .collect();
+        assert_eq!(cancelled, [2]);
+        // The evicted connection's task ends and gives its place back.
+        held.remove(2);
+        assert_eq!(lock(&conns).open, ADMIN_MAX_CONNECTIONS);
+        // Everyone busy: a new connection is refused.
+        for (slot, _) in &held {
+            slot.busy();
+        }
+        assert_eq!(lock(&conns).waiting.len(), 1);
+        newcomer.busy();
+        assert!(admit(&conns).is_none());
+        drop(held);
+        assert_eq!(lock(&conns).open, 1);
+        drop(newcomer);
+        assert_eq!(lock(&conns).open, 0);
     }
 
     #[tokio::test]

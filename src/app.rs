@@ -11,6 +11,9 @@
 //! lifecycle, metrics, config path); the status [`Sampler`] and its feed;
 //! the [`AdminContext`] (routing, metrics, lifecycle, reload, status feed).
 //!
+//! `run` also starts the descriptor reserve's monitor
+//! (`limits::FdGuard::monitor`), which ends with the shutdown token.
+//!
 //! Shutdown: the token is cancelled; accept loops stop; HTTP connections
 //! finish their in-flight request; every WebSocket relay sends Close 1001,
 //! the closes spread over `shutdown_window`; once all tracked tasks are done
@@ -174,6 +177,7 @@ impl App {
         for bound in pending {
             listeners.start(bound);
         }
+        tokio::spawn(Arc::clone(&listeners.fds).monitor(lifecycle.shutdown.clone()));
         let metrics = &listeners.proxy.metrics;
         for pool in routing.load().pools.values() {
             crate::balancer::health::start(pool, metrics, &lifecycle.shutdown);

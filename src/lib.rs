@@ -25,7 +25,10 @@
 //! - 5 `config`: the TOML file, validation, and every problem with file:line: key.
 //! - 5 `metrics`: metric names and the registry.
 //! - 5 `body`: the response body type and berth's own short responses.
-//! - 5 `io`: the client stream type, plain or TLS.
+//! - 5 `io`: the client stream type, plain or TLS, and the reading of a
+//!   connection's first request head.
+//! - 5 `limits`: connection admission: listener and per-address caps, the
+//!   file-descriptor reserve.
 //! - 5 `tls`: PEM loading and the rustls server configuration.
 //! - 5 `tls_stream`: the server side of a TLS connection on rustls's unbuffered API.
 #![forbid(unsafe_code)]
@@ -42,6 +45,7 @@ pub mod demo;
 pub mod drain;
 pub mod io;
 pub mod lifecycle;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;

@@ -82,6 +82,8 @@ pub enum MetricsError {
 pub struct Metrics {
     pub registry: Registry,
     pub connections_active: IntGaugeVec,
+    pub connections_refused: IntCounterVec,
+    pub requests_rejected: IntCounterVec,
     pub ws_connections_active: IntGaugeVec,
     pub ws_upgrades: IntCounterVec,
     pub ws_duration: HistogramVec,
@@ -93,7 +95,6 @@ pub struct Metrics {
     pub ws_heartbeat_failures: IntCounterVec,
     pub ws_drained: IntCounterVec,
     pub ws_send_timeouts: IntCounterVec,
-    pub requests_rejected: IntCounterVec,
     pub affinity: IntCounterVec,
     pub backend_up: IntGaugeVec,
     pub backend_state: IntGaugeVec,
@@ -156,6 +157,18 @@ impl Metrics {
                 "berth_connections_active",
                 "Client connections open, per listener.",
                 &["listener"],
+            )?,
+            connections_refused: counter(
+                &r,
+                "berth_connections_refused_total",
+                "Client connections closed right after accept, unread, by reason: fd_limit, listener_full or per_ip.",
+                &["listener", "reason"],
+            )?,
+            requests_rejected: counter(
+                &r,
+                "berth_requests_rejected_total",
+                "Requests berth answered itself before routing, by status (400, 414, 431).",
+                &["listener", "status"],
             )?,
             ws_connections_active: gauge(
                 &r,
@@ -223,12 +236,6 @@ impl Metrics {
                 "berth_websocket_send_timeouts_total",
                 "Peers dropped for accepting no bytes within send_timeout, by side.",
                 &["pool", "side"],
-            )?,
-            requests_rejected: counter(
-                &r,
-                "berth_requests_rejected_total",
-                "Requests berth answered itself before routing, by status.",
-                &["listener", "status"],
             )?,
             affinity: counter(
                 &r,

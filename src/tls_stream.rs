@@ -29,6 +29,8 @@ use tokio::net::TcpStream;
 
 /// Ciphertext read from the socket per read call.
 const READ_CHUNK: usize = 32 * 1024;
+/// Ciphertext read per read call during the handshake.
+const HANDSHAKE_READ: usize = 8 * 1024;
 /// Plaintext accepted per write call (bounds what `outgoing` can hold).
 const MAX_WRITE: usize = 64 * 1024;
 /// Per-record overhead of TLS 1.2/1.3 ciphertext is well under this.
@@ -164,21 +166,28 @@ impl ServerTlsStream {
             if self.read_eof {
                 return Poll::Ready(Err(TlsStreamError::HandshakeEof));
             }
-            // Handshake messages are read straight into `incoming` (it only
-            // lives for the handshake's few round trips).
-            let len = self.incoming.len();
-            self.incoming.resize(len + 8 * 1024, 0);
-            let mut buf = ReadBuf::new(&mut self.incoming[len..]);
-            let polled = Pin::new(&mut self.tcp).poll_read(cx, &mut buf);
-            let n = buf.filled().len();
-            self.incoming.truncate(len + n);
+            // Handshake messages are read into the thread's scratch buffer
+            // and only what arrived is kept in `incoming`, so a client that
+            // stops halfway through its ClientHello holds no more than it
+            // sent.
+            let tcp = &mut self.tcp;
+            let incoming = &mut self.incoming;
+            let polled = SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                if scratch.len() < HANDSHAKE_READ {
+                    scratch.resize(HANDSHAKE_READ, 0);
+                }
+                let mut buf = ReadBuf::new(&mut scratch[..HANDSHAKE_READ]);
+                let polled = Pin::new(tcp).poll_read(cx, &mut buf);
+                let n = buf.filled().len();
+                incoming.extend_from_slice(&scratch[..n]);
+                polled.map_ok(|()| n)
+            });
             match polled {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
-                Poll::Ready(Ok(())) if n == 0 => {
-                    return Poll::Ready(Err(TlsStreamError::HandshakeEof))
-                }
-                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(TlsStreamError::HandshakeEof)),
+                Poll::Ready(Ok(_)) => {}
             }
         }
     }

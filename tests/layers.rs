@@ -14,7 +14,7 @@ use std::path::Path;
 /// A module may refer to modules in its own layer (one way) or below.
 const LAYERS: &str = "main demo > app > admin status reload drain listener > proxy \
                       > balancer auth affinity ws routing lifecycle \
-                      > config metrics body io tls tls_stream";
+                      > config metrics body io limits tls tls_stream";
 
 /// Upward references that another branch removes, with the reason. Each
 /// must still occur: once it is gone, its entry must go too.

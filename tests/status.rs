@@ -138,9 +138,12 @@ async fn events_carry_one_snapshot_a_second_with_live_rates() {
         );
         let fds = &s["process"]["fds"];
         assert!(fds["open"].as_u64().unwrap() >= 8, "{fds}");
+        // The descriptor guard's headroom: what is left above its reserve.
+        let reserve = fds["reserve"].as_u64().unwrap();
+        assert_eq!(reserve, 256 + fds["limit"].as_u64().unwrap() / 100, "{fds}");
         assert_eq!(
             fds["headroom"].as_u64().unwrap(),
-            fds["limit"].as_u64().unwrap() - fds["open"].as_u64().unwrap()
+            fds["limit"].as_u64().unwrap() - fds["open"].as_u64().unwrap() - reserve
         );
         assert_eq!(s["last_reload"]["initial"], true);
         assert_eq!(s["drains"], serde_json::json!([]));

@@ -9,6 +9,8 @@
 //! cargo bench --bench loadgen -- idle --url ws://127.0.0.1:8080/ --connections 9900 --hold 10
 //! cargo bench --bench loadgen -- handshake --url wss://127.0.0.1:8443/ --ca certs/example.crt \
 //!     --concurrency 50 --duration 10
+//! cargo bench --bench loadgen -- half-open --url wss://127.0.0.1:8443/ --stage hello \
+//!     --connections 6000 --watch-pid "$(pidof berth)"
 //! ```
 //!
 //! Every client mode targets loopback only, is bounded in time, and prints one
@@ -113,6 +115,25 @@ enum Command {
         concurrency: usize,
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
+    },
+    /// Opens C connections that stop halfway through the TLS ClientHello
+    /// (`--stage hello`, wss:// only) or the request head (`--stage head`,
+    /// after the TLS handshake over wss://), holds them, and reports how much
+    /// the watched processes' RSS grew per connection.
+    HalfOpen {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// `hello` or `head`.
+        #[arg(long, default_value = "head")]
+        stage: String,
+        /// Seconds to wait after the last connection before measuring.
+        #[arg(long, default_value_t = 2.0)]
+        settle: f64,
+        /// Connections opened at once.
+        #[arg(long, default_value_t = 128)]
+        concurrency: usize,
     },
     /// Writes the markdown report of a `benches/compare.sh` results directory.
     Report {
@@ -308,6 +329,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 concurrency,
             };
             modes::idle(client(c, "127.0.0.2-127.0.0.250").await?, opts).await?
+        }
+        Command::HalfOpen {
+            client: c,
+            connections,
+            stage,
+            settle,
+            concurrency,
+        } => {
+            let stage = match stage.as_str() {
+                "hello" => modes::HalfStage::Hello,
+                "head" => modes::HalfStage::Head,
+                other => bail!("--stage must be hello or head, not {other:?}"),
+            };
+            let opts = modes::HalfOpenOpts {
+                connections,
+                stage,
+                settle: secs(settle, "settle")?,
+                concurrency,
+            };
+            modes::half_open(client(c, "127.0.0.2-127.0.0.250").await?, opts).await?
         }
         Command::Handshake {
             client: c,

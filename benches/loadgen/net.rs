@@ -227,6 +227,24 @@ impl Target {
     /// TCP connect (from `source` if given), TLS, and the WebSocket upgrade.
     /// Returns the stream and any bytes that arrived after the `101` head.
     pub async fn connect(&self, source: Option<Ipv4Addr>) -> Result<(Conn, BytesMut), StageError> {
+        let tcp = self.tcp(source).await?;
+        let mut conn = match &self.tls {
+            Some((connector, name)) => Conn::Tls(Box::new(
+                connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(stage(Stage::Tls))?,
+            )),
+            None => Conn::Plain(tcp),
+        };
+        let leftover = upgrade(&mut conn, &self.host, &self.path)
+            .await
+            .map_err(stage(Stage::Upgrade))?;
+        Ok((conn, leftover))
+    }
+
+    /// The TCP connection alone (from `source` if given), with TCP_NODELAY.
+    pub async fn tcp(&self, source: Option<Ipv4Addr>) -> Result<TcpStream, StageError> {
         let sock = match self.addr {
             SocketAddr::V4(_) => TcpSocket::new_v4(),
             SocketAddr::V6(_) => TcpSocket::new_v6(),
@@ -242,19 +260,7 @@ impl Target {
         }
         let tcp = sock.connect(self.addr).await.map_err(stage(Stage::Tcp))?;
         tcp.set_nodelay(true).map_err(stage(Stage::Tcp))?;
-        let mut conn = match &self.tls {
-            Some((connector, name)) => Conn::Tls(Box::new(
-                connector
-                    .connect(name.clone(), tcp)
-                    .await
-                    .map_err(stage(Stage::Tls))?,
-            )),
-            None => Conn::Plain(tcp),
-        };
-        let leftover = upgrade(&mut conn, &self.host, &self.path)
-            .await
-            .map_err(stage(Stage::Upgrade))?;
-        Ok((conn, leftover))
+        Ok(tcp)
     }
 
     /// `connect` with a time limit.
@@ -271,6 +277,19 @@ impl Target {
             }),
         }
     }
+}
+
+/// The bytes of the ClientHello `connector` would send to `name`.
+pub fn client_hello(
+    connector: &TlsConnector,
+    name: &ServerName<'static>,
+) -> anyhow::Result<Vec<u8>> {
+    let mut conn = rustls::ClientConnection::new(connector.config().clone(), name.clone())?;
+    let mut hello = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut hello)?;
+    }
+    Ok(hello)
 }
 
 /// Sends the upgrade request and checks the `101` and its accept key.

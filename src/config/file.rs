@@ -41,6 +41,10 @@ pub struct FileListener {
     pub bind: Option<String>,
     pub tls: Option<FileTls>,
     pub handshake_timeout: Option<String>,
+    /// Signed, so that a negative count gets a range message.
+    pub max_connections: Option<i64>,
+    pub max_connections_per_ip: Option<i64>,
+    pub max_header_bytes: Option<FileSize>,
 }
 
 /// A listener's `tls = { cert = "...", key = "..." }`.
@@ -198,7 +202,15 @@ pub struct FileBackend {
 
 // The keys of each table, in the order the messages list them.
 const ROOT_KEYS: &[&str] = &["shutdown_window", "listeners", "admin", "routes", "pools"];
-const LISTENER_KEYS: &[&str] = &["name", "bind", "tls", "handshake_timeout"];
+const LISTENER_KEYS: &[&str] = &[
+    "name",
+    "bind",
+    "tls",
+    "handshake_timeout",
+    "max_connections",
+    "max_connections_per_ip",
+    "max_header_bytes",
+];
 const TLS_KEYS: &[&str] = &["cert", "key"];
 const ADMIN_KEYS: &[&str] = &["bind", "token"];
 const ROUTE_KEYS: &[&str] = &["host", "path_prefix", "pool"];
@@ -292,6 +304,9 @@ fn listener(t: &Fields<'_>, report: &mut Report<'_>) -> FileListener {
             key: tls.get(report, "key"),
         }),
         handshake_timeout: t.get(report, "handshake_timeout"),
+        max_connections: t.get(report, "max_connections"),
+        max_connections_per_ip: t.get(report, "max_connections_per_ip"),
+        max_header_bytes: t.get(report, "max_header_bytes"),
     }
 }
 

@@ -60,6 +60,13 @@ pub struct ListenerConfig {
     pub tls: Option<TlsConfig>,
     /// Time allowed for the TLS handshake plus the first request head.
     pub handshake_timeout: Duration,
+    /// Cap on this listener's open client connections; `None`: no cap (the
+    /// process-wide descriptor reserve still applies).
+    pub max_connections: Option<u64>,
+    /// Cap on open connections from one client address (IPv6: one /64).
+    pub max_connections_per_ip: Option<u64>,
+    /// The largest request head (request line plus headers) accepted.
+    pub max_header_bytes: usize,
 }
 
 #[derive(Clone, Debug)]

@@ -7,7 +7,7 @@
 //!
 //! The ranges are a documented contract: README.md's Configuration tables
 //! and config/berth.toml's comments state each one, and a unit test checks
-//! that the README agrees with [`DURATIONS`] and [`NUMBERS`].
+//! that the README agrees with [`DURATIONS`], [`NUMBERS`] and [`SIZES`].
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -153,12 +153,19 @@ pub(super) const UPGRADE_BURST: IntKey = IntKey {
     min: 1,
     max: 1_000_000,
 };
+/// Connections from one client address (an IPv6 /64) on one listener.
+pub(super) const MAX_CONNECTIONS_PER_IP: IntKey = IntKey {
+    name: "max_connections_per_ip",
+    min: 1,
+    max: 1_000_000,
+};
 
 /// Every integer key.
 #[cfg(test)]
 pub(super) const NUMBERS: &[IntKey] = &[
     WEIGHT,
     MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_IP,
     RISE,
     FALL,
     MAX_UPGRADES_PER_SECOND,
@@ -186,9 +193,21 @@ pub(super) const MAX_MESSAGE_SIZE: SizeKey = SizeKey {
     max: GIB,
 };
 
+/// A listener's request line plus headers. The minimum still fits any
+/// ordinary request; the maximum is far above what browsers send (a few
+/// KiB; the largest cookies browsers keep add up to some tens of KiB).
+pub(super) const MAX_HEADER_BYTES: SizeKey = SizeKey {
+    default: Some(64 * KIB),
+    min: KIB,
+    max: MIB,
+};
+
 /// Every size key by name.
 #[cfg(test)]
-pub(super) const SIZES: &[(&str, SizeKey)] = &[("max_message_size", MAX_MESSAGE_SIZE)];
+pub(super) const SIZES: &[(&str, SizeKey)] = &[
+    ("max_message_size", MAX_MESSAGE_SIZE),
+    ("max_header_bytes", MAX_HEADER_BYTES),
+];
 
 /// A size as the README writes it: `512 B`, `64 KiB`, `1 MiB`, in the
 /// largest binary unit that divides it exactly.

@@ -65,6 +65,15 @@ fn example_config_validates() {
     assert_eq!(config.listeners[0].name, "public");
     assert_eq!(config.listeners[0].bind, "127.0.0.1:8080".parse().unwrap());
     assert!(config.listeners[0].tls.is_none());
+    let public = &config.listeners[0];
+    assert_eq!(
+        (
+            public.max_connections,
+            public.max_connections_per_ip,
+            public.max_header_bytes
+        ),
+        (Some(50_000), Some(200), 64 * 1024)
+    );
     let tls = config.listeners[1]
         .tls
         .as_ref()
@@ -197,7 +206,8 @@ fn unknown_nested_keys() {
     assert_eq!(
         errors(&text),
         "berth.toml:3: listeners[0].bnd: unknown field `bnd`, expected one of \
-         `name`, `bind`, `tls`, `handshake_timeout`"
+         `name`, `bind`, `tls`, `handshake_timeout`, `max_connections`, \
+         `max_connections_per_ip`, `max_header_bytes`"
     );
     let text = BASE.replace("address = ", "weight = 2\nadress = ");
     assert_eq!(
@@ -686,6 +696,12 @@ fn numbers_outside_their_range_are_rejected_with_the_range() {
         )
     };
     let pool = |extra: &str| BASE.replace("[pools.chat]", &format!("[pools.chat]\n{extra}"));
+    let listener = |extra: &str| {
+        BASE.replace(
+            "bind = \"127.0.0.1:8080\"",
+            &format!("bind = \"127.0.0.1:8080\"\n{extra}"),
+        )
+    };
     for rule in rules::NUMBERS {
         let text = |n: i64| {
             let line = format!("{} = {n}", rule.name);
@@ -693,6 +709,7 @@ fn numbers_outside_their_range_are_rejected_with_the_range() {
                 "rise" | "fall" => health(&line),
                 "max_upgrades_per_second" => pool(&line),
                 "upgrade_burst" => pool(&format!("max_upgrades_per_second = 1\n{line}")),
+                "max_connections_per_ip" => listener(&line),
                 _ => backend(&line),
             }
         };
@@ -745,8 +762,9 @@ fn readme_documents_every_range() {
         .and_then(|rest| rest.split("\n## ").next())
         .expect("README has a Configuration section");
     // A key qualified by its table (`health.timeout`) is looked up in the
-    // table's own subsection (`### [pools.NAME.health]`).
-    let row = |key: &str| {
+    // table's own subsection (`### [pools.NAME.health]`). `max_connections`
+    // is both a listener and a backend key, with one range: two rows.
+    let rows = |key: &str| {
         let (scope, bare) = match key.split_once('.') {
             Some((table, bare)) => {
                 let heading = section
@@ -763,9 +781,11 @@ fn readme_documents_every_range() {
         };
         let start = format!("| `{bare}` |");
         let rows: Vec<&str> = scope.lines().filter(|l| l.starts_with(&start)).collect();
-        assert_eq!(rows.len(), 1, "README rows for {key}: {rows:?}");
-        rows[0]
+        let expected = if key == "max_connections" { 2 } else { 1 };
+        assert_eq!(rows.len(), expected, "README rows for {key}: {rows:?}");
+        rows
     };
+    let row = |key: &str| rows(key)[0];
     for (key, rule) in rules::DURATIONS {
         let range = format!(
             "`{}` to `{}`",
@@ -785,6 +805,16 @@ fn readme_documents_every_range() {
             );
         }
     }
+    for rule in rules::NUMBERS {
+        let range = format!("`{}` to `{}`", rule.min, rule.max);
+        for row in rows(rule.name) {
+            assert!(
+                row.contains(&range),
+                "README's {} row lacks {range}: {row}",
+                rule.name
+            );
+        }
+    }
     for (key, rule) in rules::SIZES {
         let range = format!(
             "`{}` to `{}`",
@@ -796,15 +826,13 @@ fn readme_documents_every_range() {
             row.contains(&range),
             "README's {key} row lacks {range}: {row}"
         );
-    }
-    for rule in rules::NUMBERS {
-        let range = format!("`{}` to `{}`", rule.min, rule.max);
-        let row = row(rule.name);
-        assert!(
-            row.contains(&range),
-            "README's {} row lacks {range}: {row}",
-            rule.name
-        );
+        if let Some(default) = rule.default {
+            let default = format!("| `\"{}\"` |", rules::human_size(default));
+            assert!(
+                row.contains(&default),
+                "README's {key} row lacks {default}: {row}"
+            );
+        }
     }
 }
 
@@ -864,7 +892,8 @@ weight = "heavy"
             "berth.toml:2: admin: invalid type: integer `5`, expected a map",
             "berth.toml:6: listeners[0].bind: invalid type: integer `8080`, expected a string",
             "berth.toml:7: listeners[0].handshake_timout: unknown field `handshake_timout`, \
-             expected one of `name`, `bind`, `tls`, `handshake_timeout`",
+             expected one of `name`, `bind`, `tls`, `handshake_timeout`, `max_connections`, \
+             `max_connections_per_ip`, `max_header_bytes`",
             "berth.toml:10: routes[0].pool: unknown pool \"nope\" (defined pools: chat)",
             "berth.toml:11: routes[0].weight: unknown field `weight`, expected one of `host`, \
              `path_prefix`, `pool`",
@@ -924,9 +953,11 @@ fn a_misspelt_required_key_is_reported_once() {
     assert_eq!(
         errors(&text),
         "berth.toml:2: listeners[0].nmae: unknown field `nmae`, expected one of `name`, `bind`, \
-         `tls`, `handshake_timeout`\n\
+         `tls`, `handshake_timeout`, `max_connections`, `max_connections_per_ip`, \
+         `max_header_bytes`\n\
          berth.toml:3: listeners[0].tsl: unknown field `tsl`, expected one of `name`, `bind`, \
-         `tls`, `handshake_timeout`"
+         `tls`, `handshake_timeout`, `max_connections`, `max_connections_per_ip`, \
+         `max_header_bytes`"
     );
     // A key that is nothing like the missing one does not excuse it.
     let text = BASE.replace("name = \"public\"", "colour = \"blue\"");
@@ -934,7 +965,8 @@ fn a_misspelt_required_key_is_reported_once() {
         errors(&text),
         "berth.toml:1: listeners[0].name: required key is missing (add e.g. name = \"public\")\n\
          berth.toml:2: listeners[0].colour: unknown field `colour`, expected one of `name`, \
-         `bind`, `tls`, `handshake_timeout`"
+         `bind`, `tls`, `handshake_timeout`, `max_connections`, `max_connections_per_ip`, \
+         `max_header_bytes`"
     );
 }
 
@@ -1374,6 +1406,140 @@ fn pool_limits_outside_their_range_are_rejected() {
         "berth.toml:9: pools.chat.send_timeout: duration must be \"0s\" (off) or between 100ms \
          and 1h, got \"1ns\""
     );
+}
+
+// ---- listener limits ----
+
+#[test]
+fn size_messages_show_the_value_as_written() {
+    use super::file::FileSize::{Bytes, Text};
+    let key = rules::SizeKey {
+        default: None,
+        min: 1,
+        max: 8 << 30,
+    };
+    let text = |t: &str| Text(t.to_string());
+    let good = [
+        (Bytes(1), 1),
+        (Bytes(65536), 65536),
+        (text("512"), 512),
+        (text("512 B"), 512),
+        (text("64 KiB"), 64 << 10),
+        (text("64KiB"), 64 << 10),
+        (text("64 kib"), 64 << 10),
+        (text(" 1 MiB "), 1 << 20),
+        (text("2 GiB"), 2 << 30),
+        (text("32 KB"), 32_000),
+        (text("1 MB"), 1_000_000),
+        (text("1 GB"), 1_000_000_000),
+    ];
+    for (raw, n) in good {
+        assert_eq!(rules::size(&raw, &key), Ok(n), "{raw:?}");
+    }
+    let invalid = |shown: &str| {
+        format!("invalid size {shown} (use a number of bytes, or e.g. \"64 KiB\", \"1 MiB\")")
+    };
+    let bad = [
+        (Bytes(-1), invalid("-1")),
+        (text(""), invalid("\"\"")),
+        (text("KiB"), invalid("\"KiB\"")),
+        (text("1.5 KiB"), invalid("\"1.5 KiB\"")),
+        (text("64 kbit"), invalid("\"64 kbit\"")),
+        (text("-3 KiB"), invalid("\"-3 KiB\"")),
+        (
+            text("99999999999999999999 B"),
+            invalid("\"99999999999999999999 B\""),
+        ),
+        (text("17179869184 GiB"), invalid("\"17179869184 GiB\"")),
+        (Bytes(0), "size must be between 1 B and 8 GiB, got 0".into()),
+        (
+            text("9 GiB"),
+            "size must be between 1 B and 8 GiB, got \"9 GiB\"".into(),
+        ),
+    ];
+    for (raw, message) in bad {
+        assert_eq!(rules::size(&raw, &key), Err(message), "{raw:?}");
+    }
+    assert_eq!(rules::human_size(0), "0 B");
+    assert_eq!(rules::human_size(1000), "1000 B");
+    assert_eq!(rules::human_size(64 << 10), "64 KiB");
+    assert_eq!(rules::human_size(3 << 20), "3 MiB");
+}
+
+#[test]
+fn listener_limits_load_with_their_defaults() {
+    let config = load(BASE);
+    let l = &config.listeners[0];
+    assert_eq!(
+        (
+            l.max_connections,
+            l.max_connections_per_ip,
+            l.max_header_bytes
+        ),
+        (None, None, 64 * 1024)
+    );
+    let text = BASE.replace(
+        "bind = \"127.0.0.1:8080\"",
+        "bind = \"127.0.0.1:8080\"\nmax_connections = 50000\nmax_connections_per_ip = 200\nmax_header_bytes = \"32 KiB\"",
+    );
+    let config = load(&text);
+    let l = &config.listeners[0];
+    assert_eq!(
+        (
+            l.max_connections,
+            l.max_connections_per_ip,
+            l.max_header_bytes
+        ),
+        (Some(50_000), Some(200), 32 * 1024)
+    );
+    let config = load(&BASE.replace(
+        "bind = \"127.0.0.1:8080\"",
+        "bind = \"127.0.0.1:8080\"\nmax_header_bytes = 1024",
+    ));
+    assert_eq!(config.listeners[0].max_header_bytes, 1024);
+}
+
+#[test]
+fn listener_limits_out_of_range_are_rejected() {
+    let listener = |extra: &str| {
+        BASE.replace(
+            "bind = \"127.0.0.1:8080\"",
+            &format!("bind = \"127.0.0.1:8080\"\n{extra}"),
+        )
+    };
+    let cases = [
+        (
+            "max_header_bytes = \"2 MiB\"",
+            "berth.toml:4: listeners[0].max_header_bytes: size must be between 1 KiB and 1 MiB, got \"2 MiB\"",
+        ),
+        (
+            "max_header_bytes = 1023",
+            "berth.toml:4: listeners[0].max_header_bytes: size must be between 1 KiB and 1 MiB, got 1023",
+        ),
+        (
+            "max_header_bytes = \"lots\"",
+            "berth.toml:4: listeners[0].max_header_bytes: invalid size \"lots\" (use a number of bytes, or e.g. \"64 KiB\", \"1 MiB\")",
+        ),
+        (
+            "max_header_bytes = true",
+            "berth.toml:4: listeners[0].max_header_bytes: invalid type: boolean `true`, expected a size: an integer number of bytes or a string such as \"64 KiB\"",
+        ),
+        (
+            "max_connections = 0",
+            "berth.toml:4: listeners[0].max_connections: max_connections must be between 1 and 1000000, got 0 (omit it for no cap)",
+        ),
+        (
+            "max_connections_per_ip = -5",
+            "berth.toml:4: listeners[0].max_connections_per_ip: max_connections_per_ip must be between 1 and 1000000, got -5 (omit it for no cap)",
+        ),
+        (
+            "max_connections_per_ip = \"10\"",
+            "berth.toml:4: listeners[0].max_connections_per_ip: invalid type: string \"10\", expected i64",
+        ),
+    ];
+    for (line, expected) in cases {
+        assert_eq!(errors(&listener(line)), expected, "{line}");
+    }
 }
 
 mod auth;

@@ -11,27 +11,28 @@
 //! line, a missing key at its enclosing table.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use super::file::{
-    FileAdmin, FileBackend, FileConfig, FileCookie, FileHash, FileHealth, FileListener, FilePool,
-    FileRoute, FileTls,
+    FileAdmin, FileBackend, FileConfig, FileCookie, FileHash, FileHealth, FilePool, FileRoute,
+    FileSize,
 };
 use super::locate::{line_at, path_at, Seg};
 use super::read;
 use super::report::Report;
-use super::rules::{self, DurationKey, IntKey};
+use super::rules::{self, DurationKey, IntKey, SizeKey};
 use super::{
     AdminConfig, Affinity, BackendConfig, Balance, Config, CookieConfig, HashConfig, HealthConfig,
-    ListenerConfig, PoolConfig, Problem, RouteConfig, SameSite, TlsConfig,
+    ListenerConfig, PoolConfig, Problem, RouteConfig, SameSite,
 };
-use crate::tls::TlsError;
 
 mod auth;
 mod limits;
+mod listener;
+
+use listener::binds_collide;
 
 /// Parses and validates config text; relative paths in it are resolved
 /// against `base` (the config file's directory), or the working directory
@@ -68,17 +69,6 @@ fn toml_problem(text: &str, err: &toml::de::Error) -> Problem {
             .filter(|l| !l.is_empty())
             .collect::<Vec<_>>()
             .join("; "),
-    }
-}
-
-/// How a TLS failure maps onto the `tls` keys (None: the table itself).
-fn tls_error_key(err: &TlsError) -> Option<&'static str> {
-    match err {
-        TlsError::ReadCert { .. } | TlsError::NoCert { .. } => Some("cert"),
-        TlsError::ReadKey { .. } | TlsError::Mismatch { .. } | TlsError::BadKey { .. } => {
-            Some("key")
-        }
-        TlsError::Ticketer { .. } | TlsError::Versions { .. } => None,
     }
 }
 
@@ -158,6 +148,29 @@ impl Checker<'_, '_> {
         self.check(at, rules::int(raw.unwrap_or(default), &key))
     }
 
+    /// An optional cap (absent: no cap); a bad value yields a problem and
+    /// `None`.
+    fn cap(&mut self, at: &[Seg<'_>], raw: Option<i64>, key: IntKey) -> Option<Option<u64>> {
+        match raw {
+            None => Some(None),
+            Some(n) => self
+                .check(
+                    at,
+                    rules::int(n, &key)
+                        .map_err(|message| format!("{message} (omit it for no cap)")),
+                )
+                .map(|n| Some(n.unsigned_abs())),
+        }
+    }
+
+    /// A size key with a default; a bad value yields a problem and the
+    /// default.
+    fn size(&mut self, at: &[Seg<'_>], raw: Option<&FileSize>, key: SizeKey) -> u64 {
+        let default = key.default.unwrap_or(0);
+        raw.and_then(|raw| self.check(at, rules::size(raw, &key)))
+            .unwrap_or(default)
+    }
+
     fn config(&mut self, file: &FileConfig) -> Config {
         let shutdown_window = self.duration(
             &[Seg::Key("shutdown_window")],
@@ -209,100 +222,6 @@ impl Checker<'_, '_> {
             routes,
             pools,
             shutdown_window,
-        }
-    }
-
-    fn listener(&mut self, i: usize, raw: &FileListener) -> Option<ListenerConfig> {
-        let base = [Seg::Key("listeners"), Seg::Index(i)];
-        let name_at = path(&base, &[Seg::Key("name")]);
-        let bind_at = path(&base, &[Seg::Key("bind")]);
-        let name = self.required(&name_at, raw.name.as_deref(), "name = \"public\"");
-        if name.is_some_and(|n| n.trim().is_empty()) {
-            self.push(&name_at, "listener name must not be empty");
-        }
-        let bind = self
-            .required(&bind_at, raw.bind.as_deref(), "bind = \"0.0.0.0:8443\"")
-            .and_then(|b| self.check(&bind_at, rules::bind_address(b)));
-        let handshake_timeout = self.duration(
-            &path(&base, &[Seg::Key("handshake_timeout")]),
-            raw.handshake_timeout.as_deref(),
-            rules::HANDSHAKE_TIMEOUT,
-        );
-        // A TLS failure is already a problem, so the (then unused) listener
-        // is kept without TLS to let the uniqueness checks still see it.
-        let tls = raw
-            .tls
-            .as_ref()
-            .and_then(|tls| self.tls(&path(&base, &[Seg::Key("tls")]), tls));
-        Some(ListenerConfig {
-            name: name?.to_string(),
-            bind: bind?,
-            tls,
-            handshake_timeout,
-        })
-    }
-
-    fn tls(&mut self, base: &[Seg<'_>], raw: &FileTls) -> Option<TlsConfig> {
-        let cert_at = path(base, &[Seg::Key("cert")]);
-        let key_at = path(base, &[Seg::Key("key")]);
-        let cert = self.required(
-            &cert_at,
-            raw.cert.as_deref(),
-            "cert = \"certs/example.crt\"",
-        );
-        let key = self.required(&key_at, raw.key.as_deref(), "key = \"certs/example.key\"");
-        // With both keys given, both files are read, so that a problem with
-        // each is reported.
-        let (cert, key) = (cert?, key?);
-        let cert_pem = self.file(&cert_at, cert, "certificate file", read::PEM_LIMIT);
-        let key_pem = self.file(&key_at, key, "private key", read::PEM_LIMIT);
-        let (cert, key) = (
-            read::resolve(self.base, cert),
-            read::resolve(self.base, key),
-        );
-        let (cert_name, key_name) = (cert.display().to_string(), key.display().to_string());
-        match crate::tls::server_config_from_pem(&cert_pem?, &key_pem?, &cert_name, &key_name) {
-            Ok(server_config) => Some(TlsConfig {
-                cert,
-                key,
-                server_config,
-            }),
-            Err(err) => {
-                let at = match tls_error_key(&err) {
-                    Some(key) => path(base, &[Seg::Key(key)]),
-                    None => base.to_vec(),
-                };
-                self.push(&at, err.to_string());
-                None
-            }
-        }
-    }
-
-    fn check_listener_uniqueness(&mut self, listeners: &[(usize, ListenerConfig)]) {
-        let mut names: HashMap<&str, usize> = HashMap::new();
-        for (n, (i, listener)) in listeners.iter().enumerate() {
-            let base = [Seg::Key("listeners"), Seg::Index(*i)];
-            if names.insert(listener.name.as_str(), *i).is_some() {
-                self.push(
-                    &path(&base, &[Seg::Key("name")]),
-                    format!(
-                        "duplicate listener name {:?} (names must be unique)",
-                        listener.name
-                    ),
-                );
-            }
-            if let Some((j, earlier)) = listeners[..n]
-                .iter()
-                .find(|(_, earlier)| binds_collide(earlier.bind, listener.bind))
-            {
-                self.push(
-                    &path(&base, &[Seg::Key("bind")]),
-                    format!(
-                        "bind address {} is already used by listeners[{j}] ({:?}); each listener needs its own address",
-                        listener.bind, earlier.name
-                    ),
-                );
-            }
         }
     }
 
@@ -530,21 +449,16 @@ impl Checker<'_, '_> {
             1,
             rules::WEIGHT,
         );
-        let max_connections = match raw.max_connections {
-            None => Some(None),
-            Some(n) => self
-                .check(
-                    &path(base, &[Seg::Key("max_connections")]),
-                    rules::int(n, &rules::MAX_CONNECTIONS)
-                        .map_err(|message| format!("{message} (omit it for no cap)")),
-                )
-                .map(Some),
-        };
+        let max_connections = self.cap(
+            &path(base, &[Seg::Key("max_connections")]),
+            raw.max_connections,
+            rules::MAX_CONNECTIONS,
+        );
         Some(BackendConfig {
             id: id?.to_string(),
             address: address?.to_string(),
             weight: u32::try_from(weight?).ok()?,
-            max_connections: max_connections?.map(|n| n.unsigned_abs()),
+            max_connections: max_connections?,
         })
     }
 
@@ -735,17 +649,6 @@ impl Checker<'_, '_> {
             fall,
         })
     }
-}
-
-/// Whether two listen addresses would fight over the same socket. Port 0
-/// asks the OS for a fresh port, so it never collides; an unspecified IP
-/// (`0.0.0.0`, `::`) overlaps every address of its family.
-fn binds_collide(a: SocketAddr, b: SocketAddr) -> bool {
-    if a.port() == 0 || a.port() != b.port() {
-        return false;
-    }
-    a.ip() == b.ip()
-        || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified()))
 }
 
 /// Most specific first: host routes before host-less ones, then longer path

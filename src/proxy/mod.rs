@@ -53,6 +53,9 @@ pub struct ConnInfo {
     pub tls: bool,
     /// Lowers the listener's open-connections gauge when dropped.
     pub open_gauge: prometheus::IntGauge,
+    /// The connection's place under the listener's caps and the descriptor
+    /// reserve, given back when dropped (`None` outside a listener).
+    pub slot: Option<crate::limits::Slot>,
 }
 
 impl Drop for ConnInfo {
@@ -347,6 +350,7 @@ pub(crate) mod testing {
             listener: Arc::from("test"),
             tls,
             open_gauge,
+            slot: None,
         }
     }
 }

@@ -111,7 +111,7 @@ impl Sampler {
                 token_required,
                 connections_open: snapshot::connections_open(&self.metrics),
                 websockets_open: self.lifecycle.live_websockets(),
-                fds: fd_usage(),
+                fds: fd_usage(&self.reload.listeners.fds),
                 drains: self.lifecycle.drains(),
                 last_reload: self.reload.last_reload(),
             };

@@ -174,7 +174,7 @@
     if (p.fds) {
       setText($("p-fds"), p.fds.open + " / " + p.fds.limit);
       $("p-fds-bar").style.width = Math.min(100, (100 * p.fds.open) / Math.max(1, p.fds.limit)) + "%";
-      setText($("p-fds-note"), p.fds.headroom + " left before the limit");
+      setText($("p-fds-note"), p.fds.headroom + " left before new clients are refused (" + p.fds.reserve + " kept in reserve)");
     } else {
       setText($("p-fds"), "n/a");
       setText($("p-fds-note"), "not available on this system");

@@ -247,7 +247,7 @@ pub fn snapshot(runtime: &Runtime, history: &History, facts: Facts<'_>) -> Value
         .collect();
     let fds = facts
         .fds
-        .map(|f| json!({ "open": f.open, "limit": f.limit, "headroom": f.headroom() }));
+        .map(|f| json!({ "open": f.open, "limit": f.limit, "reserve": f.reserve, "headroom": f.headroom() }));
     if let Some(obj) = doc.as_object_mut() {
         obj.insert("version".into(), json!(facts.version));
         obj.insert("commit".into(), json!(facts.commit));

@@ -723,6 +723,17 @@ impl BerthProcess {
         global_args: &[&str],
         stderr: std::process::Stdio,
     ) -> BerthProcess {
+        BerthProcess::spawn_under(&[], toml, global_args, stderr).await
+    }
+
+    /// [`BerthProcess::spawn`] through a wrapper command that execs berth
+    /// (so the process id stays berth's), e.g. `["prlimit", "--nofile=400:400", "--"]`.
+    pub async fn spawn_under(
+        wrapper: &[&str],
+        toml: &str,
+        global_args: &[&str],
+        stderr: std::process::Stdio,
+    ) -> BerthProcess {
         let free = || {
             std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -741,10 +752,12 @@ impl BerthProcess {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("berth.toml");
         std::fs::write(&config_path, text).unwrap();
-        let mut args: Vec<&str> = global_args.to_vec();
+        let mut args: Vec<&str> = wrapper.to_vec();
+        args.push(env!("CARGO_BIN_EXE_berth"));
+        args.extend(global_args);
         args.extend(["run", "--config", config_path.to_str().unwrap()]);
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
-            .args(&args)
+        let child = std::process::Command::new(args[0])
+            .args(&args[1..])
             .stdout(std::process::Stdio::null())
             .stderr(stderr)
             .spawn()
