@@ -114,6 +114,7 @@ pub async fn storm(c: Client, o: StormOpts) -> anyhow::Result<Value> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     progress.settled.store(0, Ordering::Release);
     let before = stats::sample(&c.watch);
+    let overflows_before = listen_overflows();
     let t_cut = Instant::now();
     let _ = cut_tx.send(Some(t_cut));
     run_hook(&o.cut_cmd, "--cut-cmd")?;
@@ -130,6 +131,9 @@ pub async fn storm(c: Client, o: StormOpts) -> anyhow::Result<Value> {
     }
     let settled_at = Instant::now();
     let after = stats::sample(&c.watch);
+    let overflows = listen_overflows()
+        .zip(overflows_before)
+        .map(|(a, b)| a.saturating_sub(b));
     let _ = stop_tx.send(true);
     let mut reports = Vec::with_capacity(o.connections);
     let join_deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -171,6 +175,7 @@ pub async fn storm(c: Client, o: StormOpts) -> anyhow::Result<Value> {
         "attempts": attempts,
         "reconnect_secs": reconnect_secs.map(round3),
         "waited_secs": round3(settled_at.duration_since(t_cut).as_secs_f64()),
+        "listen_overflows": overflows,
         "errors": errors.total(),
         "error_detail": errors.json(),
     });
@@ -297,4 +302,22 @@ async fn wait_end(conn: &mut Conn, buf: &mut BytesMut) -> bool {
             Err(_) => return false,
         }
     }
+}
+
+/// The kernel's count of connections dropped because a listen queue was full
+/// (TcpExt ListenOverflows, machine-wide): a client whose SYN is dropped
+/// retries only after a second, which shows in the storm's tail.
+fn listen_overflows() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines();
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if !names.starts_with("TcpExt:") {
+            continue;
+        }
+        let i = names
+            .split_whitespace()
+            .position(|n| n == "ListenOverflows")?;
+        return values.split_whitespace().nth(i)?.parse().ok();
+    }
+    None
 }
