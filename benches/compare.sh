@@ -13,8 +13,8 @@
 # message (utime+stime from /proc/PID/stat over the measurement), its RSS
 # growth per idle connection (VmRSS before opening and while holding),
 # messages/s and latency percentiles; the ir64-* tests count the proxy's
-# user-space instructions per message with callgrind (benches/instructions.sh
-# has the details). All processes this script starts are stopped on exit.
+# user-space instructions per message with callgrind (see run_one and
+# benches/README.md). All processes this script starts are stopped on exit.
 #
 # Targets: berth (ring, the default TLS provider), berth-awslc (the same
 # berth built with --features aws-lc; only in the AWSLC_TESTS), nginx,
@@ -699,21 +699,28 @@ if [ "$need_awslc" = 1 ]; then
         printf 'berth binary stripped, MiB\t%s\t%s\n' "$(mib "$WORK/bin/berth.stripped")" "$(mib "$WORK/bin/berth-awslc.stripped")"
     } >"$RES/provider.tsv"
     if [ "$BUILD_TIME" = 1 ]; then
-        times=()
+        # Wall time moves with the neighbours' builds; the CPU time (user +
+        # system of cargo and the compilers) much less.
+        walls=() cpus=()
         for features in "" aws-lc; do
             log "timing a clean release build of berth${features:+ with --features $features}"
             dir=$WORK/build-${features:-ring}
-            start=$(date +%s.%N)
-            if cargo build --release --bin berth ${features:+--features "$features"} \
-                --target-dir "$dir" >"$WORK/build-${features:-ring}.log" 2>&1; then
-                times+=("$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }')")
+            TIMEFORMAT='%R %U %S'
+            if { time cargo build --release --bin berth ${features:+--features "$features"} \
+                --target-dir "$dir" >"$WORK/build-${features:-ring}.log" 2>&1; } 2>"$WORK/build-time"; then
+                read -r wall user sys <"$WORK/build-time"
+                walls+=("$(printf '%.0f' "$wall")")
+                cpus+=("$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.0f", u + s }')")
             else
-                times+=("failed")
+                walls+=(failed) cpus+=(failed)
             fi
             rm -rf "$dir"
         done
-        printf 'clean release build of berth, s (CARGO_BUILD_JOBS=%s, load average %s at the end)\t%s\t%s\n' \
-            "${CARGO_BUILD_JOBS:-all cores}" "$(cut -d' ' -f1 /proc/loadavg)" "${times[0]}" "${times[1]}" >>"$RES/provider.tsv"
+        {
+            printf 'clean release build of berth, wall s (CARGO_BUILD_JOBS=%s, load average %s at the end)\t%s\t%s\n' \
+                "${CARGO_BUILD_JOBS:-all cores}" "$(cut -d' ' -f1 /proc/loadavg)" "${walls[0]}" "${walls[1]}"
+            printf 'clean release build of berth, CPU s (user + system)\t%s\t%s\n' "${cpus[0]}" "${cpus[1]}"
+        } >>"$RES/provider.tsv"
     fi
 fi
 mkdir -p "$(dirname "$OUT")"

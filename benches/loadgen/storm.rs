@@ -49,7 +49,10 @@ struct ClientReport {
 /// Shared progress counters, so the main task knows when to stop waiting.
 struct Progress {
     opened: AtomicUsize,
-    settled: AtomicUsize,
+    /// Clients done opening (opened or failed).
+    open_settled: AtomicUsize,
+    /// Opened clients done with the storm (back, given up, or ended early).
+    storm_settled: AtomicUsize,
     notify: Notify,
 }
 
@@ -66,7 +69,8 @@ pub async fn storm(c: Client, o: StormOpts) -> anyhow::Result<Value> {
     }
     let progress = Arc::new(Progress {
         opened: AtomicUsize::new(0),
-        settled: AtomicUsize::new(0),
+        open_settled: AtomicUsize::new(0),
+        storm_settled: AtomicUsize::new(0),
         notify: Notify::new(),
     });
     let sem = Arc::new(Semaphore::new(o.concurrency.max(1)));
@@ -94,7 +98,7 @@ pub async fn storm(c: Client, o: StormOpts) -> anyhow::Result<Value> {
     let open_deadline = tokio::time::Instant::now() + CONNECT_LIMIT * 2;
     loop {
         let notified = progress.notify.notified();
-        if progress.settled.load(Ordering::Acquire) >= o.connections {
+        if progress.open_settled.load(Ordering::Acquire) >= o.connections {
             break;
         }
         if tokio::time::timeout_at(open_deadline, notified)
@@ -112,7 +116,6 @@ pub async fn storm(c: Client, o: StormOpts) -> anyhow::Result<Value> {
     );
     // Let the proxy settle after the last handshake, then cut.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    progress.settled.store(0, Ordering::Release);
     let before = stats::sample(&c.watch);
     let overflows_before = listen_overflows();
     let t_cut = Instant::now();
@@ -122,7 +125,7 @@ pub async fn storm(c: Client, o: StormOpts) -> anyhow::Result<Value> {
     let deadline = tokio::time::Instant::now() + o.limit + Duration::from_secs(2);
     loop {
         let notified = progress.notify.notified();
-        if progress.settled.load(Ordering::Acquire) >= opened {
+        if progress.storm_settled.load(Ordering::Acquire) >= opened {
             break;
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -213,13 +216,13 @@ async fn storm_client(
         Ok(c) => c,
         Err(e) => {
             report.errors.add(&e);
-            progress.bump(&progress.settled);
+            progress.bump(&progress.open_settled);
             return report;
         }
     };
     report.opened = true;
     progress.bump(&progress.opened);
-    progress.bump(&progress.settled);
+    progress.bump(&progress.open_settled);
 
     // Hold the connection until it ends (the cut) or the run stops.
     let ended = tokio::select! {
@@ -235,7 +238,7 @@ async fn storm_client(
             stage: Stage::Echo,
             error: anyhow!("connection ended before the cut"),
         });
-        progress.bump(&progress.settled);
+        progress.bump(&progress.storm_settled);
         return report;
     };
     report.cut_seen = Some(now);
@@ -269,7 +272,7 @@ async fn storm_client(
             Ok((c, _)) => {
                 report.back = Some(Instant::now());
                 report.resumed = c.resumed();
-                progress.bump(&progress.settled);
+                progress.bump(&progress.storm_settled);
                 // Hold it until the run stops, so the proxy sees no closes
                 // during the measurement.
                 let _ = stop.changed().await;
@@ -283,7 +286,7 @@ async fn storm_client(
             }
         }
     }
-    progress.bump(&progress.settled);
+    progress.bump(&progress.storm_settled);
     report
 }
 
