@@ -1,9 +1,10 @@
 //! The HTTP client berth uses for its own calls to identity services (JWKS
-//! fetches, forward-auth checks): `http://` or `https://`, rustls on ring
-//! with Mozilla's root certificates (webpki-roots), so it works the same in
-//! a minimal container without a system certificate store.
+//! fetches, forward-auth checks): `http://` or `https://`, rustls on berth's
+//! one crypto provider (`tls::provider`: ring, or aws-lc-rs with
+//! `--features aws-lc`) with Mozilla's root certificates (webpki-roots), so
+//! it works the same in a minimal container without a system certificate
+//! store.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,7 +24,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A new client, or `None` (logged) if rustls cannot be set up, in which
 /// case every call fails and authentication fails closed.
 pub(crate) fn service_client() -> Option<ServiceClient> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crate::tls::provider();
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let tls = match rustls::ClientConfig::builder_with_provider(provider)
