@@ -617,3 +617,76 @@ async fn at_the_open_file_limit_early_websockets_keep_echoing_and_the_rest_are_r
     let free = text.matches("accepting new client connections").count();
     assert_eq!((refusing, free), (1, 1), "{text}");
 }
+
+/// Stops a process (SIGSTOP) until dropped (SIGCONT), so that the kernel
+/// alone answers connects to its listeners.
+struct Stopped(u32);
+
+impl Stopped {
+    fn new(pid: u32) -> Stopped {
+        let signal = |s: &str| {
+            std::process::Command::new("kill")
+                .args([s, &pid.to_string()])
+                .status()
+                .expect("kill runs")
+                .success()
+        };
+        assert!(signal("-STOP"));
+        // Wait until it is stopped (state T in /proc/PID/stat).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            let state = stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
+            if state == Some("T") {
+                return Stopped(pid);
+            }
+            assert!(Instant::now() < deadline, "berth did not stop: {stat}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_connects_waits_in_the_listen_backlog_instead_of_being_dropped() {
+    // std's default backlog of 128 would let about 128 of these complete
+    // while berth is not accepting; the kernel drops the others' SYNs and
+    // they hang for seconds of retransmits. berth listens with 4096.
+    const BURST: usize = 400;
+    let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .map_or(4096, |s| s.trim().parse().unwrap());
+    assert!(
+        somaxconn > BURST,
+        "net.core.somaxconn ({somaxconn}) caps every listen backlog below this test's burst"
+    );
+    let backend = WsBackend::start("b1").await;
+    let berth = BerthProcess::spawn(
+        &config_for(&[backend.addr], ""),
+        &[],
+        std::process::Stdio::null(),
+    )
+    .await;
+    let stopped = Stopped::new(berth.child.id());
+    let connects = (0..BURST).map(|_| async {
+        tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(berth.addr)).await
+    });
+    let results = futures_util::future::join_all(connects).await;
+    let done = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+    assert_eq!(done, BURST, "connects completed while berth was stopped");
+    // Once berth runs again, it accepts and serves every one of them.
+    drop(stopped);
+    let mut conns: Vec<TcpStream> = results.into_iter().map(|r| r.unwrap().unwrap()).collect();
+    for i in [0, BURST - 1] {
+        let s = &mut conns[i];
+        let head = upgrade(s).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert!(echoes(s, "from the backlog").await);
+    }
+}

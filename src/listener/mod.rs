@@ -28,7 +28,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use futures_util::FutureExt;
 use prometheus::IntCounter;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -79,12 +79,28 @@ pub struct BoundListener {
     pub addr: SocketAddr,
 }
 
+/// The listen backlog berth asks for. `std::net::TcpListener::bind` asks
+/// for 128, which a reconnect storm overflows (the kernel then drops SYNs,
+/// and each dropped client waits a second or more for its retransmit). The
+/// kernel caps it at `net.core.somaxconn` (4096 by default since Linux 5.4).
+/// The backlog holds connections the kernel has completed and berth has not
+/// yet accepted; each one costs the kernel a socket, not berth.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
 impl BoundListener {
-    /// Binds a listener (synchronously, so reloads can bind before swapping).
+    /// Binds a listener (synchronously, so reloads can bind before swapping)
+    /// with a [`LISTEN_BACKLOG`] backlog.
     pub fn bind(config: &ListenerConfig) -> std::io::Result<BoundListener> {
-        let std_listener = std::net::TcpListener::bind(config.bind)?;
-        std_listener.set_nonblocking(true)?;
-        let socket = TcpListener::from_std(std_listener)?;
+        let socket = if config.bind.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        // As std's and tokio's own bind do: a restarted berth binds its
+        // port again while the old process's connections are in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(config.bind)?;
+        let socket = socket.listen(LISTEN_BACKLOG)?;
         let addr = socket.local_addr()?;
         Ok(BoundListener {
             spec: Arc::new(ListenerSpec {
