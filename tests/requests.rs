@@ -231,11 +231,13 @@ async fn a_malformed_chunked_body_is_the_clients_400_and_leaves_the_backend_alon
 
 #[tokio::test]
 async fn error_bodies_name_no_backend_and_the_log_line_has_the_details_under_the_request_id() {
-    // A backend id and an address that must not reach a client.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A backend id and an address that must not reach a client. The dead
+    // backend's port stays bound, without listening, for the whole test:
+    // every connect to it is refused at once, and no other test can take
+    // the port meanwhile (a port bound and released could be).
+    let dead_socket = tokio::net::TcpSocket::new_v4().unwrap();
+    dead_socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let dead = dead_socket.local_addr().unwrap();
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_addr = silent.local_addr().unwrap();
     let toml = format!(
@@ -255,7 +257,9 @@ pool = "slow"
 pool = "main"
 
 [pools.main]
-connect_timeout = "1s"
+# Refused connects fail at once; the time is only a bound for a machine
+# too busy to answer a SYN with a reset promptly.
+connect_timeout = "10s"
 
 [[pools.main.backends]]
 id = "dead-backend-7"
@@ -344,7 +348,7 @@ address = "{silent_addr}"
     }
     let unique: std::collections::HashSet<&String> = ids.iter().collect();
     assert_eq!(unique.len(), ids.len());
-    drop(silent);
+    drop((silent, dead_socket));
     berth.signal("TERM");
     let _ = berth.wait_exit(Duration::from_secs(10)).await;
     let lines = lines.join().unwrap();
