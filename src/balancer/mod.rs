@@ -24,6 +24,7 @@ use crate::auth::PoolAuth;
 use crate::body::ProxyBody;
 use crate::config::{Balance, PoolConfig};
 use crate::metrics::Metrics;
+use crate::ws::relay::RelayConfig;
 
 /// Consecutive data-path failures that take a backend down in a pool
 /// without active health checks.
@@ -63,6 +64,9 @@ pub struct Pool {
     pub stop: tokio_util::sync::CancellationToken,
     /// Who may reach the pool (`[pools.NAME.auth]`), when anyone may not.
     pub auth: Option<Arc<PoolAuth>>,
+    /// The settings of every relay in the pool: one copy, shared by its
+    /// WebSockets.
+    pub relay: Arc<RelayConfig>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -105,7 +109,16 @@ impl Pool {
                 .map_or_else(|| Arc::new(UpgradeBucket::new(rate)), Arc::clone)
         });
         let auth = PoolAuth::new(&config, metrics, previous.and_then(|p| p.auth.as_deref()));
+        let relay = Arc::new(RelayConfig {
+            idle_timeout: config.idle_timeout,
+            ping_interval: config.ping_interval,
+            pong_timeout: config.pong_timeout,
+            close_timeout: config.close_timeout,
+            max_message_size: config.limits.max_message_size,
+            send_timeout: config.limits.send_timeout,
+        });
         Pool {
+            relay,
             sticky: Sticky::from_config(&config.affinity),
             http,
             upgrades,

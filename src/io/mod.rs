@@ -22,8 +22,11 @@ use crate::tls_stream::ServerTlsStream;
 /// reads return first.
 pub struct ClientStream {
     transport: Transport,
-    /// Empty (and holding no allocation) once hyper has read it all.
-    read_ahead: Bytes,
+    /// `None` once hyper has read it all. Boxed: it lives only until
+    /// hyper's first reads, and every open connection (an upgraded
+    /// WebSocket's relay included) would otherwise carry an empty `Bytes`
+    /// (32 bytes) for the rest of its life.
+    read_ahead: Option<Box<Bytes>>,
 }
 
 /// The TLS state is boxed so that plain connections stay small.
@@ -36,20 +39,20 @@ impl ClientStream {
     pub fn plain(tcp: TcpStream) -> ClientStream {
         ClientStream {
             transport: Transport::Plain(tcp),
-            read_ahead: Bytes::new(),
+            read_ahead: None,
         }
     }
 
     pub fn tls(tls: Box<ServerTlsStream>) -> ClientStream {
         ClientStream {
             transport: Transport::Tls(tls),
-            read_ahead: Bytes::new(),
+            read_ahead: None,
         }
     }
 
     /// Bytes already read from the connection, to be read again first.
     pub fn unread(&mut self, bytes: Bytes) {
-        self.read_ahead = bytes;
+        self.read_ahead = (!bytes.is_empty()).then(|| Box::new(bytes));
     }
 
     pub fn is_tls(&self) -> bool {
@@ -64,12 +67,12 @@ impl AsyncRead for ClientStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.read_ahead.is_empty() {
-            let n = this.read_ahead.len().min(buf.remaining());
-            buf.put_slice(&this.read_ahead[..n]);
-            this.read_ahead.advance(n);
-            if this.read_ahead.is_empty() {
-                this.read_ahead = Bytes::new();
+        if let Some(ahead) = this.read_ahead.as_deref_mut() {
+            let n = ahead.len().min(buf.remaining());
+            buf.put_slice(&ahead[..n]);
+            ahead.advance(n);
+            if ahead.is_empty() {
+                this.read_ahead = None;
             }
             return Poll::Ready(Ok(()));
         }
@@ -131,7 +134,7 @@ mod tests {
         let mut rest = vec![0u8; 12 + 11];
         stream.read_exact(&mut rest).await.unwrap();
         assert_eq!(rest, b"/ HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert!(stream.read_ahead.is_empty());
+        assert!(stream.read_ahead.is_none());
         stream.write_all(b"ok").await.unwrap();
         let mut got = [0u8; 2];
         client.read_exact(&mut got).await.unwrap();

@@ -53,7 +53,7 @@ struct Pending {
     upgrade: OnUpgrade,
     backend: TcpStream,
     backend_prefix: Bytes,
-    config: RelayConfig,
+    config: Arc<RelayConfig>,
     deadline: Option<Deadline>,
 }
 
@@ -66,7 +66,7 @@ impl Tunnel {
         upgrade: OnUpgrade,
         backend: TcpStream,
         backend_prefix: Bytes,
-        config: RelayConfig,
+        config: Arc<RelayConfig>,
         deadline: Option<Deadline>,
     ) -> Tunnel {
         Tunnel {

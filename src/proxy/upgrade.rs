@@ -36,7 +36,7 @@ use crate::balancer::{Backend, Choice, Pool};
 use crate::body::{empty, text_response, ProxyBody};
 use crate::ws::frame::close_code;
 use crate::ws::handshake::{accept_matches, validate, HandshakeError};
-use crate::ws::relay::{Deadline, RelayConfig};
+use crate::ws::relay::Deadline;
 
 /// The backend's side of a switched connection: the stream and the bytes
 /// hyper already read past the `101`.
@@ -287,14 +287,6 @@ fn switch(
     *client_resp.headers_mut() = out_headers;
 
     let guard = choice.backend.track_websocket();
-    let relay_config = RelayConfig {
-        idle_timeout: pool.config.idle_timeout,
-        ping_interval: pool.config.ping_interval,
-        pong_timeout: pool.config.pong_timeout,
-        close_timeout: pool.config.close_timeout,
-        max_message_size: pool.config.limits.max_message_size,
-        send_timeout: pool.config.limits.send_timeout,
-    };
     // The tunnel keeps the client connection's info (and its gauge) alive.
     ctx.lifecycle.tracker.spawn(Tunnel::new(
         Arc::clone(ctx),
@@ -303,7 +295,7 @@ fn switch(
         client_upgrade,
         backend_stream,
         backend_prefix,
-        relay_config,
+        Arc::clone(&pool.relay),
         expires.map(token_expiry),
     ));
     client_resp

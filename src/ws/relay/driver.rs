@@ -46,14 +46,16 @@ thread_local! {
 /// Relays between `client` and `backend` until both directions are finished.
 ///
 /// `*_prefix` are bytes already read from each side during the handshake;
-/// they are relayed before anything else.
+/// they are relayed before anything else. `config` is shared: berth passes
+/// its pool's one copy (an idle relay would otherwise carry 96 bytes of
+/// settings that every connection of the pool has alike).
 #[allow(clippy::too_many_arguments)]
 pub fn relay<C, B>(
     client: C,
     client_prefix: Bytes,
     backend: B,
     backend_prefix: Bytes,
-    config: RelayConfig,
+    config: impl Into<Arc<RelayConfig>>,
     stop: Option<Arc<StopHandle>>,
     counters: Option<Arc<RelayCounters>>,
 ) -> Relay<C, B>
@@ -61,18 +63,19 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    let config = config.into();
     let now = Instant::now();
     Relay {
         client,
         backend,
         up: Dir::new(Source::Client, client_prefix, config.max_message_size),
         down: Dir::new(Source::Backend, backend_prefix, config.max_message_size),
+        next_ping: config.ping_interval.map(|i| now + i),
         config,
         stop,
         timer: None,
         timer_at: None,
         last_data: now,
-        next_ping: config.ping_interval.map(|i| now + i),
         ping: PingState::Idle,
         close_deadline: None,
         outcome: None,
@@ -108,7 +111,7 @@ pub struct Relay<C, B> {
     up: Dir,
     /// Backend to client.
     down: Dir,
-    config: RelayConfig,
+    config: Arc<RelayConfig>,
     stop: Option<Arc<StopHandle>>,
     /// Allocated the first time a deadline exists (pools without timeouts
     /// never pay for one).

@@ -45,10 +45,18 @@ fn pattern(n: usize) -> Vec<u8> {
 }
 
 /// Every idle connection holds one relay: keep it small (it was 1,200
-/// bytes before injected frames were stored compactly).
+/// bytes before injected frames were stored compactly, and 800 before the
+/// pool's settings were shared and the handshake's leftover bytes boxed).
 #[test]
 fn relay_state_stays_small() {
-    let size = std::mem::size_of::<super::Relay<tokio::net::TcpStream, tokio::net::TcpStream>>();
+    use std::mem::size_of;
+    let size = size_of::<super::Relay<tokio::net::TcpStream, tokio::net::TcpStream>>();
     assert!(size <= 800, "Relay grew to {size} bytes");
-    assert!(std::mem::size_of::<super::Inject>() <= 24);
+    // What berth runs: the client side is an io::ClientStream.
+    let size = size_of::<super::Relay<crate::io::ClientStream, tokio::net::TcpStream>>();
+    assert!(
+        size <= 800,
+        "Relay<ClientStream, TcpStream> grew to {size} bytes"
+    );
+    assert!(size_of::<super::Inject>() <= 24);
 }

@@ -60,8 +60,11 @@ impl OutState {
 pub(super) struct Dir {
     pub(super) p: FrameProcessor,
     pub(super) out: OutState,
-    /// Bytes read during the handshake, relayed first.
-    prefix: Bytes,
+    /// Bytes read during the handshake, relayed first. Boxed, and gone once
+    /// relayed: most clients wait for the `101` before they send, so most
+    /// relays never have one, and every idle relay would otherwise carry
+    /// an empty `Bytes` (32 bytes) per direction.
+    prefix: Option<Box<Bytes>>,
     pub(super) stats: DirStats,
     /// After pending bytes and injection, shut the destination's write side.
     pub(super) want_shutdown: bool,
@@ -80,9 +83,9 @@ impl Dir {
         // HTTP connection that did the handshake (even when empty), which
         // would stay allocated for the life of the relay: keep an exact copy.
         let prefix = if prefix.is_empty() {
-            Bytes::new()
+            None
         } else {
-            Bytes::copy_from_slice(&prefix)
+            Some(Box::new(Bytes::copy_from_slice(&prefix)))
         };
         Dir {
             p: FrameProcessor::with_max_message(source, max_message),
@@ -311,12 +314,12 @@ where
         return (report, progress);
     }
     // 5. Read once, if the source has something, and pass it on.
-    let n = if !dir.prefix.is_empty() {
-        let n = dir.prefix.len().min(scratch.len());
-        let head = dir.prefix.split_to(n);
+    let n = if let Some(prefix) = dir.prefix.as_deref_mut() {
+        let n = prefix.len().min(scratch.len());
+        let head = prefix.split_to(n);
         scratch[..n].copy_from_slice(&head);
-        if dir.prefix.is_empty() {
-            dir.prefix = Bytes::new();
+        if prefix.is_empty() {
+            dir.prefix = None;
         }
         n
     } else {
