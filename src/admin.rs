@@ -468,6 +468,7 @@ fn drain_or_undrain(ctx: &AdminContext, pool: &str, id: &str, drain: bool) -> Re
             "backend": id,
             "state": backend.state().as_str(),
             "changed": changed,
+            "drained_by": crate::status::drained_by(backend),
             "live_connections": backend.live_connections(),
         }),
     )

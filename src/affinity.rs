@@ -515,7 +515,13 @@ fn preference(a: &Ranked, b: &Ranked, candidates: &[(&str, u32)]) -> Ordering {
 }
 
 fn ranked<'a>(key: &[u8], candidates: &'a [(&'a str, u32)]) -> impl Iterator<Item = Ranked> + 'a {
-    let state = key_state(key);
+    ranked_by_state(key_state(key), candidates)
+}
+
+fn ranked_by_state<'a>(
+    state: u64,
+    candidates: &'a [(&'a str, u32)],
+) -> impl Iterator<Item = Ranked> + 'a {
     candidates
         .iter()
         .enumerate()
@@ -542,6 +548,21 @@ pub fn rendezvous_order(key: &[u8], candidates: &[(&str, u32)]) -> Vec<usize> {
 /// only when `candidates` is empty.
 pub fn rendezvous_pick(key: &[u8], candidates: &[(&str, u32)]) -> Option<usize> {
     ranked(key, candidates)
+        .max_by(|a, b| preference(a, b, candidates))
+        .map(|r| r.index)
+}
+
+/// What a key contributes to every candidate's hash (the FNV-1a state
+/// after `key || 0xff`): enough to rank candidates for it later without
+/// keeping the key itself. [`rendezvous_pick_by_hash`] on it gives the same
+/// answer as [`rendezvous_pick`] on the key.
+pub fn key_hash(key: &[u8]) -> u64 {
+    key_state(key)
+}
+
+/// [`rendezvous_pick`] for a key known only by its [`key_hash`].
+pub fn rendezvous_pick_by_hash(key_hash: u64, candidates: &[(&str, u32)]) -> Option<usize> {
+    ranked_by_state(key_hash, candidates)
         .max_by(|a, b| preference(a, b, candidates))
         .map(|r| r.index)
 }
@@ -1229,5 +1250,53 @@ mod tests {
         let candidates = [("b0", 1), ("b1", 1), ("b2", 2), ("b3", 4)];
         let live = place_skewed(&candidates, 2_000, Some(1.25));
         assert_eq!(live.iter().sum::<u64>(), 2_000);
+    }
+
+    #[test]
+    fn a_key_hash_ranks_as_the_key_does() {
+        let candidates = [("b0", 1), ("b1", 3), ("b2", 2), ("b3", 7)];
+        // Every weight times 1000 (how slow start passes effective weights):
+        // the same winner for every key.
+        let milli: Vec<(&str, u32)> = candidates.iter().map(|(id, w)| (*id, w * 1000)).collect();
+        for i in 0..2_000 {
+            let key = format!("user-{i}");
+            let expected = rendezvous_pick(key.as_bytes(), &candidates);
+            assert_eq!(
+                rendezvous_pick_by_hash(key_hash(key.as_bytes()), &candidates),
+                expected,
+                "{key}"
+            );
+            assert_eq!(rendezvous_pick(key.as_bytes(), &milli), expected, "{key}");
+        }
+        assert_eq!(rendezvous_pick_by_hash(key_hash(b"k"), &[]), None);
+    }
+
+    #[test]
+    fn a_smaller_effective_weight_only_moves_keys_away_and_back() {
+        // A joining backend at a fraction of its weight wins a subset of the
+        // keys it wins at full weight, growing with the fraction: a key that
+        // moved to it never moves back while it ramps up.
+        let full = [("a", 1000), ("b", 1000), ("c", 1000)];
+        let mut won_before = 0;
+        let mut previous: Vec<bool> = vec![false; 3_000];
+        for step in 1..=10u32 {
+            let ramp = [("a", 1000), ("b", 1000), ("c", 100 * step)];
+            let mut won = 0;
+            for (i, prev) in previous.iter_mut().enumerate() {
+                let key = format!("k{i}");
+                let on_c = rendezvous_pick(key.as_bytes(), &ramp) == Some(2);
+                assert!(!*prev || on_c, "{key} left c at step {step}");
+                if on_c {
+                    // A key c wins while ramping is one it wins at full weight.
+                    assert_eq!(rendezvous_pick(key.as_bytes(), &full), Some(2), "{key}");
+                    won += 1;
+                }
+                *prev = on_c;
+            }
+            assert!(won >= won_before, "step {step}: {won} < {won_before}");
+            won_before = won;
+        }
+        // At full weight it holds about a third.
+        assert!((900..1_100).contains(&won_before), "{won_before}");
     }
 }

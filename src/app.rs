@@ -169,21 +169,19 @@ impl App {
             routing,
             lifecycle,
             listeners,
+            reload,
             admin,
             pending,
             shutdown_window,
-            ..
         } = self;
+        // Backends the config drains take no connection, from the first.
+        crate::drain::apply_config_drains(&lifecycle, &routing.load());
         for bound in pending {
             listeners.start(bound);
         }
         tokio::spawn(Arc::clone(&listeners.fds).monitor(lifecycle.shutdown.clone()));
-        let metrics = &listeners.proxy.metrics;
         for pool in routing.load().pools.values() {
-            crate::balancer::health::start(pool, metrics, &lifecycle.shutdown);
-            if let Some(auth) = &pool.auth {
-                crate::auth::start(auth, &pool.stop, &lifecycle.shutdown);
-            }
+            reload.pools.start(pool);
         }
         // The admin API and the status sampler outlive the drain (so the
         // status page shows it) and stop together after it.

@@ -7,9 +7,15 @@
 //! slot, so that the clients' reconnects are spread too. The relay notices
 //! its handle at its next poll and closes at a frame boundary (1012 for a
 //! drain, 1001 for a shutdown).
-//! A drain's task ends early when the backend is undrained (or drained
-//! again) or berth shuts down. Each drain is recorded in the lifecycle
-//! (its backend, connection count, start and window) for the status page.
+//! A drain's task ends early when the backend is put back in service or
+//! berth shuts down. Each drain is recorded in the lifecycle (its backend,
+//! connection count, start and window) for the status page.
+//!
+//! A backend drains while the admin API or its config (`drain = true`)
+//! says so ([`DrainSource`]); [`apply_config_drains`] brings the config's
+//! side in line after every load, and the connections are closed once,
+//! when the first source puts the backend out of service. The same
+//! [`spread`] paces a rebalance's closes (`crate::rebalance`).
 //!
 //! Costs: a drain costs one task, not a timer per connection.
 
@@ -18,15 +24,28 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::balancer::Backend;
+use crate::balancer::{Backend, DrainSource};
 use crate::lifecycle::Lifecycle;
+use crate::routing::Runtime;
 use crate::ws::relay::StopReason;
 
 /// Drains `backend`: it takes no new connections, and its live WebSockets
 /// are closed with 1012 spread over `window`. Returns false if it was
 /// already draining.
 pub fn drain_backend(lifecycle: &Lifecycle, backend: &Arc<Backend>, window: Duration) -> bool {
-    if !backend.start_drain() {
+    drain_backend_by(lifecycle, backend, window, DrainSource::Admin)
+}
+
+/// [`drain_backend`] on behalf of `source`: its drain is in force from now
+/// on; the connections are closed only if no other source drained the
+/// backend already (then this returns false).
+pub fn drain_backend_by(
+    lifecycle: &Lifecycle,
+    backend: &Arc<Backend>,
+    window: Duration,
+    source: DrainSource,
+) -> bool {
+    if !backend.start_drain_by(source) {
         return false;
     }
     let handles = lifecycle.stop_handles(Some(backend));
@@ -39,6 +58,29 @@ pub fn drain_backend(lifecycle: &Lifecycle, backend: &Arc<Backend>, window: Dura
         |h| h.stop(StopReason::Drain),
     ));
     true
+}
+
+/// Puts every configured backend's `drain = true` in force, and lifts it
+/// from the backends whose config no longer says so (an admin drain stays).
+/// Called after every config load, with the table in force.
+pub fn apply_config_drains(lifecycle: &Lifecycle, runtime: &Runtime) {
+    for pool in runtime.pools.values() {
+        for wanted in &pool.config.backends {
+            let Some(backend) = pool.find(&wanted.id) else {
+                continue;
+            };
+            if wanted.drain && !backend.drained_by(DrainSource::Config) {
+                drain_backend_by(
+                    lifecycle,
+                    backend,
+                    pool.config.drain_window,
+                    DrainSource::Config,
+                );
+            } else if !wanted.drain && backend.drained_by(DrainSource::Config) {
+                backend.undrain_by(DrainSource::Config);
+            }
+        }
+    }
 }
 
 /// Shutdown: every live WebSocket gets 1001, spread over `window`.
@@ -74,7 +116,7 @@ async fn drain_schedule<T>(
 /// Signals `items` one by one: item `i` of `n` at
 /// `start + window * (i + jitter) / n`, with jitter uniform in [0, 1).
 /// Stops for good the first time `cancelled` says so.
-async fn spread<T>(
+pub async fn spread<T>(
     items: Vec<T>,
     window: Duration,
     cancelled: impl Fn() -> bool,

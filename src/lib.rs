@@ -12,6 +12,7 @@
 //! - 2 `status`: the status page's sampler (rates, close history) and snapshots.
 //! - 2 `reload`: read, validate, diff and swap a new config.
 //! - 2 `drain`: the spread-out closes of drains and shutdown.
+//! - 2 `rebalance`: moving live WebSockets off overloaded backends.
 //! - 2 `listener`: accept loop and per-connection TLS + HTTP/1.1 serving.
 //! - 3 `proxy`: the request service: one request path for plain HTTP
 //!   forwarding and WebSocket upgrades, and the tunnel task.
@@ -49,6 +50,7 @@ pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
+pub mod rebalance;
 pub mod reload;
 pub mod routing;
 pub mod status;

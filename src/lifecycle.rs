@@ -5,7 +5,10 @@
 //! relay tasks (shutdown waits for it), the readiness flag `/readyz`
 //! reports, and the registry of live relays: every relayed WebSocket
 //! registers a [`StopHandle`] with its backend while it runs, so that a
-//! drain (one backend) or a shutdown (all) can signal it. The registry lock
+//! drain (one backend), a rebalance (some of a backend's) or a shutdown
+//! (all) can signal it; with it go the client's address and, for a
+//! hash-placed connection, its key's placement ([`RelayTag`]), which a
+//! rebalance chooses by. The registry lock
 //! is taken when a relay starts and ends, never per frame. It also keeps
 //! the drains in progress (which backend, how many connections it had,
 //! when and over what window), so the status page can show their progress.
@@ -21,7 +24,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::balancer::{Backend, BackendState};
+use std::net::IpAddr;
+
+use crate::balancer::{Backend, BackendState, HashPlacement};
 use crate::ws::relay::{StopHandle, StopReason};
 
 /// A running berth's lifecycle state, shared by the listeners, the proxy
@@ -85,10 +90,26 @@ impl DrainProgress {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RelayId(u64);
 
+/// What a relay is registered with besides its backend.
+#[derive(Clone, Debug, Default)]
+pub struct RelayTag {
+    /// The client's address.
+    pub peer: Option<IpAddr>,
+    /// Where its hash key belonged when it was placed.
+    pub placement: Option<HashPlacement>,
+}
+
+/// A live relay as a rebalance sees it.
+#[derive(Clone)]
+pub struct LiveRelay {
+    pub handle: Arc<StopHandle>,
+    pub tag: RelayTag,
+}
+
 #[derive(Default)]
 struct Relays {
     next_id: u64,
-    live: HashMap<u64, (Arc<StopHandle>, Arc<Backend>)>,
+    live: HashMap<u64, (Arc<StopHandle>, Arc<Backend>, RelayTag)>,
 }
 
 impl Lifecycle {
@@ -123,6 +144,16 @@ impl Lifecycle {
     /// Registers a relay about to start on `backend`. A relay that races a
     /// drain of its backend, or a shutdown, is told to stop at once.
     pub fn relay_started(&self, backend: &Arc<Backend>) -> (RelayId, Arc<StopHandle>) {
+        self.relay_started_with(backend, RelayTag::default())
+    }
+
+    /// [`Lifecycle::relay_started`] with the client's address and the
+    /// connection's hash placement.
+    pub fn relay_started_with(
+        &self,
+        backend: &Arc<Backend>,
+        tag: RelayTag,
+    ) -> (RelayId, Arc<StopHandle>) {
         let handle = Arc::new(StopHandle::default());
         if self.is_shutting_down() {
             handle.stop(StopReason::Shutdown);
@@ -135,7 +166,7 @@ impl Lifecycle {
         let id = relays.next_id;
         relays
             .live
-            .insert(id, (Arc::clone(&handle), Arc::clone(backend)));
+            .insert(id, (Arc::clone(&handle), Arc::clone(backend), tag));
         (RelayId(id), handle)
     }
 
@@ -196,8 +227,21 @@ impl Lifecycle {
         self.relays()
             .live
             .values()
-            .filter(|(_, b)| backend.is_none_or(|want| Arc::ptr_eq(want, b)))
-            .map(|(h, _)| Arc::clone(h))
+            .filter(|(_, b, _)| backend.is_none_or(|want| Arc::ptr_eq(want, b)))
+            .map(|(h, _, _)| Arc::clone(h))
+            .collect()
+    }
+
+    /// The live relays of `backend`, with their tags.
+    pub fn relays_on(&self, backend: &Arc<Backend>) -> Vec<LiveRelay> {
+        self.relays()
+            .live
+            .values()
+            .filter(|(_, b, _)| Arc::ptr_eq(backend, b))
+            .map(|(handle, _, tag)| LiveRelay {
+                handle: Arc::clone(handle),
+                tag: tag.clone(),
+            })
             .collect()
     }
 }

@@ -41,6 +41,18 @@ impl Runtime {
         Runtime { config, pools }
     }
 
+    /// This table with `pool` in place of the pool of the same name (a
+    /// DNS answer changed its backends); the config and the other pools
+    /// stay as they are.
+    pub fn with_pool(&self, pool: Arc<Pool>) -> Runtime {
+        let mut pools = self.pools.clone();
+        pools.insert(pool.config.name.clone(), pool);
+        Runtime {
+            config: Arc::clone(&self.config),
+            pools,
+        }
+    }
+
     /// The pool for a request: routes are sorted most specific first, so the
     /// first match wins. `host` is lower-case without port.
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Pool>> {

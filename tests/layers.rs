@@ -12,7 +12,7 @@ use std::path::Path;
 
 /// The architecture in one line: layers from the top, `>` between layers.
 /// A module may refer to modules in its own layer (one way) or below.
-const LAYERS: &str = "main demo > app > admin status reload drain listener > proxy \
+const LAYERS: &str = "main demo > app > admin status reload rebalance drain listener > proxy \
                       > balancer auth affinity ws routing lifecycle \
                       > config metrics body io limits tls tls_stream";
 

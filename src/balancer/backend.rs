@@ -3,10 +3,20 @@
 //! Counts are atomics so that choosing a backend takes no lock. A connection
 //! holds a [`ConnectionGuard`] while it is live; dropping the guard gives the
 //! slot back and moves the gauge.
+//!
+//! A backend is draining while any of its [`DrainSource`]s says so (the
+//! admin API, or `drain = true` in the config), and each source is lifted
+//! on its own. A backend that joins a pool, comes back from `down` or is
+//! put back in service ramps up over the pool's `slow_start`
+//! ([`Backend::slow_start_factor`]). While a rebalance sheds its excess it
+//! is marked shedding, and it holds a ticket per client address it closed,
+//! so that cookie clients it sent away are re-pinned elsewhere.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -35,6 +45,46 @@ impl BackendState {
     }
 }
 
+/// Who drains a backend. It drains while any source says so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainSource {
+    /// `POST .../drain` (and a reload that removed the backend).
+    Admin,
+    /// `drain = true` in the backend's config entry.
+    Config,
+}
+
+impl DrainSource {
+    fn bit(self) -> u8 {
+        match self {
+            DrainSource::Admin => 1,
+            DrainSource::Config => 2,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrainSource::Admin => "admin",
+            DrainSource::Config => "config",
+        }
+    }
+}
+
+/// The share of a joining backend's weight it starts with.
+pub const SLOW_START_FLOOR: f64 = 0.1;
+
+/// The effective weight factor `elapsed` into a slow start of `total`:
+/// [`SLOW_START_FLOOR`] at the start, rising linearly to 1 at the end.
+pub fn slow_start_ramp(elapsed: Duration, total: Duration) -> f64 {
+    if total.is_zero() || elapsed >= total {
+        return 1.0;
+    }
+    SLOW_START_FLOOR + (1.0 - SLOW_START_FLOOR) * elapsed.as_secs_f64() / total.as_secs_f64()
+}
+
+/// `joined_ms` of a backend at its full weight.
+const NOT_RAMPING: i64 = i64::MAX;
+
 pub struct Backend {
     pub pool: String,
     pub id: String,
@@ -46,8 +96,20 @@ pub struct Backend {
     inflight_http: AtomicU64,
     /// Health as the checks see it (active and passive).
     healthy: AtomicBool,
-    /// Drained by an operator or removed by a reload.
-    draining: AtomicBool,
+    /// The [`DrainSource`] bits in force (0: not draining).
+    drain: AtomicU8,
+    /// The pool's `slow_start` in ms (0: none).
+    slow_start_ms: AtomicU64,
+    /// When the backend joined, on [`clock_ms`] (may be below zero in tests),
+    /// or [`NOT_RAMPING`].
+    joined_ms: AtomicI64,
+    /// A rebalance is shedding this backend's excess: new connections go
+    /// elsewhere when they can.
+    shedding: AtomicBool,
+    /// Client addresses a rebalance closed, to re-pin elsewhere.
+    tickets: Tickets,
+    /// Discovered by DNS rather than listed in the config.
+    pub discovered: bool,
     /// Consecutive successful / failed observations.
     ok_streak: AtomicU32,
     fail_streak: AtomicU32,
@@ -86,6 +148,32 @@ impl Backend {
         connect_timeout: Duration,
         metrics: &Metrics,
     ) -> Arc<Backend> {
+        Arc::new(Backend::build(
+            pool,
+            config,
+            connect_timeout,
+            metrics,
+            false,
+        ))
+    }
+
+    /// A backend for an address `[pools.NAME.dns]` discovered.
+    pub fn new_discovered(
+        pool: &str,
+        config: &BackendConfig,
+        connect_timeout: Duration,
+        metrics: &Metrics,
+    ) -> Arc<Backend> {
+        Arc::new(Backend::build(pool, config, connect_timeout, metrics, true))
+    }
+
+    fn build(
+        pool: &str,
+        config: &BackendConfig,
+        connect_timeout: Duration,
+        metrics: &Metrics,
+        discovered: bool,
+    ) -> Backend {
         let backend = Backend {
             pool: pool.to_string(),
             id: config.id.clone(),
@@ -95,7 +183,12 @@ impl Backend {
             live_ws: AtomicU64::new(0),
             inflight_http: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
-            draining: AtomicBool::new(false),
+            drain: AtomicU8::new(0),
+            slow_start_ms: AtomicU64::new(0),
+            joined_ms: AtomicI64::new(NOT_RAMPING),
+            shedding: AtomicBool::new(false),
+            tickets: Tickets::default(),
+            discovered,
             ok_streak: AtomicU32::new(0),
             fail_streak: AtomicU32::new(0),
             down_since_ms: AtomicU64::new(0),
@@ -109,11 +202,11 @@ impl Backend {
             metrics: metrics.clone(),
         };
         backend.publish_state(BackendState::Up);
-        Arc::new(backend)
+        backend
     }
 
     pub fn state(&self) -> BackendState {
-        if self.draining.load(Ordering::Acquire) {
+        if self.drain.load(Ordering::Acquire) != 0 {
             BackendState::Draining
         } else if self.healthy.load(Ordering::Acquire) {
             BackendState::Up
@@ -128,14 +221,17 @@ impl Backend {
         let before = self.state();
         match state {
             BackendState::Up => {
-                self.draining.store(false, Ordering::Release);
+                self.drain.store(0, Ordering::Release);
                 self.healthy.store(true, Ordering::Release);
             }
             BackendState::Down => {
                 self.healthy.store(false, Ordering::Release);
                 self.down_since_ms.store(clock_ms(), Ordering::Relaxed);
             }
-            BackendState::Draining => self.draining.store(true, Ordering::Release),
+            BackendState::Draining => {
+                self.drain
+                    .fetch_or(DrainSource::Admin.bit(), Ordering::AcqRel);
+            }
         }
         let after = self.state();
         if after != before {
@@ -171,6 +267,7 @@ impl Backend {
         };
         if flipped {
             if ok {
+                self.start_slow_start();
                 tracing::info!(pool = %self.pool, backend = %self.id, reason, "backend down -> up");
             } else {
                 tracing::warn!(pool = %self.pool, backend = %self.id, reason, "backend up -> down");
@@ -194,6 +291,7 @@ impl Backend {
         if !self.healthy.swap(true, Ordering::AcqRel) {
             self.ok_streak.store(0, Ordering::Relaxed);
             self.fail_streak.store(0, Ordering::Relaxed);
+            self.start_slow_start();
             tracing::info!(pool = %self.pool, backend = %self.id, reason = "passive retry window elapsed", "backend down -> up");
             self.publish_state(self.state());
         }
@@ -251,33 +349,135 @@ impl Backend {
         self.weight.store(weight.max(1), Ordering::Relaxed);
     }
 
-    /// Marks the backend draining (no new connections). Returns false if it
-    /// already was. `crate::drain::drain_backend` also closes its
-    /// connections, spread over the drain window.
-    pub fn start_drain(&self) -> bool {
+    /// Puts `source`'s drain in force: the backend takes no new connections.
+    /// Returns true when this made it draining (it was not, for any source);
+    /// `crate::drain::drain_backend` then closes its connections, spread
+    /// over the drain window.
+    pub fn start_drain_by(&self, source: DrainSource) -> bool {
+        let before = self.drain.fetch_or(source.bit(), Ordering::AcqRel);
+        if before != 0 {
+            return false;
+        }
         self.drain_epoch.fetch_add(1, Ordering::AcqRel);
         self.http.store(None);
-        let was = self.set_state(BackendState::Draining);
-        if was {
-            tracing::info!(pool = %self.pool, backend = %self.id, live = self.live_connections(), "backend draining");
-        }
-        was
+        tracing::info!(pool = %self.pool, backend = %self.id, by = source.as_str(), live = self.live_connections(), "backend draining");
+        self.publish_state(self.state());
+        true
     }
 
-    /// Returns a drained backend to service; connections already told to
-    /// close still close, the rest of the schedule is dropped.
-    pub fn undrain(&self) -> bool {
+    /// Lifts `source`'s drain. Returns true when that put the backend back
+    /// in service (no other source drains it): connections already told to
+    /// close still close, the rest of the schedule is dropped, and the
+    /// backend ramps up again over its slow start.
+    pub fn undrain_by(&self, source: DrainSource) -> bool {
+        let before = self.drain.fetch_and(!source.bit(), Ordering::AcqRel);
+        if before != source.bit() {
+            return false;
+        }
         self.drain_epoch.fetch_add(1, Ordering::AcqRel);
-        let was_draining = self.draining.swap(false, Ordering::AcqRel);
         if self.http.load().is_none() {
             let timeout = Duration::from_millis(self.connect_timeout_ms.load(Ordering::Relaxed));
             self.http.store(Some(Arc::new(http_client(timeout))));
         }
-        if was_draining {
-            tracing::info!(pool = %self.pool, backend = %self.id, "backend back in service");
-            self.publish_state(self.state());
+        self.start_slow_start();
+        tracing::info!(pool = %self.pool, backend = %self.id, by = source.as_str(), "backend back in service");
+        self.publish_state(self.state());
+        true
+    }
+
+    /// [`Backend::start_drain_by`] the admin API.
+    pub fn start_drain(&self) -> bool {
+        self.start_drain_by(DrainSource::Admin)
+    }
+
+    /// [`Backend::undrain_by`] the admin API.
+    pub fn undrain(&self) -> bool {
+        self.undrain_by(DrainSource::Admin)
+    }
+
+    /// Whether `source`'s drain is in force.
+    pub fn drained_by(&self, source: DrainSource) -> bool {
+        self.drain.load(Ordering::Acquire) & source.bit() != 0
+    }
+
+    /// Sets the pool's slow start (`None`: none; a ramp in progress ends).
+    pub fn set_slow_start(&self, slow_start: Option<Duration>) {
+        let ms = slow_start.map_or(0, duration_ms);
+        self.slow_start_ms.store(ms, Ordering::Relaxed);
+        if ms == 0 {
+            self.joined_ms.store(NOT_RAMPING, Ordering::Relaxed);
         }
-        was_draining
+    }
+
+    /// The backend joins now: it ramps up over the pool's slow start, if
+    /// there is one.
+    pub fn start_slow_start(&self) {
+        self.joined_ago(Duration::ZERO);
+    }
+
+    /// As if the backend had joined `ago` (tests set a ramp's progress).
+    pub fn joined_ago(&self, ago: Duration) {
+        if self.slow_start_ms.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let ago = i64::try_from(duration_ms(ago)).unwrap_or(i64::MAX);
+        let now = i64::try_from(clock_ms()).unwrap_or(i64::MAX);
+        self.joined_ms
+            .store(now.saturating_sub(ago), Ordering::Relaxed);
+    }
+
+    /// The factor on the backend's weight while it ramps up: from
+    /// [`SLOW_START_FLOOR`] when it joins to 1 after the pool's slow start
+    /// (see [`slow_start_ramp`]); 1 at other times.
+    pub fn slow_start_factor(&self) -> f64 {
+        let joined = self.joined_ms.load(Ordering::Relaxed);
+        if joined == NOT_RAMPING {
+            return 1.0;
+        }
+        let total = self.slow_start_ms.load(Ordering::Relaxed);
+        let now = i64::try_from(clock_ms()).unwrap_or(i64::MAX);
+        let elapsed = u64::try_from(now.saturating_sub(joined)).unwrap_or(0);
+        if elapsed >= total {
+            // Done: later calls skip the clock (unless it joined again).
+            let _ = self.joined_ms.compare_exchange(
+                joined,
+                NOT_RAMPING,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            return 1.0;
+        }
+        slow_start_ramp(Duration::from_millis(elapsed), Duration::from_millis(total))
+    }
+
+    /// The weight in thousandths, times the slow-start factor (at least 1):
+    /// what hash affinity ranks by, so that scaling every weight alike
+    /// changes no key's place.
+    pub fn effective_milli_weight(&self) -> u32 {
+        let milli = f64::from(self.weight()) * 1000.0 * self.slow_start_factor();
+        // The weight is at most 1000, so this fits.
+        (milli.round() as u32).max(1)
+    }
+
+    /// Whether a rebalance is shedding this backend's excess.
+    pub fn is_shedding(&self) -> bool {
+        self.shedding.load(Ordering::Relaxed)
+    }
+
+    pub fn set_shedding(&self, on: bool) {
+        self.shedding.store(on, Ordering::Relaxed);
+    }
+
+    /// Notes that a rebalance closed a client from `ip`: until `until`,
+    /// its next affinity cookie for this backend re-pins it elsewhere.
+    pub fn add_rebalance_ticket(&self, ip: IpAddr, until: Instant) {
+        self.tickets.add(ip, until);
+    }
+
+    /// Takes a ticket for `ip`, if a rebalance left one (see
+    /// [`Backend::add_rebalance_ticket`]). Lock-free when there are none.
+    pub fn take_rebalance_ticket(&self, ip: IpAddr) -> bool {
+        self.tickets.take(ip)
     }
 
     /// The client for plain HTTP requests; `None` while draining.
@@ -338,6 +538,60 @@ fn clock_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     let start = START.get_or_init(Instant::now);
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Client addresses a rebalance sent away, each with a count (several
+/// clients may share an address), valid until one moment.
+#[derive(Default)]
+struct Tickets {
+    /// How many are held: the lock is taken only when some are.
+    count: AtomicU32,
+    book: Mutex<TicketBook>,
+}
+
+#[derive(Default)]
+struct TicketBook {
+    until: Option<Instant>,
+    by_ip: HashMap<IpAddr, u32>,
+}
+
+impl Tickets {
+    fn book(&self) -> std::sync::MutexGuard<'_, TicketBook> {
+        match self.book.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn add(&self, ip: IpAddr, until: Instant) {
+        let mut book = self.book();
+        book.until = Some(book.until.map_or(until, |u| u.max(until)));
+        *book.by_ip.entry(ip.to_canonical()).or_insert(0) += 1;
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn take(&self, ip: IpAddr) -> bool {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let mut book = self.book();
+        if book.until.is_some_and(|u| Instant::now() >= u) {
+            book.by_ip.clear();
+            book.until = None;
+            self.count.store(0, Ordering::Relaxed);
+            return false;
+        }
+        let ip = ip.to_canonical();
+        let Some(left) = book.by_ip.get_mut(&ip) else {
+            return false;
+        };
+        *left -= 1;
+        if *left == 0 {
+            book.by_ip.remove(&ip);
+        }
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        true
+    }
 }
 
 enum GuardKind {

@@ -7,8 +7,19 @@
 //! - `hit`: the client's pinned (cookie) or preferred (hash) backend took it;
 //! - `new`: no cookie, or no hash key in the request: `balance` picked;
 //! - `rebind`: the pinned backend is down, draining, removed or full (or,
-//!   for hash, bounded load sent the key further down its order);
+//!   for hash, bounded load sent the key further down its order), or a
+//!   rebalance closed this client's connection to it (a ticket for its
+//!   address): the client is re-pinned to a backend the rebalance is not
+//!   shedding;
 //! - `invalid`: a cookie that failed authentication was ignored.
+//!
+//! Hash affinity ranks each backend by its weight times its slow-start
+//! factor (in thousandths, so that a pool at full weight ranks exactly as
+//! by the plain weights): a joining backend wins a growing subset of the
+//! keys it will hold, and bounded load's shares use the same weights. The
+//! choice records the key's hash and its first choice among the backends
+//! that are up ([`HashPlacement`]), so that a rebalance can tell which
+//! keys moved since.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -19,8 +30,8 @@ use super::{Backend, Pool};
 use ipnet::IpNet;
 
 use crate::affinity::{
-    find_cookie, hash_key_value, pick_bounded, rendezvous_pick, set_cookie_value, CookieSigner,
-    CookieSpec,
+    find_cookie, hash_key_value, key_hash, pick_bounded, rendezvous_pick, rendezvous_pick_by_hash,
+    set_cookie_value, CookieSigner, CookieSpec,
 };
 use crate::config::{Affinity, HashKey};
 
@@ -70,6 +81,21 @@ impl Sticky {
     }
 }
 
+impl Pool {
+    /// Where a hash key (by its [`key_hash`]) belongs now: its first choice
+    /// among the backends that are up, by effective weight (fullness and
+    /// bounded load aside). `None` when no backend is up.
+    pub fn hash_home(&self, key_hash: u64) -> Option<Arc<Backend>> {
+        let up: Vec<&Arc<Backend>> = self
+            .backends
+            .iter()
+            .filter(|b| b.state() == super::BackendState::Up)
+            .collect();
+        let ids = ranked_weights(&up);
+        rendezvous_pick_by_hash(key_hash, &ids).and_then(|i| up.get(i).map(|b| Arc::clone(b)))
+    }
+}
+
 /// What the balancer needs to know about a request.
 pub struct RequestFacts<'a> {
     pub headers: &'a HeaderMap,
@@ -89,13 +115,40 @@ pub struct Choice {
     pub set_cookie: Option<String>,
     /// `berth_affinity_total` result, for pools with affinity.
     pub result: Option<&'static str>,
+    /// Where the request's hash key belonged when it was placed (hash
+    /// affinity with a key only).
+    pub placement: Option<HashPlacement>,
+}
+
+/// A hash-placed connection's key, by its hash, and the backend that was
+/// its first choice among the backends up when it was placed.
+#[derive(Clone, Debug)]
+pub struct HashPlacement {
+    pub key_hash: u64,
+    pub home: Arc<Backend>,
+}
+
+/// Hash affinity's candidates: `(id, effective weight)` of each backend.
+fn ranked_weights<'a>(backends: &[&'a Arc<Backend>]) -> Vec<(&'a str, u32)> {
+    let ramping = backends.iter().any(|b| b.slow_start_factor() < 1.0);
+    backends
+        .iter()
+        .map(|b| {
+            let w = if ramping {
+                b.effective_milli_weight()
+            } else {
+                b.weight()
+            };
+            (b.id.as_str(), w)
+        })
+        .collect()
 }
 
 impl Pool {
     /// Chooses a backend for a request, honouring the pool's affinity and
     /// never one in `tried`.
     pub fn choose(&self, req: &RequestFacts<'_>, tried: &[Arc<Backend>]) -> Option<Choice> {
-        let excluded: Vec<&Arc<Backend>> = tried.iter().collect();
+        let mut excluded: Vec<&Arc<Backend>> = tried.iter().collect();
         let usable =
             |b: &Arc<Backend>| self.eligible(b) && !tried.iter().any(|t| Arc::ptr_eq(t, b));
         match &self.sticky {
@@ -103,6 +156,7 @@ impl Pool {
                 backend,
                 set_cookie: None,
                 result: None,
+                placement: None,
             }),
             Sticky::Cookie { signer, spec } => {
                 let pool = self.config.name.as_str();
@@ -111,6 +165,11 @@ impl Pool {
                     Some(value) => match signer.verify(pool, value) {
                         None => (None, "invalid"),
                         Some(id) => match self.find(id) {
+                            // A client a rebalance sent away goes elsewhere.
+                            Some(b) if usable(b) && b.take_rebalance_ticket(req.peer) => {
+                                excluded.push(b);
+                                (None, "rebind")
+                            }
                             Some(b) if usable(b) => (Some(Arc::clone(b)), "hit"),
                             _ => (None, "rebind"),
                         },
@@ -121,14 +180,19 @@ impl Pool {
                         backend,
                         set_cookie: None,
                         result: Some(result),
+                        placement: None,
                     });
                 }
-                let backend = self.pick(&excluded)?;
+                // Only the one backend left: it keeps its client.
+                let backend = self
+                    .pick(&excluded)
+                    .or_else(|| self.pick(&excluded[..tried.len()]))?;
                 let value = signer.sign(pool, &backend.id);
                 Some(Choice {
                     set_cookie: Some(set_cookie_value(spec, &value, req.tls)),
                     backend,
                     result: Some(result),
+                    placement: None,
                 })
             }
             Sticky::Hash {
@@ -145,17 +209,16 @@ impl Pool {
                         backend,
                         set_cookie: None,
                         result: Some("new"),
+                        placement: None,
                     });
                 };
                 let candidates: Vec<&Arc<Backend>> =
                     self.backends.iter().filter(|b| usable(b)).collect();
-                let ids: Vec<(&str, u32)> = candidates
-                    .iter()
-                    .map(|b| (b.id.as_str(), b.weight()))
-                    .collect();
+                let ids = ranked_weights(&candidates);
                 let live: Vec<u64> = candidates.iter().map(|b| b.live_connections()).collect();
                 let chosen = pick_bounded(value.as_bytes(), &ids, &live, *bounded_load)?;
                 let first = rendezvous_pick(value.as_bytes(), &ids);
+                let hash = key_hash(value.as_bytes());
                 Some(Choice {
                     backend: Arc::clone(candidates.get(chosen)?),
                     set_cookie: None,
@@ -163,6 +226,10 @@ impl Pool {
                         "hit"
                     } else {
                         "rebind"
+                    }),
+                    placement: self.hash_home(hash).map(|home| HashPlacement {
+                        key_hash: hash,
+                        home,
                     }),
                 })
             }

@@ -93,6 +93,27 @@ pub struct FilePool {
     pub health: Option<FileHealth>,
     pub backends: Vec<FileBackend>,
     pub auth: Option<FileAuth>,
+    pub slow_start: Option<String>,
+    pub max_connection_age: Option<String>,
+    pub rebalance: Option<FileRebalance>,
+    pub dns: Option<FileDns>,
+}
+
+/// `[pools.NAME.rebalance]`.
+#[derive(Clone, Debug, Default)]
+pub struct FileRebalance {
+    pub threshold: Option<f64>,
+    pub window: Option<String>,
+}
+
+/// `[pools.NAME.dns]`: backends discovered by DNS.
+#[derive(Clone, Debug, Default)]
+pub struct FileDns {
+    pub name: Option<String>,
+    /// Signed, so that a negative port gets a range message.
+    pub port: Option<i64>,
+    pub interval: Option<String>,
+    pub resolver: Option<String>,
 }
 
 /// `[pools.NAME.auth]`.
@@ -198,6 +219,7 @@ pub struct FileBackend {
     pub address: Option<String>,
     pub weight: Option<i64>,
     pub max_connections: Option<i64>,
+    pub drain: Option<bool>,
 }
 
 // The keys of each table, in the order the messages list them.
@@ -235,6 +257,10 @@ const POOL_KEYS: &[&str] = &[
     "health",
     "backends",
     "auth",
+    "slow_start",
+    "max_connection_age",
+    "rebalance",
+    "dns",
 ];
 const COOKIE_KEYS: &[&str] = &[
     "name",
@@ -247,7 +273,9 @@ const COOKIE_KEYS: &[&str] = &[
 ];
 const HASH_KEYS: &[&str] = &["key", "bounded_load", "trusted_proxies"];
 const HEALTH_KEYS: &[&str] = &["path", "interval", "timeout", "rise", "fall"];
-const BACKEND_KEYS: &[&str] = &["id", "address", "weight", "max_connections"];
+const BACKEND_KEYS: &[&str] = &["id", "address", "weight", "max_connections", "drain"];
+const REBALANCE_KEYS: &[&str] = &["threshold", "window"];
+const DNS_KEYS: &[&str] = &["name", "port", "interval", "resolver"];
 const AUTH_KEYS: &[&str] = &["jwt", "forward"];
 const JWT_KEYS: &[&str] = &[
     "jwks_url",
@@ -356,9 +384,24 @@ fn pool(t: &Fields<'_>, report: &mut Report<'_>) -> FilePool {
                 address: b.get(report, "address"),
                 weight: b.get(report, "weight"),
                 max_connections: b.get(report, "max_connections"),
+                drain: b.get(report, "drain"),
             })
             .collect(),
         auth: t.table(report, "auth", AUTH_KEYS).map(|a| auth(&a, report)),
+        slow_start: t.get(report, "slow_start"),
+        max_connection_age: t.get(report, "max_connection_age"),
+        rebalance: t
+            .table(report, "rebalance", REBALANCE_KEYS)
+            .map(|r| FileRebalance {
+                threshold: r.get(report, "threshold"),
+                window: r.get(report, "window"),
+            }),
+        dns: t.table(report, "dns", DNS_KEYS).map(|d| FileDns {
+            name: d.get(report, "name"),
+            port: d.get(report, "port"),
+            interval: d.get(report, "interval"),
+            resolver: d.get(report, "resolver"),
+        }),
     }
 }
 

@@ -137,6 +137,39 @@ pub struct PoolConfig {
     pub backends: Vec<BackendConfig>,
     /// Who may reach the pool (`[pools.NAME.auth]`); by default, anyone.
     pub auth: AuthConfig,
+    /// A backend that joins ramps up to its full share over this long;
+    /// `None`: at once.
+    pub slow_start: Option<Duration>,
+    /// WebSockets older than this (spread over its last 10 %) are closed
+    /// with 1012; `None`: never.
+    pub max_connection_age: Option<Duration>,
+    /// `[pools.NAME.rebalance]`; `None`: live connections stay where they are.
+    pub rebalance: Option<RebalanceConfig>,
+    /// `[pools.NAME.dns]`: backends discovered by DNS, besides `backends`.
+    pub dns: Option<DnsConfig>,
+}
+
+/// `[pools.NAME.rebalance]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RebalanceConfig {
+    /// A backend holding more than this times its weighted share of the
+    /// live WebSockets sheds the excess; above 1.0 and at most 10.
+    pub threshold: f64,
+    /// The sheds of one rebalance are spread over this window.
+    pub window: Duration,
+}
+
+/// `[pools.NAME.dns]`: each A and AAAA record of `name` is a backend at
+/// `port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// As written (a trailing dot makes it fully qualified).
+    pub name: String,
+    pub port: u16,
+    /// Looked up again this often (sooner when the records' TTL is shorter).
+    pub interval: Duration,
+    /// The name server to ask; `None`: the system's (`/etc/resolv.conf`).
+    pub resolver: Option<SocketAddr>,
 }
 
 /// `[pools.NAME.auth]`: a pool has JWT, forward-auth, both (JWT first) or
@@ -378,6 +411,33 @@ pub struct BackendConfig {
     pub weight: u32,
     /// Cap on live upgraded connections; `None` is unlimited.
     pub max_connections: Option<u64>,
+    /// `drain = true`: drained as by the admin API, for as long as the
+    /// config says so.
+    pub drain: bool,
+}
+
+impl DnsConfig {
+    /// The backend an address discovered by this table stands for: weight
+    /// 1, no cap, and an id derived from the address alone, so every berth
+    /// instance names it the same way: `dns-` then the IP as written by
+    /// Rust's `Display` (IPv6 in its shortest form), each `:` turned into
+    /// `-`, then `-` and the port. `10.0.0.7` on port 9000 is
+    /// `dns-10.0.0.7-9000`; `fd00::7` is `dns-fd00--7-9000`.
+    pub fn backend(&self, ip: std::net::IpAddr) -> BackendConfig {
+        let ip = ip.to_canonical();
+        BackendConfig {
+            id: format!(
+                "{}{}-{}",
+                rules::DISCOVERED_ID_PREFIX,
+                ip.to_string().replace(':', "-"),
+                self.port
+            ),
+            address: SocketAddr::new(ip, self.port).to_string(),
+            weight: 1,
+            max_connections: None,
+            drain: false,
+        }
+    }
 }
 
 /// One thing wrong with a config file.

@@ -87,6 +87,13 @@ pub(super) const JWT_REFRESH: DurationKey = required(secs(10 * MINUTE), secs(1),
 pub(super) const JWT_LEEWAY: DurationKey = required(secs(30), Duration::ZERO, secs(10 * MINUTE));
 pub(super) const FORWARD_TIMEOUT: DurationKey = required(secs(2), ms(100), secs(MINUTE));
 pub(super) const FORWARD_CACHE: DurationKey = optional(secs(1), secs(HOUR));
+// Fleet changes. A slow start or an age under a second means nothing to a
+// WebSocket; a rebalance window of a second still spreads reconnects a
+// little; DNS is asked at most ten times a second.
+pub(super) const SLOW_START: DurationKey = optional(secs(1), secs(HOUR));
+pub(super) const MAX_CONNECTION_AGE: DurationKey = optional(secs(1), LONGEST);
+pub(super) const REBALANCE_WINDOW: DurationKey = required(secs(5 * MINUTE), secs(1), secs(DAY));
+pub(super) const DNS_INTERVAL: DurationKey = required(secs(10), ms(100), secs(HOUR));
 
 /// Every duration key by name: unique across tables, or qualified by the
 /// last part of its table's name (`health.timeout`, `forward.timeout`).
@@ -102,7 +109,7 @@ pub(super) const DURATIONS: &[(&str, DurationKey)] = &[
     ("close_timeout", CLOSE_TIMEOUT),
     ("drain_window", DRAIN_WINDOW),
     ("max_age", COOKIE_MAX_AGE),
-    ("interval", HEALTH_INTERVAL),
+    ("health.interval", HEALTH_INTERVAL),
     ("health.timeout", HEALTH_TIMEOUT),
     ("retry_after_max", RETRY_AFTER_MAX),
     ("send_timeout", SEND_TIMEOUT),
@@ -110,6 +117,10 @@ pub(super) const DURATIONS: &[(&str, DurationKey)] = &[
     ("leeway", JWT_LEEWAY),
     ("forward.timeout", FORWARD_TIMEOUT),
     ("cache", FORWARD_CACHE),
+    ("slow_start", SLOW_START),
+    ("max_connection_age", MAX_CONNECTION_AGE),
+    ("rebalance.window", REBALANCE_WINDOW),
+    ("dns.interval", DNS_INTERVAL),
 ];
 
 /// An integer key: its inclusive range.
@@ -160,6 +171,13 @@ pub(super) const MAX_CONNECTIONS_PER_IP: IntKey = IntKey {
     max: 1_000_000,
 };
 
+/// `[pools.NAME.dns] port`: where every discovered address is reached.
+pub(super) const DNS_PORT: IntKey = IntKey {
+    name: "port",
+    min: 1,
+    max: 65535,
+};
+
 /// Every integer key.
 #[cfg(test)]
 pub(super) const NUMBERS: &[IntKey] = &[
@@ -170,6 +188,7 @@ pub(super) const NUMBERS: &[IntKey] = &[
     FALL,
     MAX_UPGRADES_PER_SECOND,
     UPGRADE_BURST,
+    DNS_PORT,
 ];
 
 const KIB: u64 = 1024;
@@ -224,6 +243,11 @@ pub fn human_size(n: u64) -> String {
 pub(super) const BOUNDED_LOAD_ABOVE: f64 = 1.0;
 /// ...and at most this (beyond the number of backends it bounds nothing).
 pub(super) const BOUNDED_LOAD_MAX: f64 = 100.0;
+
+/// `rebalance.threshold` must be above this...
+pub(super) const THRESHOLD_ABOVE: f64 = 1.0;
+/// ...and at most this (a backend ten times over its share is far gone).
+pub(super) const THRESHOLD_MAX: f64 = 10.0;
 
 /// A duration as the README writes it: `0s`, `250ms`, `30s`, `5m`, `2h`,
 /// `7d`, in the largest unit that divides it exactly.
@@ -504,6 +528,52 @@ pub(super) fn bounded_load(c: f64) -> Result<f64, String> {
         ))
     }
 }
+
+/// `rebalance.threshold`: a number above 1.0 and at most 10.
+pub(super) fn threshold(t: f64) -> Result<f64, String> {
+    if t.is_finite() && t > THRESHOLD_ABOVE && t <= THRESHOLD_MAX {
+        Ok(t)
+    } else {
+        Err(format!(
+            "threshold must be a number greater than 1.0 and at most 10 (e.g. 1.2), got {t}"
+        ))
+    }
+}
+
+/// A DNS name to discover backends by: labels of 1 to 63 letters, digits,
+/// `-` and `_` (not starting or ending with `-`), separated by dots, at
+/// most 253 characters; a trailing dot (fully qualified) is allowed.
+pub(super) fn dns_name(raw: &str) -> Result<(), String> {
+    let name = raw.strip_suffix('.').unwrap_or(raw);
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.len() <= 253 && name.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid DNS name {raw:?} (expected e.g. \"chat.internal\" or \"chat.default.svc.cluster.local.\")"
+        ))
+    }
+}
+
+/// A name server: `IP:port` with a port from 1 to 65535.
+pub(super) fn resolver_address(raw: &str) -> Result<SocketAddr, String> {
+    match raw.parse::<SocketAddr>() {
+        Ok(addr) if addr.port() != 0 => Ok(addr),
+        _ => Err(format!(
+            "invalid resolver {raw:?} (expected IP:port, e.g. \"10.0.0.2:53\" or \"[fd00::2]:53\")"
+        )),
+    }
+}
+
+/// The prefix of discovered backends' ids (`dns-10.0.0.7-9000`): a pool
+/// with `[pools.NAME.dns]` keeps it for them.
+pub const DISCOVERED_ID_PREFIX: &str = "dns-";
 
 /// A cookie name: an RFC 6265 token.
 pub(super) fn cookie_name(raw: &str) -> Result<(), String> {

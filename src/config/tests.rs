@@ -151,8 +151,13 @@ fn defaults_apply_to_a_minimal_config() {
                 address: "127.0.0.1:9001".into(),
                 weight: 1,
                 max_connections: None,
+                drain: false,
             }],
             auth: AuthConfig::default(),
+            slow_start: None,
+            max_connection_age: None,
+            rebalance: None,
+            dns: None,
         }
     );
 }
@@ -213,7 +218,7 @@ fn unknown_nested_keys() {
     assert_eq!(
         errors(&text),
         "berth.toml:13: pools.chat.backends[0].adress: unknown field `adress`, \
-         expected one of `id`, `address`, `weight`, `max_connections`"
+         expected one of `id`, `address`, `weight`, `max_connections`, `drain`"
     );
     let text = BASE.replace(
         "bind = \"127.0.0.1:8080\"",
@@ -578,7 +583,7 @@ fn with_duration(key: &str, value: &str) -> String {
                 "s".repeat(32)
             ),
         ),
-        "interval" | "health.timeout" => BASE.replace(
+        "health.interval" | "health.timeout" => BASE.replace(
             "[pools.chat]",
             &format!("[pools.chat]\n\n[pools.chat.health]\n{line}"),
         ),
@@ -589,6 +594,14 @@ fn with_duration(key: &str, value: &str) -> String {
         "forward.timeout" | "cache" => BASE.replace(
             "[pools.chat]",
             &format!("[pools.chat]\n\n[pools.chat.auth.forward]\nurl = \"http://127.0.0.1:9000/verify\"\n{line}"),
+        ),
+        "rebalance.window" => BASE.replace(
+            "[pools.chat]",
+            &format!("[pools.chat]\n\n[pools.chat.rebalance]\n{line}"),
+        ),
+        "dns.interval" => BASE.replace(
+            "[pools.chat]",
+            &format!("[pools.chat]\n\n[pools.chat.dns]\nname = \"chat.internal\"\nport = 9000\n{line}"),
         ),
         _ => BASE.replace("[pools.chat]", &format!("[pools.chat]\n{line}")),
     }
@@ -710,6 +723,10 @@ fn numbers_outside_their_range_are_rejected_with_the_range() {
                 "max_upgrades_per_second" => pool(&line),
                 "upgrade_burst" => pool(&format!("max_upgrades_per_second = 1\n{line}")),
                 "max_connections_per_ip" => listener(&line),
+                "port" => BASE.replace(
+                    "[pools.chat]",
+                    &format!("[pools.chat]\n\n[pools.chat.dns]\nname = \"chat.internal\"\n{line}"),
+                ),
                 _ => backend(&line),
             }
         };
@@ -902,13 +919,13 @@ weight = "heavy"
              `ping_interval`, `pong_timeout`, `close_timeout`, `drain_window`, \
              `allowed_origins`, `affinity`, `max_message_size`, `max_upgrades_per_second`, \
              `upgrade_burst`, `retry_after_max`, `send_timeout`, `cookie`, `hash`, `health`, \
-             `backends`, `auth`",
+             `backends`, `auth`, `slow_start`, `max_connection_age`, `rebalance`, `dns`",
             "berth.toml:15: pools.chat.idle_timeout: duration must be \"0s\" (off) or between \
              100ms and 7d, got \"1ns\"",
             "berth.toml:18: pools.chat.backends[0].id: invalid backend id \"chat 1\" (use only \
              letters, digits, '.', '_' and '-')",
             "berth.toml:19: pools.chat.backends[0].adress: unknown field `adress`, expected one \
-             of `id`, `address`, `weight`, `max_connections`",
+             of `id`, `address`, `weight`, `max_connections`, `drain`",
             "berth.toml:20: pools.chat.backends[0].max_connections: max_connections must be \
              between 1 and 1000000, got 0 (omit it for no cap)",
             "berth.toml:25: pools.chat.backends[1].weight: invalid type: string \"heavy\", \
@@ -933,7 +950,7 @@ fn a_bad_table_hides_only_what_is_inside_it() {
         "berth.toml:10: pools.chat.cookie: invalid type: string \"yes\", expected a map\n\
          berth.toml:11: pools.chat.health: invalid type: sequence, expected a map\n\
          berth.toml:20: pools.chat.backends[1].cookie: unknown field `cookie`, expected one of \
-         `id`, `address`, `weight`, `max_connections`"
+         `id`, `address`, `weight`, `max_connections`, `drain`"
     );
     let text = "listeners = [1, { name = \"b\", bind = \"127.0.0.1:1\" }]\n\
                 routes = 3\npools = { chat = 4 }\n";
@@ -1543,3 +1560,4 @@ fn listener_limits_out_of_range_are_rejected() {
 }
 
 mod auth;
+mod fleet;

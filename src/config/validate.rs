@@ -29,6 +29,7 @@ use super::{
 };
 
 mod auth;
+mod fleet;
 mod limits;
 mod listener;
 
@@ -380,17 +381,11 @@ impl Checker<'_, '_> {
             rules::DRAIN_WINDOW,
         );
 
-        if raw.backends.is_empty() {
-            self.push(
-                &key("backends"),
-                format!("pool {name:?} has no backends (add a [[pools.{name}.backends]] entry with id and address)"),
-            );
-        }
-        let mut backends: Vec<BackendConfig> = Vec::new();
+        let mut backends: Vec<(usize, BackendConfig)> = Vec::new();
         for (i, raw) in raw.backends.iter().enumerate() {
             let at = path(&base, &[Seg::Key("backends"), Seg::Index(i)]);
             if let Some(backend) = self.backend(&at, raw) {
-                if backends.iter().any(|b| b.id == backend.id) {
+                if backends.iter().any(|(_, b)| b.id == backend.id) {
                     self.push(
                         &path(&at, &[Seg::Key("id")]),
                         format!(
@@ -399,10 +394,12 @@ impl Checker<'_, '_> {
                         ),
                     );
                 } else {
-                    backends.push(backend);
+                    backends.push((i, backend));
                 }
             }
         }
+        self.check_members(name, raw, &backends);
+        let fleet = self.fleet(name, raw);
 
         let affinity = self.affinity(name, raw);
         let auth = self.auth(name, raw.auth.as_ref());
@@ -421,8 +418,12 @@ impl Checker<'_, '_> {
             affinity,
             limits: self.pool_limits(name, raw),
             health: self.health(name, raw.health.as_ref()),
-            backends,
+            backends: backends.into_iter().map(|(_, b)| b).collect(),
             auth,
+            slow_start: fleet.slow_start,
+            max_connection_age: fleet.max_connection_age,
+            rebalance: fleet.rebalance,
+            dns: fleet.dns,
         }
     }
 
@@ -459,6 +460,7 @@ impl Checker<'_, '_> {
             address: address?.to_string(),
             weight: u32::try_from(weight?).ok()?,
             max_connections: max_connections?,
+            drain: raw.drain.unwrap_or(false),
         })
     }
 

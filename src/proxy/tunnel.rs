@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use super::{ConnInfo, ProxyContext};
 use crate::balancer::ConnectionGuard;
 use crate::io::ClientStream;
-use crate::lifecycle::RelayId;
+use crate::lifecycle::{RelayId, RelayTag};
 use crate::metrics::close_code_label;
 use crate::ws::relay::{relay, Deadline, EndReason, Relay, RelayConfig, RelayOutcome, Source};
 
@@ -34,7 +34,19 @@ pub struct Tunnel {
     started: Instant,
     /// The relay's entry in the drain registry, while it runs.
     registered: Option<RelayId>,
+    /// The relay's deadline is its maximum age (not a token's expiry).
+    max_age: bool,
     state: State,
+}
+
+/// How a tunnel's connection may end on berth's own clock, and what its
+/// relay is registered with.
+pub struct Terms {
+    /// The earlier of the token's expiry and the maximum age.
+    pub deadline: Option<Deadline>,
+    /// `deadline` is the maximum age.
+    pub max_age: bool,
+    pub tag: RelayTag,
 }
 
 // The relay is the state a tunnel spends its life in, so it stays inline;
@@ -55,6 +67,7 @@ struct Pending {
     backend_prefix: Bytes,
     config: Arc<RelayConfig>,
     deadline: Option<Deadline>,
+    tag: RelayTag,
 }
 
 impl Tunnel {
@@ -67,7 +80,7 @@ impl Tunnel {
         backend: TcpStream,
         backend_prefix: Bytes,
         config: Arc<RelayConfig>,
-        deadline: Option<Deadline>,
+        terms: Terms,
     ) -> Tunnel {
         Tunnel {
             ctx,
@@ -75,12 +88,14 @@ impl Tunnel {
             guard,
             started: Instant::now(),
             registered: None,
+            max_age: terms.max_age,
             state: State::Upgrading(Box::new(Pending {
                 upgrade,
                 backend,
                 backend_prefix,
                 config,
-                deadline,
+                deadline: terms.deadline,
+                tag: terms.tag,
             })),
         }
     }
@@ -104,6 +119,11 @@ impl Tunnel {
             EndReason::IdleTimeout => m.ws_idle_timeouts.with_label_values(&[pool]).inc(),
             EndReason::HeartbeatFailure => m.ws_heartbeat_failures.with_label_values(&[pool]).inc(),
             EndReason::Drained => m.ws_drained.with_label_values(&[pool, &backend.id]).inc(),
+            EndReason::Rebalanced => m
+                .ws_rebalanced
+                .with_label_values(&[pool, &backend.id])
+                .inc(),
+            EndReason::Deadline if self.max_age => m.ws_max_age.with_label_values(&[pool]).inc(),
             EndReason::SendTimeout(side) => {
                 let side = match side {
                     Source::Client => "client",
@@ -153,6 +173,7 @@ impl Future for Tunnel {
                         backend_prefix,
                         config,
                         deadline,
+                        tag,
                         ..
                     } = *pending;
                     let client = match upgraded.map(|u| u.downcast::<TokioIo<ClientStream>>()) {
@@ -169,7 +190,10 @@ impl Future for Tunnel {
                         }
                     };
                     this.started = Instant::now();
-                    let (id, stop) = this.ctx.lifecycle.relay_started(this.guard.backend());
+                    let (id, stop) = this
+                        .ctx
+                        .lifecycle
+                        .relay_started_with(this.guard.backend(), tag);
                     this.registered = Some(id);
                     this.state = State::Relaying(
                         relay(

@@ -27,13 +27,14 @@ use super::headers::strip_hop_by_hop;
 use super::request::{
     append_set_cookie, choose_and_connect, connect, facts, AttemptError, Prepared,
 };
-use super::tunnel::Tunnel;
+use super::tunnel::{Terms, Tunnel};
 use super::{
     count_rejected, ConnInfo, ProxyContext, ProxyError, DEFAULT_RETRY_AFTER_MAX, X_REQUEST_ID,
 };
 use crate::auth::Verified;
 use crate::balancer::{Backend, Choice, Pool};
 use crate::body::{empty, text_response, ProxyBody};
+use crate::lifecycle::RelayTag;
 use crate::ws::frame::close_code;
 use crate::ws::handshake::{accept_matches, validate, HandshakeError};
 use crate::ws::relay::Deadline;
@@ -287,6 +288,26 @@ fn switch(
     *client_resp.headers_mut() = out_headers;
 
     let guard = choice.backend.track_websocket();
+    // The connection ends at the earlier of its token's expiry and its
+    // maximum age, if it has either.
+    let age = pool
+        .config
+        .max_connection_age
+        .map(|age| max_age_deadline(age, rand::random()));
+    let token = expires.map(token_expiry);
+    let max_age = match (token, age) {
+        (Some(t), Some(a)) => a.at < t.at,
+        (None, a) => a.is_some(),
+        (Some(_), None) => false,
+    };
+    let terms = Terms {
+        deadline: if max_age { age } else { token },
+        max_age,
+        tag: RelayTag {
+            peer: Some(conn.peer.ip()),
+            placement: choice.placement.clone(),
+        },
+    };
     // The tunnel keeps the client connection's info (and its gauge) alive.
     ctx.lifecycle.tracker.spawn(Tunnel::new(
         Arc::clone(ctx),
@@ -296,10 +317,26 @@ fn switch(
         backend_stream,
         backend_prefix,
         Arc::clone(&pool.relay),
-        expires.map(token_expiry),
+        terms,
     ));
     client_resp
 }
+
+/// Where in the last tenth of a connection's maximum age it ends: `u`,
+/// uniform in [0, 1), puts the deadline uniformly between 90 % and 100 %
+/// of `age` from now, so connections opened together are not closed
+/// together.
+fn max_age_deadline(age: Duration, u: f64) -> Deadline {
+    let life = age.mul_f64(1.0 - MAX_AGE_SPREAD * (1.0 - u.clamp(0.0, 1.0)));
+    Deadline {
+        at: tokio::time::Instant::now() + life,
+        code: close_code::SERVICE_RESTART,
+        reason: "max connection age",
+    }
+}
+
+/// The share of `max_connection_age` its deadlines are spread over.
+const MAX_AGE_SPREAD: f64 = 0.1;
 
 /// The relay deadline for a token that stops being valid at `at` (a time
 /// already past closes at once).
@@ -351,4 +388,34 @@ fn fail(
     count(ctx, name, &backend.id, err.upgrade_result());
     tracing::warn!(pool = name, backend = %backend.id, request_id, error = %err, "websocket upgrade failed");
     err.response(pool.config.limits.retry_after_max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn max_age_deadlines_fill_the_last_tenth_of_the_age_evenly() {
+        let age = Duration::from_secs(6 * 3600);
+        let start = tokio::time::Instant::now();
+        let life = |u: f64| max_age_deadline(age, u).at - start;
+        assert_eq!(life(0.0), age.mul_f64(0.9));
+        assert_eq!(life(0.5), age.mul_f64(0.95));
+        assert_eq!(life(1.0), age);
+        let d = max_age_deadline(age, 0.3);
+        assert_eq!((d.code, d.reason), (1012, "max connection age"));
+        // Connections opened together (the clock is paused): their
+        // deadlines cover the last tenth, about as many in each hundredth.
+        let n = 20_000;
+        let mut buckets = [0u32; 10];
+        for _ in 0..n {
+            let at = life(rand::random());
+            assert!(at >= age.mul_f64(0.9) && at <= age, "{at:?}");
+            let tenth = ((at.as_secs_f64() / age.as_secs_f64() - 0.9) * 100.0) as usize;
+            buckets[tenth.min(9)] += 1;
+        }
+        for count in buckets {
+            assert!((1_600..2_400).contains(&count), "{buckets:?}");
+        }
+    }
 }

@@ -206,9 +206,11 @@ fn pool_changes(was: &PoolConfig, now: &PoolConfig, out: &mut Vec<String>) {
     for (key, get) in durations {
         set(key, human(get(was)), human(get(now)));
     }
-    let optional: [Setting<Option<Duration>>; 2] = [
+    let optional: [Setting<Option<Duration>>; 4] = [
         ("idle_timeout", |p| p.idle_timeout),
         ("ping_interval", |p| p.ping_interval),
+        ("slow_start", |p| p.slow_start),
+        ("max_connection_age", |p| p.max_connection_age),
     ];
     for (key, get) in optional {
         let show = |d: Option<Duration>| d.map_or("off".to_string(), human);
@@ -240,6 +242,79 @@ fn pool_changes(was: &PoolConfig, now: &PoolConfig, out: &mut Vec<String>) {
     health_changes(&now.name, was.health.as_ref(), now.health.as_ref(), out);
     limit_changes(was, now, out);
     auth_changes(was, now, out);
+    fleet_changes(was, now, out);
+}
+
+/// `[pools.NAME.rebalance]`, `[pools.NAME.dns]` and the backends' `drain`.
+fn fleet_changes(was: &PoolConfig, now: &PoolConfig, out: &mut Vec<String>) {
+    let pool = &now.name;
+    match (&was.rebalance, &now.rebalance) {
+        (None, Some(r)) => out.push(format!(
+            "pool {pool:?}: rebalance turned on (threshold {}, window {})",
+            r.threshold,
+            human(r.window)
+        )),
+        (Some(_), None) => out.push(format!("pool {pool:?}: rebalance turned off")),
+        (Some(a), Some(b)) => {
+            if a.threshold != b.threshold {
+                out.push(format!(
+                    "pool {pool:?}: rebalance.threshold {} -> {}",
+                    a.threshold, b.threshold
+                ));
+            }
+            if a.window != b.window {
+                out.push(format!(
+                    "pool {pool:?}: rebalance.window {} -> {}",
+                    human(a.window),
+                    human(b.window)
+                ));
+            }
+        }
+        (None, None) => {}
+    }
+    let show = |d: &crate::config::DnsConfig| {
+        let via = d
+            .resolver
+            .map_or_else(|| "the system resolver".to_string(), |r| r.to_string());
+        format!(
+            "{}:{} every {} via {via}",
+            d.name,
+            d.port,
+            human(d.interval)
+        )
+    };
+    match (&was.dns, &now.dns) {
+        (None, Some(d)) => out.push(format!(
+            "pool {pool:?}: dns discovery of {} turned on",
+            show(d)
+        )),
+        (Some(_), None) => out.push(format!(
+            "pool {pool:?}: dns discovery turned off (its backends are removed)"
+        )),
+        (Some(a), Some(b)) if a != b => out.push(format!(
+            "pool {pool:?}: dns discovery {} -> {}",
+            show(a),
+            show(b)
+        )),
+        _ => {}
+    }
+    for b in &now.backends {
+        let Some(before) = was
+            .backends
+            .iter()
+            .find(|o| o.id == b.id && o.address == b.address)
+        else {
+            continue;
+        };
+        match (before.drain, b.drain) {
+            (false, true) => out.push(format!("backend {pool}/{}: drain = true (draining)", b.id)),
+            (true, false) => out.push(format!(
+                "backend {pool}/{}: drain lifted (back in service unless the admin API drains it)",
+                b.id
+            )),
+            _ => {}
+        }
+    }
 }
 
 /// `max_message_size`, the upgrade rate and burst, `retry_after_max` and
@@ -479,5 +554,53 @@ max_connections = 100
             ]
         );
         assert!(!settings.iter().any(|s| s.contains("9001")));
+    }
+
+    #[test]
+    fn fleet_changes_are_described() {
+        let (_, settings) = changed(&[
+            (
+                "drain_window = \"30s\"",
+                "drain_window = \"30s\"\nslow_start = \"1m\"\nmax_connection_age = \"6h\"\n\n\
+                 [pools.chat.rebalance]\nthreshold = 1.5\n\n\
+                 [pools.chat.dns]\nname = \"chat.internal\"\nport = 9000\nresolver = \"127.0.0.1:5353\"\n",
+            ),
+            ("address = \"127.0.0.1:9001\"\n", "address = \"127.0.0.1:9001\"\ndrain = true\n"),
+        ]);
+        assert_eq!(
+            settings,
+            [
+                "pool \"chat\": slow_start off -> 1m",
+                "pool \"chat\": max_connection_age off -> 6h",
+                "pool \"chat\": rebalance turned on (threshold 1.5, window 5m)",
+                "pool \"chat\": dns discovery of chat.internal:9000 every 10s via 127.0.0.1:5353 turned on",
+                "backend chat/b1: drain = true (draining)",
+            ]
+        );
+        let with = BASE
+            .replace(
+                "drain_window = \"30s\"",
+                "drain_window = \"30s\"\n\n[pools.chat.rebalance]\n\n[pools.chat.dns]\nname = \"a\"\nport = 1\n",
+            )
+            .replace("address = \"127.0.0.1:9001\"\n", "address = \"127.0.0.1:9001\"\ndrain = true\n");
+        let without = BASE.replace(
+            "drain_window = \"30s\"",
+            "drain_window = \"30s\"\n\n[pools.chat.rebalance]\nwindow = \"1m\"\n\n[pools.chat.dns]\nname = \"b\"\nport = 1\n",
+        );
+        assert_eq!(
+            setting_changes(&testing::config(&with), &testing::config(&without)),
+            [
+                "pool \"chat\": rebalance.window 5m -> 1m",
+                "pool \"chat\": dns discovery a:1 every 10s via the system resolver -> b:1 every 10s via the system resolver",
+                "backend chat/b1: drain lifted (back in service unless the admin API drains it)",
+            ]
+        );
+        assert_eq!(
+            setting_changes(&testing::config(&without), &testing::config(BASE)),
+            [
+                "pool \"chat\": rebalance turned off",
+                "pool \"chat\": dns discovery turned off (its backends are removed)",
+            ]
+        );
     }
 }

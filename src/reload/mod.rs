@@ -12,19 +12,30 @@
 //! - backends that disappeared are drained: no new connections, and their
 //!   WebSockets get Close 1012 spread over the pool's drain window.
 //!
+//! - a backend whose entry says `drain = true` is drained (once: an admin
+//!   drain already in force stays the one), and one whose entry no longer
+//!   says so has the config's drain lifted (an admin drain stays);
+//! - the addresses a pool's DNS discovery found are kept (`pools.rs`), so
+//!   a reload never drops discovered backends.
+//!
 //! [`ReloadContext`] is what a reload may touch: the routing table, the
 //! listeners, the lifecycle and the metrics. A reload starts the new pools'
-//! health checks, a drain task per removed backend, and a task per removed
+//! tasks ([`PoolRunner`]: health checks, JWKS refresh, rebalance, DNS
+//! discovery), a drain task per removed backend, and a task per removed
 //! backend that forgets its metric series once its last connection is gone
-//! (or at shutdown).
+//! (or at shutdown). DNS discovery swaps one pool at a time through the
+//! same lock as reloads (`dns.rs`, `pools.rs`).
 //!
 //! Every reload's outcome is kept as the [`LastReload`] (the status page
 //! shows it), and what it changed is described in plain words
 //! (`changes.rs`) for the log line and the admin API's answer.
 
 mod changes;
+mod dns;
+mod pools;
 
 pub use changes::BackendChange;
+pub use pools::PoolRunner;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -114,8 +125,10 @@ pub struct ReloadContext {
     pub metrics: Metrics,
     /// The file reloads re-read, if any.
     pub config_path: Option<PathBuf>,
-    /// One reload at a time.
-    lock: tokio::sync::Mutex<()>,
+    /// Starts each pool's tasks; shares the lock below with DNS discovery.
+    pub pools: PoolRunner,
+    /// One change of the routing table at a time (a reload or a DNS answer).
+    lock: Arc<tokio::sync::Mutex<()>>,
     last: Mutex<LastReload>,
 }
 
@@ -134,13 +147,20 @@ impl ReloadContext {
         metrics: Metrics,
         config_path: Option<PathBuf>,
     ) -> ReloadContext {
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
         ReloadContext {
+            pools: PoolRunner {
+                routing: Arc::clone(&routing),
+                lifecycle: Arc::clone(&lifecycle),
+                metrics: metrics.clone(),
+                lock: Arc::clone(&lock),
+            },
             routing,
             listeners,
             lifecycle,
             metrics,
             config_path,
-            lock: tokio::sync::Mutex::new(()),
+            lock,
             last: Mutex::new(LastReload {
                 time: unix_now(),
                 result: "success",
@@ -269,9 +289,9 @@ impl ReloadContext {
     }
 
     /// Builds the new routing table (keeping the backends that stay), puts
-    /// it in force, moves the health checks and JWKS refreshers over, and
-    /// drains the backends that went away. Returns (added, removed) as
-    /// `pool/id`.
+    /// it in force, moves the pools' tasks over, brings the config's drains
+    /// in line and drains the backends that went away. Returns (added,
+    /// removed) as `pool/id`.
     fn apply_pools(&self, config: Config) -> (Vec<String>, Vec<String>) {
         let old = self.routing.load_full();
         let runtime = Arc::new(Runtime::new(Arc::new(config), &self.metrics, Some(&old)));
@@ -281,40 +301,15 @@ impl ReloadContext {
             pool.stop.cancel();
         }
         for pool in runtime.pools.values() {
-            crate::balancer::health::start(pool, &self.metrics, &self.lifecycle.shutdown);
-            if let Some(auth) = &pool.auth {
-                crate::auth::start(auth, &pool.stop, &self.lifecycle.shutdown);
-            }
+            self.pools.start(pool);
         }
+        crate::drain::apply_config_drains(&self.lifecycle, &runtime);
         let mut removed = Vec::new();
         for gone in diff.removed {
             removed.push(format!("{}/{}", gone.backend.pool, gone.backend.id));
-            self.retire(gone);
+            self.pools.retire(gone);
         }
         (diff.added, removed)
-    }
-
-    /// Drains a removed backend; once its last connection is gone, its
-    /// labelled series go too.
-    fn retire(&self, gone: Removed) {
-        let Removed {
-            backend,
-            drain_window,
-            close_timeout,
-        } = gone;
-        crate::drain::drain_backend(&self.lifecycle, &backend, drain_window);
-        let shutdown = self.lifecycle.shutdown.clone();
-        tokio::spawn(async move {
-            let deadline =
-                tokio::time::Instant::now() + drain_window + close_timeout + Duration::from_secs(5);
-            while backend.live_connections() > 0 && tokio::time::Instant::now() < deadline {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                    _ = shutdown.cancelled() => return,
-                }
-            }
-            backend.forget_metrics();
-        });
     }
 }
 

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use process::{fd_usage, FdUsage};
 pub use rates::{BUCKET_SECONDS, HISTORY_SECONDS, TLS_SHARE_SECONDS};
-pub use snapshot::pools_document;
+pub use snapshot::{drained_by, pools_document};
 
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;

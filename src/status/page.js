@@ -264,6 +264,7 @@
     tr.addr = cell("addr");
     tr.stateCell = cell("");
     tr.state = tr.stateCell.appendChild(el("span", "state"));
+    tr.note = tr.stateCell.appendChild(el("span", "note"));
     tr.health = cell("health");
     tr.weight = cell("num weight");
     const live = cell("live");
@@ -315,6 +316,13 @@
         setText(tr.addr, b.address);
         setText(tr.state, b.state);
         tr.state.className = "state " + b.state;
+        // Why it is in that state, when it says more than the state does.
+        const notes = [];
+        if (b.slow_start !== null) notes.push("slow start " + pct(b.slow_start));
+        if (b.drained_by.includes("config")) notes.push("drain = true");
+        if (b.shedding) notes.push("rebalancing");
+        if (b.discovered) notes.push("dns");
+        setText(tr.note, notes.join(", "));
         setText(tr.health, b.healthy ? "healthy" : "failing");
         setText(tr.weight, b.weight + (b.max_connections === null ? "" : " (max " + b.max_connections + ")"));
         setText(tr.count, b.live_connections);

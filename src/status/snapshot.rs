@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 
 use super::process::FdUsage;
 use super::rates::{BackendCounts, History, Reading, TlsCounts, BUCKET_SECONDS, HISTORY_SECONDS};
-use crate::balancer::BackendState;
+use crate::balancer::{Backend, BackendState, DrainSource};
 use crate::lifecycle::DrainProgress;
 use crate::metrics::Metrics;
 use crate::reload::LastReload;
@@ -18,8 +18,11 @@ use crate::routing::Runtime;
 
 /// `/admin/pools`: for each pool (by name), its balance and affinity mode,
 /// its authentication methods (`jwt`, `forward`, in the order they run)
-/// and its backends' id, address, state, health, live WebSockets, weight
-/// and `max_connections` (`null`: unlimited).
+/// and its backends' id, address, state, health, live WebSockets, weight,
+/// `max_connections` (`null`: unlimited), `slow_start` (the factor on its
+/// weight while it ramps up, `null` at full weight), `drained_by` (`admin`,
+/// `config`), `shedding` (a rebalance is moving its excess) and
+/// `discovered` (found by DNS).
 pub fn pools_document(runtime: &Runtime) -> Value {
     let mut pools = Map::new();
     let mut names: Vec<&String> = runtime.pools.keys().collect();
@@ -40,6 +43,10 @@ pub fn pools_document(runtime: &Runtime) -> Value {
                     "live_connections": b.live_connections(),
                     "weight": b.weight(),
                     "max_connections": b.max_connections(),
+                    "slow_start": slow_start(b),
+                    "drained_by": drained_by(b),
+                    "shedding": b.is_shedding(),
+                    "discovered": b.discovered,
                 })
             })
             .collect();
@@ -174,6 +181,26 @@ fn round(v: f64) -> f64 {
 
 fn directions(v: [f64; 2]) -> Value {
     json!({ "client_to_backend": round(v[0]), "backend_to_client": round(v[1]) })
+}
+
+/// The factor on a ramping backend's weight (two decimals), `null` at full
+/// weight.
+fn slow_start(b: &Backend) -> Value {
+    let f = b.slow_start_factor();
+    if f < 1.0 {
+        json!((f * 100.0).floor() / 100.0)
+    } else {
+        Value::Null
+    }
+}
+
+/// Who drains a backend: `admin`, `config`, both or neither.
+pub fn drained_by(b: &Backend) -> Vec<&'static str> {
+    [DrainSource::Admin, DrainSource::Config]
+        .into_iter()
+        .filter(|s| b.drained_by(*s))
+        .map(DrainSource::as_str)
+        .collect()
 }
 
 /// The status snapshot: [`pools_document`] with, per backend, its weighted

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod dns;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -134,7 +135,13 @@ pub struct WsBackend {
 
 impl WsBackend {
     pub async fn start(id: &str) -> WsBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        WsBackend::start_at(id, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// A backend on a given address (another loopback address on the same
+    /// port, for DNS discovery).
+    pub async fn start_at(id: &str, at: SocketAddr) -> WsBackend {
+        let listener = TcpListener::bind(at).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let pongs_seen = Arc::new(AtomicUsize::new(0));

@@ -28,12 +28,12 @@
 //! towards the client first. When a peer's TCP stream ends without a Close,
 //! the other peer gets one from berth (1014 towards the client when the
 //! backend vanished, 1001 towards the backend when the client did). Idle
-//! timeouts, failed heartbeats, drains (1012), shutdown (1001, both through
-//! the [`StopHandle`]), protocol errors (1002, RFC 6455 §7.4.1), a message
-//! over `max_message_size` (1009), a peer that takes nothing within
-//! `send_timeout` and a connection's [`Deadline`] (its own code, e.g. 1008
-//! for an expired token) make berth end the connection itself; each such
-//! cause is one [`Ending`] (what each peer is told, or that it is dropped,
+//! timeouts, failed heartbeats, drains and rebalances (1012), shutdown
+//! (1001, all through the [`StopHandle`]), protocol errors (1002, RFC 6455
+//! §7.4.1), a message over `max_message_size` (1009), a peer that takes
+//! nothing within `send_timeout` and a connection's [`Deadline`] (its own
+//! code, e.g. 1008 for an expired token, 1012 at its maximum age) make
+//! berth end the connection itself; each such cause is one [`Ending`] (what each peer is told, or that it is dropped,
 //! and the [`EndReason`]), so a new cause is a new value, not new closing
 //! code. No end waits longer than `close_timeout`.
 
@@ -94,6 +94,8 @@ pub enum StopReason {
     Drain,
     /// berth is shutting down: Close 1001.
     Shutdown,
+    /// A rebalance moves the client to a less loaded backend: Close 1012.
+    Rebalance,
 }
 
 impl StopReason {
@@ -109,6 +111,11 @@ impl StopReason {
                 EndReason::Shutdown,
                 close_code::GOING_AWAY,
                 "server shutting down",
+            ),
+            StopReason::Rebalance => Ending::close(
+                EndReason::Rebalanced,
+                (close_code::SERVICE_RESTART, "rebalance"),
+                (close_code::GOING_AWAY, "rebalance"),
             ),
         }
     }
@@ -165,7 +172,7 @@ impl Ending {
 }
 
 /// A connection's stop switch, shared with whoever may end it on purpose
-/// (the drain and shutdown controllers in `crate::drain`). Checking it is an
+/// (the drain and shutdown controllers in `crate::drain`, a rebalance). Checking it is an
 /// atomic load; the relay's waker is kept so that a stop wakes it at once.
 #[derive(Default)]
 pub struct StopHandle {
@@ -180,6 +187,7 @@ impl StopHandle {
         let code = match reason {
             StopReason::Drain => 1,
             StopReason::Shutdown => 2,
+            StopReason::Rebalance => 3,
         };
         if self
             .state
@@ -190,10 +198,12 @@ impl StopHandle {
         }
     }
 
-    fn reason(&self) -> Option<StopReason> {
+    /// The reason it was asked to stop for, if it was.
+    pub fn reason(&self) -> Option<StopReason> {
         match self.state.load(Ordering::Acquire) {
             0 => None,
             1 => Some(StopReason::Drain),
+            3 => Some(StopReason::Rebalance),
             _ => Some(StopReason::Shutdown),
         }
     }
@@ -244,6 +254,8 @@ pub enum EndReason {
     SendTimeout(Source),
     /// The connection's [`Deadline`] passed.
     Deadline,
+    /// A rebalance closed it ([`StopReason::Rebalance`]).
+    Rebalanced,
 }
 
 /// Traffic in one direction.

@@ -60,3 +60,29 @@ fn relay_state_stays_small() {
     );
     assert!(size_of::<super::Inject>() <= 24);
 }
+
+/// Each stop reason is kept as given (the first one wins) and tells the
+/// peers its own Close.
+#[test]
+fn stop_reasons_keep_their_close() {
+    use super::{EndReason, PeerEnd, StopHandle, StopReason};
+    let cases = [
+        (StopReason::Drain, EndReason::Drained, 1012, 1001),
+        (StopReason::Shutdown, EndReason::Shutdown, 1001, 1001),
+        (StopReason::Rebalance, EndReason::Rebalanced, 1012, 1001),
+    ];
+    for (reason, end, client, backend) in cases {
+        let handle = StopHandle::default();
+        handle.stop(reason);
+        let later = match reason {
+            StopReason::Shutdown => StopReason::Drain,
+            _ => StopReason::Shutdown,
+        };
+        handle.stop(later);
+        assert_eq!(handle.reason(), Some(reason));
+        let ending = reason.ending();
+        assert_eq!(ending.reason, end);
+        assert!(matches!(ending.client, PeerEnd::Close(c, _) if c == client));
+        assert!(matches!(ending.backend, PeerEnd::Close(c, _) if c == backend));
+    }
+}
