@@ -490,12 +490,14 @@ mod tests {
     fn slow_start_ramps_the_round_robin_share_from_a_tenth() {
         let p = pool(Balance::RoundRobin, &[1, 1, 1, 1]);
         let b3 = &p.backends[3];
-        b3.set_slow_start(Some(Duration::from_secs(60)));
+        // An hour's ramp: the picks' own wall time (seconds on a loaded
+        // machine) must not move the factor.
+        b3.set_slow_start(Some(Duration::from_secs(3600)));
         // Weighted share 25 %: at the start a tenth of it, halfway 55 %.
         for (ago, low, high) in [(0, 150, 350), (30, 1_150, 1_600), (60, 2_300, 2_700)] {
-            b3.joined_ago(Duration::from_secs(ago));
+            b3.joined_ago(Duration::from_secs(ago * 60));
             let counts = shares(&p, 10_000);
-            assert!((low..high).contains(&counts[3]), "{ago}s in: {counts:?}");
+            assert!((low..high).contains(&counts[3]), "{ago}m in: {counts:?}");
             // The others share the rest evenly.
             let others = &counts[..3];
             let (min, max) = (others.iter().min().unwrap(), others.iter().max().unwrap());
@@ -511,12 +513,13 @@ mod tests {
             .map(|i| p.backends[i].track_websocket())
             .collect();
         let b3 = &p.backends[3];
-        b3.set_slow_start(Some(Duration::from_secs(60)));
+        // An hour's ramp, as above.
+        b3.set_slow_start(Some(Duration::from_secs(3600)));
         // Least connections alone would send b3 every new connection.
         for (ago, low, high) in [(0, 700, 1_300), (30, 5_100, 5_900), (60, 10_000, 10_001)] {
-            b3.joined_ago(Duration::from_secs(ago));
+            b3.joined_ago(Duration::from_secs(ago * 60));
             let counts = shares(&p, 10_000);
-            assert!((low..high).contains(&counts[3]), "{ago}s in: {counts:?}");
+            assert!((low..high).contains(&counts[3]), "{ago}m in: {counts:?}");
         }
         assert!(b3.slow_start_factor() >= 1.0);
     }
@@ -658,7 +661,7 @@ mod tests {
     fn slow_start_ranks_a_joining_backend_lower_for_hash_keys() {
         let mut text = String::from(
             "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\n\n[[routes]]\npool = \"p\"\n\n\
-             [pools.p]\naffinity = \"hash\"\nslow_start = \"60s\"\n\n\
+             [pools.p]\naffinity = \"hash\"\nslow_start = \"1h\"\n\n\
              [pools.p.hash]\nkey = \"header:x-key\"\nbounded_load = 1.25\n",
         );
         for i in 1..=4 {
@@ -696,7 +699,7 @@ mod tests {
         p.backends[3].joined_ago(Duration::ZERO);
         let early = on_b4(&p);
         assert!((60..200).contains(&early), "{early}");
-        p.backends[3].joined_ago(Duration::from_secs(30));
+        p.backends[3].joined_ago(Duration::from_secs(1800));
         let half = on_b4(&p);
         assert!(early < half && half < full, "{early} {half} {full}");
     }
