@@ -1,7 +1,8 @@
 //! The status page in a real headless Chromium (chromedriver, WebDriver):
 //! live counts that match `/admin/pools`, the Drain button's Close 1012 and
 //! progress bar, a rejected reload's messages, markup in names shown as
-//! text, and the admin token asked for once and sent. Real proxy, real
+//! text, the admin token asked for once and sent, and the backend notes
+//! (`drain = true`, slow start). Real proxy, real
 //! backends, real WebSocket clients.
 //!
 //! `cargo test --test status_page -- --ignored screenshot` writes
@@ -433,6 +434,90 @@ async fn a_rejected_reload_shows_the_validation_messages() {
             .await,
         0
     );
+    drop(browser);
+    proxy.shutdown().await;
+}
+
+/// Each backend row's note says why it is in its state when the state
+/// alone does not: `drain = true` for a drain the config asks for, `slow
+/// start N%` for a backend a reload added while it ramps up; a plain
+/// backend has none.
+#[tokio::test]
+async fn backend_notes_show_a_config_drain_and_a_slow_start() {
+    let _one = ONE_BROWSER.lock().await;
+    let backends = [
+        WsBackend::start("a").await,
+        WsBackend::start("b").await,
+        WsBackend::start("c").await,
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("berth.toml");
+    let base = two_pools(&[backends[0].addr], &[], "").replace(
+        "drain_window = \"2s\"",
+        "drain_window = \"2s\"\nslow_start = \"10m\"",
+    );
+    let drained = format!(
+        "{base}[[pools.chat.backends]]\nid = \"chat-2\"\naddress = \"{}\"\ndrain = true\n\n\
+         [[pools.feed.backends]]\nid = \"feed-1\"\naddress = \"{}\"\n\n",
+        backends[1].addr, backends[2].addr
+    );
+    std::fs::write(&path, &drained).unwrap();
+    let proxy = Proxy::start_file(&path).await;
+    let admin = proxy.admin.unwrap();
+    let browser = Browser::start().await;
+    open_page(&browser, admin).await;
+    let notes = "return [...document.querySelectorAll('tr[data-backend]')].map(r =>
+        [r.dataset.backend, r.querySelector('.state').textContent, r.querySelector('.note').textContent])";
+    let shown = browser
+        .wait_until(
+            WAIT,
+            "the config drain's note",
+            &format!(
+                "const n = (() => {{ {notes} }})(); return n.length === 3 && n[1][2] !== '' && n"
+            ),
+        )
+        .await;
+    assert_eq!(
+        shown,
+        json!([
+            ["chat-1", "up", ""],
+            ["chat-2", "draining", "drain = true"],
+            ["feed-1", "up", ""]
+        ])
+    );
+
+    // A reload adds chat-3 to the serving pool: it ramps up from a tenth.
+    let added = drained.replace(
+        "[[pools.feed.backends]]",
+        &format!(
+            "[[pools.chat.backends]]\nid = \"chat-3\"\naddress = \"{}\"\n\n[[pools.feed.backends]]",
+            backends[2].addr
+        ),
+    );
+    std::fs::write(&path, &added).unwrap();
+    let (status, body) = admin_request(admin, "POST", "/admin/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    let shown = browser
+        .wait_until(
+            WAIT,
+            "chat-3's slow-start note",
+            &format!("const n = (() => {{ {notes} }})(); return n.length === 4 && n"),
+        )
+        .await;
+    let rows = shown.as_array().unwrap();
+    assert_eq!(rows[1], json!(["chat-2", "draining", "drain = true"]));
+    assert_eq!(rows[2][0], "chat-3");
+    assert_eq!(rows[2][1], "up");
+    let note = rows[2][2].as_str().unwrap();
+    let percent: u32 = note
+        .strip_prefix("slow start ")
+        .and_then(|p| p.strip_suffix('%'))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("chat-3's note: {note:?}"));
+    // 10 % when it joins, 11 % some seven seconds into a ten-minute ramp.
+    assert!((10..=15).contains(&percent), "{note}");
+    assert_eq!(rows[0][2], "");
+    assert_eq!(console_errors(&browser).await, Vec::<String>::new());
     drop(browser);
     proxy.shutdown().await;
 }
