@@ -39,6 +39,7 @@ sanitizer=${FUZZ_SANITIZER:-none}
 corpus_root=${FUZZ_CORPUS:-corpus}
 log_dir=${FUZZ_LOG_DIR:-artifacts/logs}
 mkdir -p "$log_dir"
+shown() { case $1 in /*) echo "$1" ;; *) echo "fuzz/$1" ;; esac; }
 # shellcheck disable=SC2206
 build_flags=(${FUZZ_BUILD:-})
 
@@ -56,7 +57,7 @@ for t in "${targets[@]}"; do
     dirs=("$corpus")
     if [ -d "seeds/$t" ]; then dirs+=("seeds/$t"); fi
     log="$log_dir/$t.log"
-    echo "==> fuzzing $t (${libfuzzer_args[*]}), log: fuzz/$log"
+    echo "==> fuzzing $t (${libfuzzer_args[*]}), log: $(shown "$log")"
     start=$(date +%s)
     status=0
     cargo +nightly fuzz run --sanitizer "$sanitizer" "${build_flags[@]}" "$t" "${dirs[@]}" -- \
@@ -64,7 +65,7 @@ for t in "${targets[@]}"; do
     secs=$(( $(date +%s) - start ))
     if [ "$status" != 0 ]; then
         grep -E "panicked|ERROR|SUMMARY|Test unit written|deadly signal" "$log" | head -20 || true
-        echo "fuzz target $t FAILED after ${secs}s (exit $status); log: fuzz/$log" >&2
+        echo "fuzz target $t FAILED after ${secs}s (exit $status); log: $(shown "$log")" >&2
         exit 1
     fi
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
