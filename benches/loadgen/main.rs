@@ -9,6 +9,8 @@
 //! cargo bench --bench loadgen -- idle --url ws://127.0.0.1:8080/ --connections 9900 --hold 10
 //! cargo bench --bench loadgen -- handshake --url wss://127.0.0.1:8443/ --ca certs/example.crt \
 //!     --concurrency 50 --duration 10
+//! cargo bench --bench loadgen -- soak --url ws://127.0.0.1:8080/ --cookie soak \
+//!     --connections 1000 --duration 60 --drained b1 --killed b2 --berth-pid PID
 //! ```
 //!
 //! Every client mode targets loopback only, is bounded in time, and prints one
