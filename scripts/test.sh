@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it. Installs what a fresh machine lacks
-# (Debian packages), then runs formatting, lints, unit and integration tests,
-# the packaging checks and the benchmark smoke test.
+# (Debian packages, cargo-fuzz), then runs formatting, lints, unit and
+# integration tests, each fuzz target for a few seconds, the packaging checks
+# and the benchmark smoke test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +35,18 @@ echo "==> cargo clippy"
 cargo clippy --all-targets -- -D warnings
 echo "==> cargo test"
 cargo test --all-targets 2>&1 | tee target/test-output.txt
+echo "==> fuzz targets, 5 s each (a broken target is noticed; scripts/fuzz.sh runs the long campaigns)"
+# The fuzz crate builds on the nightly toolchain with cargo-fuzz; a quicker
+# unoptimized build is enough for a few seconds per target.
+if ! rustup toolchain list | grep -q '^nightly'; then
+    rustup toolchain install nightly --profile minimal
+fi
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    echo "==> installing cargo-fuzz"
+    cargo install cargo-fuzz --locked
+fi
+FUZZ_TIME=5 FUZZ_BUILD=--dev FUZZ_CORPUS="$PWD/target/fuzz-corpus" FUZZ_LOG_DIR="$PWD/target/fuzz-logs" \
+    ./scripts/fuzz.sh
 echo "==> packaging (systemd unit, Dockerfile)"
 ./scripts/check-packaging.sh target/debug/berth
 echo "==> benchmark smoke test (loadgen + echo backend, direct and through berth)"

@@ -11,6 +11,8 @@
 //!     --concurrency 50 --duration 10
 //! cargo bench --bench loadgen -- half-open --url wss://127.0.0.1:8443/ --stage hello \
 //!     --connections 6000 --watch-pid "$(pidof berth)"
+//! cargo bench --bench loadgen -- soak --url ws://127.0.0.1:8080/ --cookie soak \
+//!     --connections 1000 --duration 60 --drained b1 --killed b2 --berth-pid PID
 //! ```
 //!
 //! Every client mode targets loopback only, is bounded in time, and prints one
@@ -27,6 +29,7 @@ mod backend;
 mod modes;
 mod net;
 mod report;
+mod soak;
 mod stats;
 mod storm;
 mod ws;
@@ -168,6 +171,45 @@ enum Command {
         #[arg(long, default_value_t = 60.0)]
         limit: f64,
     },
+    /// C clients sending numbered messages through berth for a long time,
+    /// reconnecting when berth closes them; checks every echo and how each
+    /// connection ended (benches/soak.sh runs it).
+    Soak {
+        /// ws://HOST:PORT/PATH of berth's listener; loopback only.
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 9000)]
+        connections: usize,
+        /// Seconds from "every client connected" to the stop.
+        #[arg(long, default_value_t = 600.0)]
+        duration: f64,
+        /// Seconds between two messages of one client.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Message size in bytes (at least 8).
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+        #[arg(long, default_value_t = 128)]
+        concurrency: usize,
+        /// Client source addresses (as for idle).
+        #[arg(long, default_value = "127.0.0.2-127.0.0.250")]
+        source_ips: String,
+        /// The pool's affinity cookie name.
+        #[arg(long)]
+        cookie: String,
+        /// A backend id the script drains (repeatable).
+        #[arg(long)]
+        drained: Vec<String>,
+        /// A backend id the script kills (repeatable).
+        #[arg(long)]
+        killed: Vec<String>,
+        /// berth's pid: its open descriptors and RSS are measured.
+        #[arg(long)]
+        berth_pid: Option<u32>,
+        /// Allowed change of descriptors and RSS, in per cent.
+        #[arg(long, default_value_t = 5.0)]
+        tolerance: f64,
+    },
     /// Writes the markdown report of a `benches/compare.sh` results directory.
     Report {
         /// The results directory (see benches/loadgen/report.rs for its layout).
@@ -302,6 +344,56 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 key,
             })
             .await
+        }
+        Command::Soak {
+            url,
+            connections,
+            duration,
+            interval,
+            size,
+            concurrency,
+            source_ips,
+            cookie,
+            drained,
+            killed,
+            berth_pid,
+            tolerance,
+        } => {
+            if !(ws::Pattern::MIN_SIZE..=4096).contains(&size) {
+                bail!("--size must be between 8 and 4096 bytes");
+            }
+            if connections == 0 {
+                bail!("--connections must be at least 1");
+            }
+            if !(duration.is_finite() && duration > 0.0 && duration <= 7.0 * 86400.0) {
+                bail!("--duration must be between 0 and 7 days (in seconds)");
+            }
+            let target = net::Target::parse(&url, None, false, None).await?;
+            if target.tls.is_some() {
+                bail!("the soak mode speaks ws:// only");
+            }
+            let opts = soak::SoakOpts {
+                addr: target.addr,
+                host: target.host,
+                path: target.path,
+                source_ips: match source_ips.as_str() {
+                    "" | "none" => Vec::new(),
+                    spec => net::parse_source_ips(spec)?,
+                },
+                connections,
+                duration: Duration::from_secs_f64(duration),
+                interval: secs(interval, "interval")?,
+                size,
+                concurrency,
+                cookie,
+                drained,
+                killed,
+                berth_pid,
+                tolerance: tolerance / 100.0,
+            };
+            let report = soak::run(opts).await?;
+            println!("{report}");
+            return soak::check(&report);
         }
         Command::Report { dir, targets, out } => {
             let md = report::run(&dir, &targets)?;

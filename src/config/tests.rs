@@ -1561,3 +1561,20 @@ fn listener_limits_out_of_range_are_rejected() {
 
 mod auth;
 mod fleet;
+
+/// Found by the `config` fuzz target: for some syntax errors (a carriage
+/// return without a newline) the TOML parser's message is empty, which
+/// rendered as `berth.toml:1: ` and said nothing. Every problem has one.
+#[test]
+fn every_syntax_error_has_a_message() {
+    for text in ["\r}", "}", "\r", "a = 1\r}", "=", "[a]\n]]"] {
+        let problems = problems(text);
+        assert_eq!(problems.len(), 1, "{text:?}");
+        assert!(!problems[0].message.is_empty(), "{text:?}: {problems:?}");
+    }
+    assert_eq!(errors("\r}"), "berth.toml:1: unexpected character '\\r'");
+    assert_eq!(
+        errors("a = 1\n\r"),
+        "berth.toml:2: unexpected character '\\r'"
+    );
+}

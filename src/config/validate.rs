@@ -59,18 +59,24 @@ fn toml_problem(text: &str, err: &toml::de::Error) -> Problem {
         Some(span) => (Some(line_at(text, span.start)), path_at(text, span)),
         None => (None, String::new()),
     };
-    Problem {
-        line,
-        key,
-        // Parser messages can span lines; a problem renders on one.
-        message: err
-            .message()
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect::<Vec<_>>()
-            .join("; "),
+    // Parser messages can span lines; a problem renders on one.
+    let mut message = err
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    if message.is_empty() {
+        // Some parser errors carry no message (a carriage return without a
+        // newline): name the character where parsing stopped.
+        let at = err.span().and_then(|s| text.get(s.start..)?.chars().next());
+        message = match at {
+            Some(c) => format!("unexpected character {c:?}"),
+            None => "invalid TOML".to_string(),
+        };
     }
+    Problem { line, key, message }
 }
 
 fn path<'a>(base: &[Seg<'a>], rest: &[Seg<'a>]) -> Vec<Seg<'a>> {

@@ -165,10 +165,16 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, TargetError> {
     let mut decoded = String::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
-        let b = bytes[i];
-        if b != b'%' {
-            decoded.push(char::from(b));
-            i += 1;
+        if bytes[i] != b'%' {
+            // Everything up to the next `%` is kept as sent, UTF-8 included
+            // (the request line may carry it). `%` is ASCII, so the run ends
+            // on a character boundary.
+            let end = bytes[i..]
+                .iter()
+                .position(|&b| b == b'%')
+                .map_or(bytes.len(), |p| i + p);
+            decoded.push_str(&path[i..end]);
+            i = end;
             continue;
         }
         let (Some(hi), Some(lo)) = (
@@ -255,6 +261,12 @@ mod tests {
             ("/caf%c3%a9", "/caf%C3%A9"),
             ("/a%20b", "/a%20b"),
             ("*", "*"),
+            // Found by the `target` fuzz target: bytes that are not ASCII
+            // stay as sent (they were re-encoded one byte per character, so
+            // `/café/./x` went to the backend as `/cafÃ©/x`).
+            ("/caf\u{e9}/./x", "/caf\u{e9}/x"),
+            ("///n/./\u{771}.", "///n/\u{771}."),
+            ("/%41\u{1F980}/%7e", "/A\u{1F980}/~"),
         ];
         for (raw, want) in cases {
             assert_eq!(normalize_path(raw).as_deref(), Ok(want), "{raw}");
@@ -360,5 +372,13 @@ mod tests {
         assert_eq!(t.path, "/b");
         assert_eq!(t.path_and_query, "/b?x=%2e%2e/&y=%6c");
         assert_eq!(resolved("/%zz?x=1", &["h"]), Err(TargetError::BadPath));
+    }
+
+    #[test]
+    fn a_utf8_request_target_is_routed_and_forwarded_as_sent() {
+        // hyper accepts UTF-8 in the request line's path.
+        let t = resolved("/caf\u{e9}/./menu?q=\u{e9}", &["h"]).unwrap();
+        assert_eq!(t.path, "/caf\u{e9}/menu");
+        assert_eq!(t.path_and_query, "/caf\u{e9}/menu?q=\u{e9}");
     }
 }

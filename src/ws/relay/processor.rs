@@ -497,6 +497,12 @@ impl FrameProcessor {
                 break;
             }
             if *i >= n {
+                // A header known to be bad before it is whole (a 64-bit
+                // length with its top bit set, before the masking key) is
+                // refused now, as the same bytes in one read would be.
+                if let Err(e) = frame::parse_header(&self.hdr[..len]) {
+                    return Some(Err(e.into()));
+                }
                 self.hdr_len = len as u8;
                 return None;
             }
