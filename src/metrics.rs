@@ -455,6 +455,215 @@ mod tests {
         assert!(names > 10);
     }
 
+    /// The dashboard is one Grafana dashboard JSON document that imports:
+    /// unique panel ids, panels on the 24-column grid without overlaps,
+    /// every query with its own `refId` against the dashboard's data
+    /// source. And it charts every family berth registers but those listed
+    /// here, each with the reason it is left out.
+    #[test]
+    fn the_dashboard_is_importable_and_charts_every_metric() {
+        const NOT_CHARTED: [&str; 3] = [
+            // Messages per second tell the same story for an operator.
+            "berth_websocket_frames_total",
+            // The backend state timeline shows up, down and draining.
+            "berth_backend_up",
+            // A point in time, not a series worth a chart; the reloads
+            // panel shows each load.
+            "berth_config_last_reload_success_timestamp_seconds",
+        ];
+        let text = include_str!("../config/grafana/berth-dashboard.json");
+        let dashboard: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(dashboard["uid"], "berth-overview");
+        let panels = dashboard["panels"].as_array().unwrap();
+        let mut ids = std::collections::BTreeSet::new();
+        let mut cells = std::collections::BTreeSet::new();
+        for panel in panels {
+            let title = panel["title"].as_str().unwrap();
+            assert!(ids.insert(panel["id"].as_u64().unwrap()), "{title}: id");
+            assert!(panel["type"].is_string(), "{title}: type");
+            assert_eq!(panel["datasource"]["uid"], "${datasource}", "{title}");
+            let at = |k: &str| panel["gridPos"][k].as_u64().unwrap();
+            let (x, y, w, h) = (at("x"), at("y"), at("w"), at("h"));
+            assert!(w > 0 && h > 0 && x + w <= 24, "{title}: gridPos");
+            for cell in (x..x + w).flat_map(|cx| (y..y + h).map(move |cy| (cx, cy))) {
+                assert!(cells.insert(cell), "{title} overlaps another panel");
+            }
+            let targets = panel["targets"].as_array().unwrap();
+            let mut refs = std::collections::BTreeSet::new();
+            assert!(!targets.is_empty(), "{title}: no query");
+            for t in targets {
+                assert!(refs.insert(t["refId"].as_str().unwrap()), "{title}: refId");
+                assert!(!t["expr"].as_str().unwrap().is_empty(), "{title}: expr");
+                assert_eq!(t["datasource"]["uid"], "${datasource}", "{title}");
+            }
+        }
+        let registered = every_family(&Metrics::new().unwrap());
+        let uncharted: Vec<&String> = registered
+            .iter()
+            .filter(|n| n.starts_with("berth_") && !NOT_CHARTED.contains(&n.as_str()))
+            .filter(|n| !text.contains(n.as_str()))
+            .collect();
+        assert!(uncharted.is_empty(), "not on the dashboard: {uncharted:?}");
+        for name in NOT_CHARTED {
+            assert!(registered.contains(name), "{name} is not a metric");
+        }
+    }
+
+    /// The metric names in the first column of the README's Monitoring
+    /// table, with the row each is named in.
+    fn readme_metric_rows() -> Vec<(&'static str, &'static str)> {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("\n## Monitoring\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .and_then(|rest| rest.split("\n### ").next())
+            .expect("README has a Monitoring section");
+        section
+            .lines()
+            .filter_map(|row| {
+                let cell = row.strip_prefix("| `")?;
+                Some((cell.split('`').next()?, row))
+            })
+            .collect()
+    }
+
+    /// Every family the registry holds, each with a series, so that
+    /// `gather` lists them all (it leaves out a labelled family with no
+    /// series yet). The pattern names every field without `..`: a metric
+    /// added to [`Metrics`] does not compile until it is listed here.
+    fn every_family(m: &Metrics) -> std::collections::BTreeSet<String> {
+        use prometheus::core::Collector;
+        fn labels(c: &dyn Collector) -> Vec<&'static str> {
+            vec!["x"; c.desc()[0].variable_labels.len()]
+        }
+        let Metrics {
+            registry,
+            connections_active,
+            connections_refused,
+            requests_rejected,
+            ws_connections_active,
+            ws_upgrades,
+            ws_duration,
+            ws_messages,
+            ws_frames,
+            ws_bytes,
+            ws_closes,
+            ws_idle_timeouts,
+            ws_heartbeat_failures,
+            ws_drained,
+            ws_send_timeouts,
+            ws_rebalanced,
+            ws_max_age,
+            dns_lookups,
+            affinity,
+            backend_up,
+            backend_state,
+            health_checks,
+            http_requests,
+            http_duration,
+            tls_handshakes,
+            tls_resumed,
+            tls_duration,
+            config_reloads,
+            config_last_reload_success: _,
+            build_info: _,
+            auth,
+            auth_jwks_refresh,
+        } = m;
+        for c in [
+            connections_refused,
+            requests_rejected,
+            ws_upgrades,
+            ws_messages,
+            ws_frames,
+            ws_bytes,
+            ws_closes,
+            ws_idle_timeouts,
+            ws_heartbeat_failures,
+            ws_drained,
+            ws_send_timeouts,
+            ws_rebalanced,
+            ws_max_age,
+            dns_lookups,
+            affinity,
+            health_checks,
+            http_requests,
+            tls_handshakes,
+            tls_resumed,
+            config_reloads,
+            auth,
+            auth_jwks_refresh,
+        ] {
+            c.with_label_values(&labels(c));
+        }
+        for g in [
+            connections_active,
+            ws_connections_active,
+            backend_up,
+            backend_state,
+        ] {
+            g.with_label_values(&labels(g));
+        }
+        for h in [ws_duration, http_duration, tls_duration] {
+            h.with_label_values(&labels(h));
+        }
+        registry
+            .gather()
+            .iter()
+            .map(|f| f.get_name().to_string())
+            .collect()
+    }
+
+    /// Docs guard: every family berth registers has a row in the README's
+    /// Monitoring table, and every metric the table names is registered.
+    /// The process collector's families are one row, `process_*`; the
+    /// names its text gives as examples must exist too.
+    #[test]
+    fn the_readme_monitoring_table_matches_the_registry() {
+        let registered = every_family(&Metrics::new().unwrap());
+        let rows = readme_metric_rows();
+        let documented = |name: &str| {
+            rows.iter().any(|(row, _)| match row.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => *row == name,
+            })
+        };
+        let missing: Vec<&String> = registered.iter().filter(|n| !documented(n)).collect();
+        assert!(
+            missing.is_empty(),
+            "registered but not in the README's Monitoring table: {missing:?}"
+        );
+        let mut named: Vec<&str> = Vec::new();
+        for (name, row) in &rows {
+            match name.strip_suffix('*') {
+                Some(prefix) => {
+                    // The row's examples (`process_open_fds`, ...).
+                    for (i, _) in row.match_indices(&format!("`{prefix}")) {
+                        let example: String = row[i + 1..]
+                            .chars()
+                            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                            .collect();
+                        if example != *prefix {
+                            named.push(&row[i + 1..i + 1 + example.len()]);
+                        }
+                    }
+                    assert!(
+                        registered.iter().any(|n| n.starts_with(prefix)),
+                        "the README's {name} row matches no registered metric"
+                    );
+                }
+                None => named.push(name),
+            }
+        }
+        let unknown: Vec<&&str> = named.iter().filter(|n| !registered.contains(**n)).collect();
+        assert!(
+            unknown.is_empty(),
+            "in the README's Monitoring table but not registered: {unknown:?}"
+        );
+        assert!(rows.len() > 25, "{rows:?}");
+    }
+
     #[test]
     fn opcode_index_matches_the_labels() {
         let named = [

@@ -291,6 +291,28 @@ const JWT_KEYS: &[&str] = &[
 ];
 const FORWARD_KEYS: &[&str] = &["url", "timeout", "copy_headers", "cache"];
 
+/// Every table of the file and its keys, for the documentation guards
+/// (`tests/docs.rs`). A table is named by its path, with `NAME` for any
+/// pool; an array of tables is named once.
+#[cfg(test)]
+pub(super) const TABLES: &[(&str, &[&str])] = &[
+    ("", ROOT_KEYS),
+    ("listeners", LISTENER_KEYS),
+    ("listeners.tls", TLS_KEYS),
+    ("admin", ADMIN_KEYS),
+    ("routes", ROUTE_KEYS),
+    ("pools.NAME", POOL_KEYS),
+    ("pools.NAME.cookie", COOKIE_KEYS),
+    ("pools.NAME.hash", HASH_KEYS),
+    ("pools.NAME.health", HEALTH_KEYS),
+    ("pools.NAME.backends", BACKEND_KEYS),
+    ("pools.NAME.rebalance", REBALANCE_KEYS),
+    ("pools.NAME.dns", DNS_KEYS),
+    ("pools.NAME.auth", AUTH_KEYS),
+    ("pools.NAME.auth.jwt", JWT_KEYS),
+    ("pools.NAME.auth.forward", FORWARD_KEYS),
+];
+
 /// Reads a parsed document into [`FileConfig`], reporting every unknown key
 /// and every value of the wrong type.
 pub(super) fn read(doc: &Table, report: &mut Report<'_>) -> FileConfig {

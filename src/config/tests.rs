@@ -769,35 +769,56 @@ fn numbers_outside_their_range_are_rejected_with_the_range() {
     }
 }
 
-/// The README's Configuration tables state the same ranges as the code.
-#[test]
-fn readme_documents_every_range() {
-    let readme = include_str!("../../README.md");
-    let section = readme
+/// The README's Configuration section.
+pub(super) fn readme_configuration() -> &'static str {
+    include_str!("../../README.md")
         .split("\n## Configuration\n")
         .nth(1)
         .and_then(|rest| rest.split("\n## ").next())
-        .expect("README has a Configuration section");
+        .expect("README has a Configuration section")
+}
+
+/// The subsection of the README's Configuration section (its `### `
+/// heading and what follows, up to the next one) whose heading contains
+/// `marker`, e.g. `` `[pools.NAME.health]` ``.
+pub(super) fn readme_subsection(marker: &str) -> Option<&'static str> {
+    readme_configuration()
+        .split("\n### ")
+        .skip(1)
+        .find(|s| s.lines().next().is_some_and(|h| h.contains(marker)))
+}
+
+/// The table rows in `scope` whose first cell names `key`: alone
+/// (`` | `key` | ``) or among alternatives (`` | `secret` / `secret_file` | ``).
+pub(super) fn readme_rows<'a>(scope: &'a str, key: &str) -> Vec<&'a str> {
+    let name = format!("`{key}`");
+    scope
+        .lines()
+        .filter(|line| {
+            line.strip_prefix("| ")
+                .and_then(|rest| rest.split(" |").next())
+                .is_some_and(|cell| cell.split(" / ").any(|n| n == name))
+        })
+        .collect()
+}
+
+/// The README's Configuration tables state the same ranges as the code.
+#[test]
+fn readme_documents_every_range() {
+    let section = readme_configuration();
     // A key qualified by its table (`health.timeout`) is looked up in the
     // table's own subsection (`### [pools.NAME.health]`). `max_connections`
     // is both a listener and a backend key, with one range: two rows.
     let rows = |key: &str| {
         let (scope, bare) = match key.split_once('.') {
             Some((table, bare)) => {
-                let heading = section
-                    .split("\n### ")
-                    .find(|s| {
-                        s.lines()
-                            .next()
-                            .is_some_and(|h| h.contains(&format!(".{table}]")))
-                    })
+                let heading = readme_subsection(&format!(".{table}]"))
                     .unwrap_or_else(|| panic!("README has no subsection for [pools.NAME.{table}]"));
                 (heading, bare)
             }
             None => (section, key),
         };
-        let start = format!("| `{bare}` |");
-        let rows: Vec<&str> = scope.lines().filter(|l| l.starts_with(&start)).collect();
+        let rows = readme_rows(scope, bare);
         let expected = if key == "max_connections" { 2 } else { 1 };
         assert_eq!(rows.len(), expected, "README rows for {key}: {rows:?}");
         rows
@@ -1560,6 +1581,7 @@ fn listener_limits_out_of_range_are_rejected() {
 }
 
 mod auth;
+mod docs;
 mod fleet;
 
 /// Found by the `config` fuzz target: for some syntax errors (a carriage
