@@ -12,20 +12,38 @@
 # test and repetition. The headline figures are the proxy's CPU time per
 # message (utime+stime from /proc/PID/stat over the measurement), its RSS
 # growth per idle connection (VmRSS before opening and while holding),
-# messages/s and latency percentiles. All processes this script starts are
-# stopped on exit.
+# messages/s and latency percentiles; the ir64-* tests count the proxy's
+# user-space instructions per message with callgrind (see run_one and
+# benches/README.md). All processes this script starts are stopped on exit.
+#
+# Targets: berth (ring, the default TLS provider), berth-awslc (the same
+# berth built with --features aws-lc; only in the AWSLC_TESTS), nginx,
+# HAProxy, and direct (no proxy; not in the ir64, storm and pq tests).
 #
 # Environment (defaults in brackets, QUICK values after the slash):
 #   DURATION      seconds per throughput/latency/handshake run [10 / 2]
 #   REPS          repetitions [3 / 1]
+#   LAT_REPS      repetitions of the lat-* tests [5 / 2]
 #   IDLE_CONNS    idle connections [9900 / 1000]
 #   IDLE_HOLD     seconds the idle connections are held [6 / 3]
-#   TARGETS       targets, in column order [berth nginx haproxy direct]
-#   TESTS         tests to run [all: tp64-ws tp64-wss tp64k-wss lat-c1-wss
-#                 lat-c100-wss hs-c50-wss hs-c50-wss-resume idle-ws idle-wss]
+#   IR_DURATION   seconds of the instrumented window of ir64-* [20 / 5]
+#   IR_WARMUP     seconds of load before it [3 / 2]
+#   IR_CONNS      connections of ir64-* (8 messages in flight each) [4]
+#   IR_REPS       repetitions of ir64-* (the counts vary little) [1]
+#   STORM_CONNS   clients of storm-wss [9000 / 1000]
+#   BUILD_TIME=1  time a clean release build of berth with each TLS provider,
+#                 in throw-away target directories [1 / 0]
+#   TARGETS       targets, in column order [berth berth-awslc nginx haproxy direct]
+#   TESTS         tests to run [all: tp64-ws ir64-ws tp64-wss ir64-wss
+#                 tp64k-wss lat-c1-wss lat-c100-wss hs-c50-wss
+#                 hs-c50-wss-resume hs-c50-wss-pq idle-ws idle-wss storm-wss]
+#   AWSLC_TESTS   the tests berth-awslc runs [tp64-wss ir64-wss tp64k-wss
+#                 hs-c50-wss hs-c50-wss-resume hs-c50-wss-pq idle-wss]
 #   PROXY_CORE    core for the proxy [0];  LOAD_CORE: core for load + backends [1]
 #   OUT           the report [benches/results/latest.md]
-#   KEEP_WORK=1   keep the work directory (configs, logs, raw JSON) afterwards
+#   KEEP_WORK=1   keep the work directory (configs, logs, raw JSON) afterwards;
+#                 it is also kept, without the binaries, when an ir64 test
+#                 ran: its profiles/ holds callgrind_annotate output
 #
 # Exit status: 0 when every run succeeded without verification errors, 1 when
 # some did not (the report is written either way and lists them), 2 on a
@@ -40,14 +58,27 @@ if [ "$QUICK" = 1 ]; then
     REPS=${REPS:-1}
     IDLE_CONNS=${IDLE_CONNS:-1000}
     IDLE_HOLD=${IDLE_HOLD:-3}
+    LAT_REPS=${LAT_REPS:-2}
+    IR_DURATION=${IR_DURATION:-5}
+    IR_WARMUP=${IR_WARMUP:-2}
+    STORM_CONNS=${STORM_CONNS:-1000}
+    BUILD_TIME=${BUILD_TIME:-0}
 else
     DURATION=${DURATION:-10}
     REPS=${REPS:-3}
     IDLE_CONNS=${IDLE_CONNS:-9900}
     IDLE_HOLD=${IDLE_HOLD:-6}
+    LAT_REPS=${LAT_REPS:-5}
+    IR_DURATION=${IR_DURATION:-20}
+    IR_WARMUP=${IR_WARMUP:-3}
+    STORM_CONNS=${STORM_CONNS:-9000}
+    BUILD_TIME=${BUILD_TIME:-1}
 fi
-read -r -a TARGETS <<<"${TARGETS:-berth nginx haproxy direct}"
-read -r -a TESTS <<<"${TESTS:-tp64-ws tp64-wss tp64k-wss lat-c1-wss lat-c100-wss hs-c50-wss hs-c50-wss-resume idle-ws idle-wss}"
+IR_CONNS=${IR_CONNS:-4}
+IR_REPS=${IR_REPS:-1}
+read -r -a TARGETS <<<"${TARGETS:-berth berth-awslc nginx haproxy direct}"
+read -r -a TESTS <<<"${TESTS:-tp64-ws ir64-ws tp64-wss ir64-wss tp64k-wss lat-c1-wss lat-c100-wss hs-c50-wss hs-c50-wss-resume hs-c50-wss-pq idle-ws idle-wss storm-wss}"
+AWSLC_TESTS=" ${AWSLC_TESTS:-tp64-wss ir64-wss tp64k-wss hs-c50-wss hs-c50-wss-resume hs-c50-wss-pq idle-wss} "
 PROXY_CORE=${PROXY_CORE:-0}
 LOAD_CORE=${LOAD_CORE:-1}
 OUT=${OUT:-benches/results/latest.md}
@@ -73,33 +104,57 @@ fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 command -v taskset >/dev/null 2>&1 || die "taskset (util-linux) is missing"
+case " ${TESTS[*]} " in
+*" ir64-"*)
+    if ! command -v callgrind_control >/dev/null 2>&1; then
+        log "installing valgrind from Debian's packages (the ir64 tests use callgrind)"
+        SUDO=""
+        [ "$(id -u)" -eq 0 ] || SUDO=sudo
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq valgrind >/dev/null
+    fi
+    ;;
+esac
 
 # --- build -------------------------------------------------------------------
-
-log "building berth and the loadgen (release)"
-cargo build --release --bin berth --bench loadgen
-build_json=$(cargo build --release --bin berth --bench loadgen --message-format=json 2>/dev/null)
-executable() { # NAME KIND
-    grep -F "\"kind\":[\"$2\"]" <<<"$build_json" | grep -F "\"name\":\"$1\"" |
-        grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4
-}
-BERTH=$(executable berth bin)
-LOADGEN=$(executable loadgen bench)
-[ -x "$BERTH" ] || die "cannot find the berth binary"
-[ -x "$LOADGEN" ] || die "cannot find the loadgen binary"
-
-# --- processes ---------------------------------------------------------------
 
 WORK=$(mktemp -d /tmp/berth-bench.XXXXXX)
 chmod 755 "$WORK"
 RES=$WORK/results
-mkdir -p "$RES" "$WORK/nginx" "$WORK/bin"
-# Run copies: another cargo build in this tree must not swap the binaries
-# halfway through the suite.
-cp "$BERTH" "$WORK/bin/berth"
-cp "$LOADGEN" "$WORK/bin/loadgen"
+mkdir -p "$RES" "$WORK/nginx" "$WORK/bin" "$WORK/profiles"
+trap 'rm -rf "$WORK"' EXIT
+
+# build FEATURES SUFFIX: builds berth and the loadgen and copies them to
+# $WORK/bin/berth$SUFFIX and loadgen$SUFFIX. Run copies: another cargo build
+# in this tree must not swap the binaries halfway through the suite (and the
+# two provider builds overwrite target/release/berth).
+build() {
+    local features=$1 suffix=$2 build_json
+    log "building berth and the loadgen (release${features:+, --features $features})"
+    cargo build --release ${features:+--features "$features"} --bin berth --bench loadgen
+    build_json=$(cargo build --release ${features:+--features "$features"} --bin berth --bench loadgen \
+        --message-format=json 2>/dev/null)
+    executable() { # NAME KIND
+        grep -F "\"kind\":[\"$2\"]" <<<"$build_json" | grep -F "\"name\":\"$1\"" |
+            grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4
+    }
+    local b l
+    b=$(executable berth bin)
+    l=$(executable loadgen bench)
+    [ -x "$b" ] || die "cannot find the berth binary"
+    [ -x "$l" ] || die "cannot find the loadgen binary"
+    cp "$b" "$WORK/bin/berth$suffix"
+    cp "$l" "$WORK/bin/loadgen$suffix"
+}
+build "" ""
+need_awslc=0
+for t in "${TARGETS[@]}"; do [ "$t" = berth-awslc ] && need_awslc=1; done
+for t in "${TESTS[@]}"; do [ "$t" = hs-c50-wss-pq ] && need_awslc=1; done
+[ "$need_awslc" = 0 ] || build aws-lc -awslc
 BERTH=$WORK/bin/berth
 LOADGEN=$WORK/bin/loadgen
+BERTH_AWSLC=$WORK/bin/berth-awslc
+LOADGEN_AWSLC=$WORK/bin/loadgen-awslc
 BACKEND_PID=""
 TARGET_PID=""
 LOADGEN_PID=""
@@ -130,6 +185,9 @@ cleanup() {
     stop_pid "$BACKEND_PID"
     if [ "${KEEP_WORK:-0}" = 1 ] || [ "$rc" -ge 2 ]; then
         echo "compare.sh: work directory kept: $WORK" >&2
+    elif [ -n "$(ls -A "$WORK/profiles" 2>/dev/null)" ]; then
+        rm -rf "$WORK/bin" "$WORK"/build-*
+        echo "compare.sh: work directory kept for its callgrind profiles: $WORK/profiles" >&2
     else
         rm -rf "$WORK"
     fi
@@ -157,8 +215,8 @@ rss_kb() { # PIDS...: summed VmRSS in KiB
     echo "$total"
 }
 
-wait_port() { # PORT PID
-    for _ in $(seq 100); do
+wait_port() { # PORT PID [TRIES]: up to TRIES (100) × 0.1 s
+    for _ in $(seq "${3:-100}"); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
         [ -z "$2" ] || alive "$2" || return 1
         sleep 0.1
@@ -273,6 +331,9 @@ http {
 EOF
 "$NGINX" -t -q -c "$WORK/nginx.conf" -p "$WORK/nginx/" -e "$WORK/nginx-error.log" ||
     die "nginx rejects the benchmark config"
+# The same as one process, for callgrind: the worker's work in the process
+# valgrind runs.
+sed 's/^master_process on;/master_process off;/' "$WORK/nginx.conf" >"$WORK/nginx-single.conf"
 
 # HAProxy's maxconn counts client sessions and reserves two descriptors for
 # each, so "maxconn 20000" asks for 40,015 and HAProxy refuses to start under
@@ -311,28 +372,52 @@ backend echo
 EOF
 "$HAPROXY" -c -q -f "$WORK/haproxy.cfg" >"$WORK/haproxy-check.log" 2>&1 ||
     die "haproxy rejects the benchmark config: $(cat "$WORK/haproxy-check.log")"
+# Under valgrind, which keeps a few descriptors for itself, the 19,995 that
+# maxconn 9990 needs are not to be had; the ir64 tests use a handful.
+sed 's/maxconn 9990/maxconn 1000/' "$WORK/haproxy.cfg" >"$WORK/haproxy-valgrind.cfg"
 
 # --- targets -----------------------------------------------------------------
 
-# start_target NAME: sets TARGET_PID (what to stop), WATCH (what to measure),
-# URL_WS and URL_WSS.
+# start_target NAME [CALLGRIND_OUT]: sets TARGET_PID (what to stop), WATCH
+# (what to measure), URL_WS and URL_WSS. With CALLGRIND_OUT the proxy runs
+# under callgrind with instrumentation off (the ir64 tests switch it on for
+# the measured window), writing its dumps to CALLGRIND_OUT and its log to
+# CALLGRIND_OUT.log; nginx then runs as one process (master_process off) so
+# that the process under valgrind is the one doing the work.
 start_target() {
     WATCH=()
+    local pre=(taskset -c "$PROXY_CORE") wait=100
+    if [ -n "${2:-}" ]; then
+        pre+=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$2"
+            --log-file="$2.log")
+        wait=600 # valgrind starts the proxy ~50x slower
+    fi
     case $1 in
-    berth)
-        BERTH_WORKERS=1 taskset -c "$PROXY_CORE" "$BERTH" run --config "$WORK/berth.toml" \
-            --log-level warn >>"$WORK/berth.log" 2>&1 &
+    berth | berth-awslc)
+        local bin=$BERTH
+        [ "$1" = berth ] || bin=$BERTH_AWSLC
+        BERTH_WORKERS=1 "${pre[@]}" "$bin" run --config "$WORK/berth.toml" \
+            --log-level warn >>"$WORK/$1.log" 2>&1 &
         TARGET_PID=$!
-        wait_port "$PBERTH" "$TARGET_PID" || return 1
+        wait_port "$PBERTH" "$TARGET_PID" "$wait" || return 1
         WATCH=("$TARGET_PID")
         URL_WS=ws://127.0.0.1:$PBERTH/
         URL_WSS=wss://127.0.0.1:$PBERTHS/
         ;;
     nginx)
-        taskset -c "$PROXY_CORE" "$NGINX" -c "$WORK/nginx.conf" -p "$WORK/nginx/" \
+        local conf=$WORK/nginx.conf
+        [ -z "${2:-}" ] || conf=$WORK/nginx-single.conf
+        "${pre[@]}" "$NGINX" -c "$conf" -p "$WORK/nginx/" \
             -e "$WORK/nginx-error.log" >>"$WORK/nginx.log" 2>&1 &
         TARGET_PID=$!
-        wait_port "$PNGX" "$TARGET_PID" || return 1
+        wait_port "$PNGX" "$TARGET_PID" "$wait" || return 1
+        if [ -n "${2:-}" ]; then
+            WATCH=("$TARGET_PID")
+            URL_WS=ws://127.0.0.1:$PNGX/
+            URL_WSS=wss://127.0.0.1:$PNGXS/
+            sleep 0.2
+            return 0
+        fi
         # The master binds before it forks the worker: wait for the worker.
         for _ in $(seq 50); do
             read -r -a WATCH <<<"$(children_of "$TARGET_PID" | tr '\n' ' ')"
@@ -344,9 +429,11 @@ start_target() {
         URL_WSS=wss://127.0.0.1:$PNGXS/
         ;;
     haproxy)
-        taskset -c "$PROXY_CORE" "$HAPROXY" -f "$WORK/haproxy.cfg" -db >>"$WORK/haproxy.log" 2>&1 &
+        local cfg=$WORK/haproxy.cfg
+        [ -z "${2:-}" ] || cfg=$WORK/haproxy-valgrind.cfg
+        "${pre[@]}" "$HAPROXY" -f "$cfg" -db >>"$WORK/haproxy.log" 2>&1 &
         TARGET_PID=$!
-        wait_port "$PHAP" "$TARGET_PID" || return 1
+        wait_port "$PHAP" "$TARGET_PID" "$wait" || return 1
         WATCH=("$TARGET_PID")
         URL_WS=ws://127.0.0.1:$PHAP/
         URL_WSS=wss://127.0.0.1:$PHAPS/
@@ -375,8 +462,11 @@ describe() {
     lat-c100-wss) echo "latency, 100 connections, one 64 B message in flight each, wss" ;;
     hs-c50-wss) echo "handshakes: TCP + TLS + upgrade, one echo, close; 50 concurrent, wss; full TLS handshakes" ;;
     hs-c50-wss-resume) echo "handshakes as hs-c50-wss, but the client resumes TLS sessions (the proxy's tickets or session cache)" ;;
-    idle-ws) echo "$IDLE_CONNS idle connections held ${IDLE_HOLD}s, ws" ;;
+    idle-ws) echo "$IDLE_CONNS idle connections held ${IDLE_HOLD}s, ws; the open phase gives the CPU per opened WebSocket" ;;
     idle-wss) echo "$IDLE_CONNS idle connections held ${IDLE_HOLD}s, wss" ;;
+    ir64-ws | ir64-wss) echo "user-space instructions per 64 B message (callgrind, instrumentation on for the ${IR_DURATION}s measured window only, after ${IR_WARMUP}s of warm-up), $IR_CONNS connections × 8 in flight, ${1#ir64-}" ;;
+    hs-c50-wss-pq) echo "handshakes as hs-c50-wss, the client offering only the post-quantum hybrid X25519MLKEM768 (loadgen built with aws-lc-rs)" ;;
+    storm-wss) echo "reconnect storm: $STORM_CONNS wss clients, each with its own TLS session cache, cut at once by the backend (SIGUSR1: it closes every connection), reconnect at once resuming their sessions" ;;
     *) die "unknown test $1" ;;
     esac
 }
@@ -393,7 +483,30 @@ loadgen_args() {
     lat-c100-wss) echo latency "${common[@]}" --connections 100 --duration "$DURATION" ;;
     hs-c50-wss) echo handshake "${common[@]}" --concurrency 50 --duration "$DURATION" --source-ips "$SOURCE_IPS" ;;
     hs-c50-wss-resume) echo handshake "${common[@]}" --concurrency 50 --duration "$DURATION" --source-ips "$SOURCE_IPS" --resume ;;
+    hs-c50-wss-pq) echo handshake "${common[@]}" --concurrency 50 --duration "$DURATION" --source-ips "$SOURCE_IPS" --kx X25519MLKEM768 ;;
     idle-ws | idle-wss) echo idle "${common[@]}" --connections "$IDLE_CONNS" --hold "$IDLE_HOLD" --source-ips "$SOURCE_IPS" ;;
+    ir64-ws | ir64-wss) echo throughput "${common[@]}" --connections "$IR_CONNS" --window 8 --size 64 --warmup "$IR_WARMUP" --duration "$IR_DURATION" ;;
+    storm-wss) echo storm "${common[@]}" --connections "$STORM_CONNS" --source-ips "$SOURCE_IPS" ;;
+    esac
+}
+
+# skip_reason TEST TARGET: why TARGET does not run TEST (nothing when it does).
+skip_reason() {
+    case $2:$1 in
+    direct:ir64-* | direct:storm-*) echo "no proxy" ;;
+    direct:hs-c50-wss-pq) echo "the echo backend's own TLS" ;;
+    berth:hs-c50-wss-pq) echo "ring has no X25519MLKEM768" ;;
+    nginx:hs-c50-wss-pq | haproxy:hs-c50-wss-pq) echo "cannot offer X25519MLKEM768 (Debian's build on OpenSSL 3.0)" ;;
+    berth-awslc:*) case $AWSLC_TESTS in *" $1 "*) ;; *) echo "not in AWSLC_TESTS" ;; esac ;;
+    esac
+}
+
+# reps_of TEST: the repetitions TEST runs.
+reps_of() {
+    case $1 in
+    lat-*) echo "$LAT_REPS" ;;
+    ir64-*) echo "$IR_REPS" ;;
+    *) echo "$REPS" ;;
     esac
 }
 
@@ -401,10 +514,27 @@ jget() { # FILE KEY: a top-level number from the JSON line
     { grep -o "\"$2\":[-0-9.e]*" "$1" 2>/dev/null || true; } | head -n 1 | cut -d: -f2
 }
 
+# ir_total FILES...: the summed "totals:" (Ir) of callgrind dumps.
+ir_total() {
+    awk '/^totals:/ {s += $2} END {printf "%.0f\n", s}' "$@" 2>/dev/null
+}
+
 run_one() { # TEST TARGET REP
     local test=$1 target=$2 rep=$3
     local base=$RES/${test}__${target}__${rep}
-    if ! start_target "$target"; then
+    local why
+    why=$(skip_reason "$test" "$target")
+    if [ -n "$why" ]; then
+        echo "$why" >"$base.skip"
+        return
+    fi
+    local cg=""
+    case $test in ir64-*)
+        mkdir -p "$WORK/callgrind"
+        cg=$WORK/callgrind/${test}__${target}__${rep}.out
+        ;;
+    esac
+    if ! start_target "$target" "$cg"; then
         echo "$target did not start (see its log in the work directory)" >"$base.fail"
         FAILED=1
         stop_target
@@ -416,8 +546,29 @@ run_one() { # TEST TARGET REP
     local pid
     for pid in "${WATCH[@]}"; do watch+=(--watch-pid "$pid"); done
     local limit=$((${DURATION%.*} + 60))
-    local rc=0
+    local rc=0 loadgen=$LOADGEN
     case $test in
+    ir64-*)
+        # The instrumentation goes on and off with no message in flight (the
+        # loadgen drains between phases), so the dump's instructions are
+        # exactly those of the messages counted in the measured window. The
+        # watched CPU time under valgrind means nothing: none is taken.
+        limit=$((${IR_WARMUP%.*} + ${IR_DURATION%.*} + 180))
+        taskset -c "$LOAD_CORE" timeout "$limit" "$LOADGEN" "${args[@]}" \
+            --start-cmd "callgrind_control -i on $TARGET_PID" \
+            --end-cmd "callgrind_control -i off $TARGET_PID && callgrind_control -d $TARGET_PID" \
+            >"$base.json" 2>"$base.err" || rc=$?
+        ;;
+    hs-c50-wss-pq)
+        loadgen=$LOADGEN_AWSLC
+        taskset -c "$LOAD_CORE" timeout "$limit" "$loadgen" "${args[@]}" "${watch[@]}" \
+            >"$base.json" 2>"$base.err" || rc=$?
+        ;;
+    storm-*)
+        limit=240
+        taskset -c "$LOAD_CORE" timeout "$limit" "$LOADGEN" "${args[@]}" "${watch[@]}" \
+            --cut-cmd "kill -USR1 $BACKEND_PID" >"$base.json" 2>"$base.err" || rc=$?
+        ;;
     idle-*)
         limit=$((${IDLE_HOLD%.*} + 180))
         local before held=""
@@ -452,7 +603,42 @@ run_one() { # TEST TARGET REP
     verr=$(jget "$base.json" verification_errors)
     if [ -n "$verr" ] && [ "$verr" != 0 ]; then FAILED=1; fi
     stop_target
+    if [ -n "$cg" ]; then
+        # The measured window's dump (callgrind_control -d) plus the one at
+        # exit (next to nothing: instrumentation was off by then).
+        local dumps=() f
+        for f in "$cg"*; do
+            case $f in *.log) ;; *) [ -f "$f" ] && dumps+=("$f") ;; esac
+        done
+        # valgrind's closing "Collected" figure (what the instrumented
+        # window counted); the dumps' totals if valgrind did not get to say.
+        local collected
+        collected=$(sed -n 's/.*Collected : *\([0-9]*\).*/\1/p' "$cg.log" 2>/dev/null | tail -n 1)
+        if [ -n "$collected" ]; then
+            echo "$collected" >"$base.ir"
+        elif [ ${#dumps[@]} -gt 0 ]; then
+            ir_total "${dumps[@]}" >"$base.ir"
+        fi
+        case $target in berth*)
+            # The profile of the measured window: the dump with the most
+            # instructions.
+            local d best="" most=-1 n
+            for d in "${dumps[@]}"; do
+                n=$(ir_total "$d")
+                if [ "${n:-0}" -gt "$most" ]; then most=${n:-0} best=$d; fi
+            done
+            if [ -n "$best" ]; then
+                local prof=$WORK/profiles/${test}__${target}__${rep}
+                callgrind_annotate --threshold=99 "$best" >"$prof.self.txt" 2>/dev/null || true
+                callgrind_annotate --threshold=99 --inclusive=yes "$best" >"$prof.inclusive.txt" 2>/dev/null || true
+                cp "$best" "$prof.callgrind"
+            fi
+            ;;
+        esac
+    fi
     case $test in
+    ir*) log "$test $target #$rep: $(jget "$base.json" messages) messages, $(cat "$base.ir") instructions, $(awk -v m="$(jget "$base.json" messages)" '{ if (m > 0) printf "%.0f", $1 / m; else print "-" }' "$base.ir") per message" ;;
+    storm*) log "$test $target #$rep: $(jget "$base.json" reestablished) of $(jget "$base.json" opened) back in $(jget "$base.json" reconnect_secs)s, $(jget "$base.json" resumed) resumed, cpu $(jget "$base.json" proxy_cpu_secs)s" ;;
     tp*) log "$test $target #$rep: $(jget "$base.json" msgs_per_sec) msgs/s, cpu $(jget "$base.json" proxy_cpu_secs)s, verification errors ${verr:-?}" ;;
     lat*) log "$test $target #$rep: p50 $(jget "$base.json" p50_us) µs, p99 $(jget "$base.json" p99_us) µs, verification errors ${verr:-?}" ;;
     hs*) log "$test $target #$rep: $(jget "$base.json" handshakes_per_sec) handshakes/s, $(jget "$base.json" resumed) resumed, errors $(jget "$base.json" errors)" ;;
@@ -478,9 +664,18 @@ cpu_model=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 for t in "${TESTS[@]}"; do printf '%s\t%s\n' "$t" "$(describe "$t")"; done >"$RES/tests.tsv"
 
 n=${#TARGETS[@]}
-for rep in $(seq "$REPS"); do
+max_reps=$REPS
+for test in "${TESTS[@]}"; do
+    r=$(reps_of "$test")
+    [ "$r" -le "$max_reps" ] || max_reps=$r
+done
+for rep in $(seq "$max_reps"); do
     ti=0
     for test in "${TESTS[@]}"; do
+        if [ "$rep" -gt "$(reps_of "$test")" ]; then
+            ti=$((ti + 1))
+            continue
+        fi
         # Alternate: each test and repetition starts with a different target.
         for k in $(seq 0 $((n - 1))); do
             run_one "$test" "${TARGETS[$(((k + ti + rep - 1) % n))]}" "$rep"
@@ -490,6 +685,44 @@ for rep in $(seq "$REPS"); do
 done
 
 printf 'load average at end\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RES/meta.tsv"
+
+# The TLS provider's build figures: binary sizes and, with BUILD_TIME=1, a
+# clean release build of berth with each provider (after the load tests, so
+# that the builds do not heat the machine under them), in throw-away target
+# directories (about 2 GB each while they last).
+if [ "$need_awslc" = 1 ]; then
+    mib() { awk -v b="$(stat -c %s "$1")" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+    strip -o "$WORK/bin/berth.stripped" "$BERTH"
+    strip -o "$WORK/bin/berth-awslc.stripped" "$BERTH_AWSLC"
+    {
+        printf 'berth binary, MiB (release profile, debug = 1)\t%s\t%s\n' "$(mib "$BERTH")" "$(mib "$BERTH_AWSLC")"
+        printf 'berth binary stripped, MiB\t%s\t%s\n' "$(mib "$WORK/bin/berth.stripped")" "$(mib "$WORK/bin/berth-awslc.stripped")"
+    } >"$RES/provider.tsv"
+    if [ "$BUILD_TIME" = 1 ]; then
+        # Wall time moves with the neighbours' builds; the CPU time (user +
+        # system of cargo and the compilers) much less.
+        walls=() cpus=()
+        for features in "" aws-lc; do
+            log "timing a clean release build of berth${features:+ with --features $features}"
+            dir=$WORK/build-${features:-ring}
+            TIMEFORMAT='%R %U %S'
+            if { time cargo build --release --bin berth ${features:+--features "$features"} \
+                --target-dir "$dir" >"$WORK/build-${features:-ring}.log" 2>&1; } 2>"$WORK/build-time"; then
+                read -r wall user sys <"$WORK/build-time"
+                walls+=("$(printf '%.0f' "$wall")")
+                cpus+=("$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.0f", u + s }')")
+            else
+                walls+=(failed) cpus+=(failed)
+            fi
+            rm -rf "$dir"
+        done
+        {
+            printf 'clean release build of berth, wall s (CARGO_BUILD_JOBS=%s, load average %s at the end)\t%s\t%s\n' \
+                "${CARGO_BUILD_JOBS:-all cores}" "$(cut -d' ' -f1 /proc/loadavg)" "${walls[0]}" "${walls[1]}"
+            printf 'clean release build of berth, CPU s (user + system)\t%s\t%s\n' "${cpus[0]}" "${cpus[1]}"
+        } >>"$RES/provider.tsv"
+    fi
+fi
 mkdir -p "$(dirname "$OUT")"
 targets_csv=$(
     IFS=,

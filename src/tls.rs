@@ -1,5 +1,8 @@
 //! TLS material: PEM loading and the rustls server configuration used by TLS
-//! listeners (TLS 1.2 and 1.3 only, ALPN `http/1.1`, ring as the provider).
+//! listeners (TLS 1.2 and 1.3 only, ALPN `http/1.1`). The crypto provider is
+//! ring, or aws-lc-rs when built with `--features aws-lc` (which then also
+//! offers the post-quantum hybrid key exchange X25519MLKEM768, preferred when
+//! a client sends its key share); nothing else in berth names a provider.
 //!
 //! Everything here is synchronous and runs at config load, so `berth check`
 //! reports a bad certificate or a key that does not match it. The PEM files
@@ -10,7 +13,11 @@
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use rustls::crypto::ring;
+// The provider module, chosen at build time (see the module docs).
+#[cfg(feature = "aws-lc")]
+use rustls::crypto::aws_lc_rs as provider_impl;
+#[cfg(not(feature = "aws-lc"))]
+use rustls::crypto::ring as provider_impl;
 use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions};
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
@@ -67,7 +74,8 @@ fn resumption() -> Result<&'static Resumption, TlsError> {
     if let Some(r) = RESUMPTION.get() {
         return Ok(r);
     }
-    let ticketer = ring::Ticketer::new().map_err(|source| TlsError::Ticketer { source })?;
+    let ticketer =
+        provider_impl::Ticketer::new().map_err(|source| TlsError::Ticketer { source })?;
     // A racing first load may win; either ticketer is as good.
     Ok(RESUMPTION.get_or_init(|| Resumption {
         cache: ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES),
@@ -78,7 +86,7 @@ fn resumption() -> Result<&'static Resumption, TlsError> {
 /// The crypto provider berth uses everywhere (one, explicitly, so that no
 /// process-wide default has to be installed).
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(ring::default_provider())
+    Arc::new(provider_impl::default_provider())
 }
 
 /// Builds the server config from a PEM certificate chain and private key

@@ -1,7 +1,9 @@
 //! The echo backend: WebSocket servers that echo every frame back unmasked,
 //! frame by frame (so fragmentation, opcodes and RSV bits come back as sent),
 //! answer Pings with Pongs and Close with Close. Raw framing, one write per
-//! batch of frames read.
+//! batch of frames read. SIGUSR1 closes every open connection at once (the
+//! listeners stay), as a restart of the backend would: the reconnect storm
+//! benchmark cuts its clients that way.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +38,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         };
         Some(tls_acceptor(cert, key)?)
     };
+    // Each SIGUSR1 bumps the generation; every connection open then ends.
+    let (cut_tx, cut_rx) = tokio::sync::watch::channel(0u64);
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .context("cannot handle SIGUSR1")?;
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            cut_tx.send_modify(|g| *g += 1);
+            eprintln!("echo-backend: SIGUSR1: closing every connection");
+        }
+    });
     let mut tasks = Vec::new();
     let all = opts
         .listen
@@ -50,7 +62,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         let local = listener.local_addr()?;
         println!("LISTENING {}{local}", if tls { "wss://" } else { "ws://" });
         let acceptor = if tls { acceptor.clone() } else { None };
-        tasks.push(tokio::spawn(accept_loop(listener, acceptor)));
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            acceptor,
+            cut_rx.clone(),
+        )));
     }
     use std::io::Write as _;
     std::io::stdout().flush()?;
@@ -77,7 +93,7 @@ fn tls_acceptor(cert: &PathBuf, key: &PathBuf) -> anyhow::Result<TlsAcceptor> {
         .collect::<Result<_, _>>()?;
     let key = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("{}: cannot read", key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crate::net::provider(None)?);
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -86,7 +102,11 @@ fn tls_acceptor(cert: &PathBuf, key: &PathBuf) -> anyhow::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-async fn accept_loop(listener: TcpListener, acceptor: Option<TlsAcceptor>) {
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    mut cut: tokio::sync::watch::Receiver<u64>,
+) {
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(c) => c,
@@ -98,17 +118,29 @@ async fn accept_loop(listener: TcpListener, acceptor: Option<TlsAcceptor>) {
             }
         };
         let _ = tcp.set_nodelay(true);
+        // A cut made before this accept is not this connection's.
+        cut.borrow_and_update();
+        let mut cut = cut.clone();
         match &acceptor {
             None => {
                 tokio::spawn(async move {
-                    let _ = serve(tcp).await;
+                    tokio::select! {
+                        _ = serve(tcp) => {}
+                        _ = cut.changed() => {}
+                    }
                 });
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    if let Ok(tls) = acceptor.accept(tcp).await {
-                        let _ = serve(tls).await;
+                    let conn = async {
+                        if let Ok(tls) = acceptor.accept(tcp).await {
+                            let _ = serve(tls).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = cut.changed() => {}
                     }
                 });
             }

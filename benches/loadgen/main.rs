@@ -26,6 +26,7 @@ mod modes;
 mod net;
 mod report;
 mod stats;
+mod storm;
 mod ws;
 
 use std::net::SocketAddr;
@@ -79,6 +80,19 @@ enum Command {
         /// Seconds.
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
+        /// Seconds of load before the measurement (0: none). Connections are
+        /// drained between the two, so the measured counts are exact.
+        #[arg(long, default_value_t = 0.0)]
+        warmup: f64,
+        /// A shell command run when the measurement is about to start, with
+        /// no message in flight (e.g. `callgrind_control -i on PID`); the
+        /// measurement starts when it has returned.
+        #[arg(long)]
+        start_cmd: Option<String>,
+        /// A shell command run after the measurement, once every echo has
+        /// arrived (e.g. `callgrind_control -i off PID`).
+        #[arg(long)]
+        end_cmd: Option<String>,
     },
     /// One message in flight per connection; round-trip percentiles.
     Latency {
@@ -113,6 +127,25 @@ enum Command {
         concurrency: usize,
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
+    },
+    /// The reconnect storm: C clients (TLS sessions resumed, each client
+    /// with its own) connect, `--cut-cmd` cuts them all at once, and all
+    /// reconnect at once; time until all are back, and the proxy's CPU.
+    Storm {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// Connections opened at once before the cut.
+        #[arg(long, default_value_t = 128)]
+        concurrency: usize,
+        /// The shell command that cuts every connection, e.g.
+        /// `kill -USR1 BACKEND_PID` (the echo backend then closes all).
+        #[arg(long)]
+        cut_cmd: String,
+        /// Seconds after the cut that clients keep trying to reconnect.
+        #[arg(long, default_value_t = 60.0)]
+        limit: f64,
     },
     /// Writes the markdown report of a `benches/compare.sh` results directory.
     Report {
@@ -153,6 +186,11 @@ struct ClientArgs {
     /// Resume TLS sessions (off: every connection does a full handshake).
     #[arg(long)]
     resume: bool,
+    /// Offer only this TLS key exchange group: X25519, secp256r1, secp384r1,
+    /// or X25519MLKEM768 (the post-quantum hybrid; needs the loadgen built
+    /// with --features aws-lc). Default: the provider's list.
+    #[arg(long)]
+    kx: Option<String>,
     /// Report CPU time and RSS of these processes over the measurement.
     #[arg(long)]
     watch_pid: Vec<u32>,
@@ -208,7 +246,15 @@ fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
 
 async fn client(args: ClientArgs, default_sources: &str) -> anyhow::Result<modes::Client> {
     let target = modes::Client {
-        target: Arc::new(net::Target::parse(&args.url, args.ca.as_deref(), args.resume).await?),
+        target: Arc::new(
+            net::Target::parse(
+                &args.url,
+                args.ca.as_deref(),
+                args.resume,
+                args.kx.as_deref(),
+            )
+            .await?,
+        ),
         source_ips: Arc::new(
             match args.source_ips.as_deref().unwrap_or(default_sources) {
                 "" | "none" => Vec::new(),
@@ -262,6 +308,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             window,
             size,
             duration,
+            warmup,
+            start_cmd,
+            end_cmd,
         } => {
             if !(ws::Pattern::MIN_SIZE..=ws::MAX_PAYLOAD).contains(&size) {
                 bail!("--size must be between 8 and {} bytes", ws::MAX_PAYLOAD);
@@ -274,6 +323,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 window,
                 size,
                 duration: secs(duration, "duration")?,
+                warmup: if warmup == 0.0 {
+                    Duration::ZERO
+                } else {
+                    secs(warmup, "warmup")?
+                },
+                start_cmd,
+                end_cmd,
             };
             modes::throughput(client(c, "").await?, opts).await?
         }
@@ -308,6 +364,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 concurrency,
             };
             modes::idle(client(c, "127.0.0.2-127.0.0.250").await?, opts).await?
+        }
+        Command::Storm {
+            client: mut c,
+            connections,
+            concurrency,
+            cut_cmd,
+            limit,
+        } => {
+            c.resume = true;
+            let opts = storm::StormOpts {
+                connections,
+                concurrency,
+                cut_cmd,
+                limit: secs(limit, "limit")?,
+            };
+            storm::storm(client(c, "127.0.0.2-127.0.0.250").await?, opts).await?
         }
         Command::Handshake {
             client: c,

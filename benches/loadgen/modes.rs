@@ -1,5 +1,6 @@
-//! The four load modes: throughput, latency, idle and handshake. Each one is
-//! bounded in time and prints one JSON object on stdout.
+//! The four load modes: throughput, latency, idle and handshake (the storm
+//! mode lives in storm.rs). Each one is bounded in time and prints one JSON
+//! object on stdout.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -31,12 +32,12 @@ impl Client {
     }
 }
 
-fn source_for(ips: &[Ipv4Addr], i: usize) -> Option<Ipv4Addr> {
+pub fn source_for(ips: &[Ipv4Addr], i: usize) -> Option<Ipv4Addr> {
     (!ips.is_empty()).then(|| ips[i % ips.len()])
 }
 
 /// How long a connection (TCP + TLS + upgrade) may take.
-const CONNECT_LIMIT: Duration = Duration::from_secs(30);
+pub const CONNECT_LIMIT: Duration = Duration::from_secs(30);
 /// How long, after the end of a run, the last echoes may take to arrive.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// How long one echo may take in the latency, idle and handshake modes.
@@ -50,7 +51,7 @@ fn seq_base(id: usize) -> u64 {
 }
 
 /// Reads until `buf` starts with one complete frame and returns its header.
-async fn read_frame<R: AsyncRead + Unpin>(
+pub async fn read_frame<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
 ) -> anyhow::Result<Header> {
@@ -131,19 +132,19 @@ async fn close_handshake(
 
 /// Counts errors, keeping the first few messages.
 #[derive(Default)]
-struct Errors {
+pub struct Errors {
     by_stage: BTreeMap<&'static str, u64>,
     first: Vec<String>,
 }
 
 impl Errors {
-    fn add(&mut self, e: &StageError) {
+    pub fn add(&mut self, e: &StageError) {
         *self.by_stage.entry(e.stage.name()).or_default() += 1;
         if self.first.len() < 5 {
             self.first.push(e.to_string());
         }
     }
-    fn merge(&mut self, o: Errors) {
+    pub fn merge(&mut self, o: Errors) {
         for (k, v) in o.by_stage {
             *self.by_stage.entry(k).or_default() += v;
         }
@@ -153,10 +154,10 @@ impl Errors {
             }
         }
     }
-    fn total(&self) -> u64 {
+    pub fn total(&self) -> u64 {
         self.by_stage.values().sum()
     }
-    fn json(&self) -> Value {
+    pub fn json(&self) -> Value {
         json!({ "total": self.total(), "by_stage": self.by_stage, "first": self.first })
     }
 }
@@ -170,6 +171,12 @@ pub struct ThroughputOpts {
     pub window: usize,
     pub size: usize,
     pub duration: Duration,
+    /// A load phase before the measurement (none when zero).
+    pub warmup: Duration,
+    /// Shell commands run when every connection is quiet (no message in
+    /// flight), just before and just after the measured phase.
+    pub start_cmd: Option<String>,
+    pub end_cmd: Option<String>,
 }
 
 struct Flow {
@@ -193,10 +200,34 @@ struct TpReport {
     connect_error: Option<StageError>,
 }
 
+/// Runs `cmd` with `sh -c` and waits for it; a failure ends the run.
+pub fn run_hook(cmd: &str, what: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| anyhow!("{what} command: cannot run: {e}"))?;
+    if !status.success() {
+        return Err(anyhow!("{what} command {cmd:?} failed: {status}"));
+    }
+    Ok(())
+}
+
 pub async fn throughput(c: Client, o: ThroughputOpts) -> anyhow::Result<Value> {
     let pattern = Arc::new(Pattern::new(o.size));
     let barrier = Arc::new(Barrier::new(o.connections + 1));
-    let (close_tx, close_rx) = watch::channel(false);
+    // The phases: an optional warm-up, then the measurement. Every
+    // connection drains its echoes at the end of a phase, so nothing is in
+    // flight between phases (where the hooks run) and the measured count is
+    // exactly what crossed the proxy in the measured phase.
+    let phases: Vec<Duration> = (!o.warmup.is_zero())
+        .then_some(o.warmup)
+        .into_iter()
+        .chain([o.duration])
+        .collect();
+    let measured = phases.len() - 1;
+    let (go_tx, go_rx) = watch::channel(0usize);
     let (res_tx, mut res_rx) = mpsc::unbounded_channel();
     let t_connect = Instant::now();
     let mut handles = Vec::with_capacity(o.connections);
@@ -207,32 +238,58 @@ pub async fn throughput(c: Client, o: ThroughputOpts) -> anyhow::Result<Value> {
             c.source(id),
             pattern.clone(),
             o.window,
-            o.duration,
+            phases.clone(),
             barrier.clone(),
             res_tx.clone(),
-            close_rx.clone(),
+            go_rx.clone(),
         )));
     }
     drop(res_tx);
     barrier.wait().await;
     let connect_secs = t_connect.elapsed().as_secs_f64();
-    let before = stats::sample(&c.watch);
-    let t0 = Instant::now();
-    // One report per connection; the tasks stay alive (and their connections
-    // open) until the close signal below, so count rather than wait for the
-    // channel to close.
     let mut reports = Vec::with_capacity(o.connections);
-    let collect_by = tokio::time::Instant::now() + o.duration + DRAIN_LIMIT + STRAGGLER_LIMIT;
-    while reports.len() < o.connections {
-        match tokio::time::timeout_at(collect_by, res_rx.recv()).await {
-            Ok(Some(r)) => reports.push(r),
-            _ => break,
+    let (mut before, mut after) = (stats::Sample::default(), stats::Sample::default());
+    let (mut t0, mut elapsed) = (Instant::now(), 0.0);
+    for (p, &d) in phases.iter().enumerate() {
+        if p == measured {
+            if let Some(cmd) = &o.start_cmd {
+                run_hook(cmd, "--start-cmd")?;
+            }
+            eprintln!("throughput: measurement starts");
+            before = stats::sample(&c.watch);
+            t0 = Instant::now();
+        } else {
+            eprintln!("throughput: warm-up for {d:?}");
+        }
+        let _ = go_tx.send(p);
+        // One report per connection and phase; the tasks stay alive (and
+        // their connections open) until the last phase is over, so count
+        // rather than wait for the channel to close.
+        reports.clear();
+        let collect_by = tokio::time::Instant::now() + d + DRAIN_LIMIT + STRAGGLER_LIMIT;
+        while reports.len() < o.connections {
+            match tokio::time::timeout_at(collect_by, res_rx.recv()).await {
+                Ok(Some((phase, r))) if phase == p => reports.push(r),
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        if p == measured {
+            elapsed = t0.elapsed().as_secs_f64();
+            after = stats::sample(&c.watch);
+            eprintln!("throughput: measurement ends");
+            if let Some(cmd) = &o.end_cmd {
+                run_hook(cmd, "--end-cmd")?;
+            }
+        } else {
+            let failed = reports.iter().filter(|r| r.errors.is_some()).count();
+            if failed > 0 {
+                eprintln!("throughput: {failed} connections failed in the warm-up");
+            }
         }
     }
     let missing = o.connections - reports.len();
-    let elapsed = t0.elapsed().as_secs_f64();
-    let after = stats::sample(&c.watch);
-    let _ = close_tx.send(true);
+    let _ = go_tx.send(phases.len());
     for h in handles {
         let _ = timeout(Duration::from_secs(5), h).await;
     }
@@ -266,6 +323,7 @@ pub async fn throughput(c: Client, o: ThroughputOpts) -> anyhow::Result<Value> {
         "connected": connected,
         "window": o.window,
         "size": o.size,
+        "warmup_secs": o.warmup.as_secs_f64(),
         "connect_secs": round3(connect_secs),
         "elapsed_secs": round3(elapsed),
         "messages": messages,
@@ -282,6 +340,9 @@ pub async fn throughput(c: Client, o: ThroughputOpts) -> anyhow::Result<Value> {
     Ok(v)
 }
 
+/// One connection of the throughput mode: one report per phase, each phase
+/// started by `go` (which then holds the phase's index; `phases.len()` means
+/// close).
 #[allow(clippy::too_many_arguments)]
 async fn tp_conn(
     id: usize,
@@ -289,23 +350,75 @@ async fn tp_conn(
     source: Option<Ipv4Addr>,
     pattern: Arc<Pattern>,
     window: usize,
-    duration: Duration,
+    phases: Vec<Duration>,
     barrier: Arc<Barrier>,
-    res_tx: mpsc::UnboundedSender<TpReport>,
-    mut close_rx: watch::Receiver<bool>,
+    res_tx: mpsc::UnboundedSender<(usize, TpReport)>,
+    mut go: watch::Receiver<usize>,
 ) {
     let conn = target.connect_timeout(source, CONNECT_LIMIT).await;
     barrier.wait().await;
-    let (conn, leftover) = match conn {
-        Ok(c) => c,
+    let mut conn = match conn {
+        Ok(c) => Some(c),
         Err(e) => {
-            let _ = res_tx.send(TpReport {
-                connect_error: Some(e),
-                ..TpReport::default()
-            });
+            // The error counts once, in the measured phase's report.
+            for p in 0..phases.len() {
+                let mut r = TpReport::default();
+                if p + 1 == phases.len() {
+                    r.connect_error = Some(StageError {
+                        stage: e.stage,
+                        error: anyhow!("{:#}", e.error),
+                    });
+                }
+                let _ = res_tx.send((p, r));
+            }
             return;
         }
     };
+    // The next message's number within this connection.
+    let mut next: u64 = 0;
+    for (p, &duration) in phases.iter().enumerate() {
+        while *go.borrow_and_update() < p {
+            if go.changed().await.is_err() {
+                return;
+            }
+        }
+        let Some((c, leftover)) = conn.take() else {
+            let report = TpReport {
+                connected: true,
+                errors: Some("failed in an earlier phase".into()),
+                ..TpReport::default()
+            };
+            let _ = res_tx.send((p, report));
+            continue;
+        };
+        let (after, report) =
+            tp_phase(c, leftover, &pattern, seq_base(id) | next, window, duration).await;
+        next += report.received;
+        conn = after;
+        let _ = res_tx.send((p, report));
+    }
+    // Close politely once the measurement is over.
+    while *go.borrow_and_update() < phases.len() {
+        if go.changed().await.is_err() {
+            break;
+        }
+    }
+    if let Some((mut c, mut buf)) = conn {
+        let _ = close_handshake(&mut c, &mut buf, [1, 2, 3, 4], Duration::from_secs(2)).await;
+    }
+}
+
+/// One phase on one connection: messages `first`, `first + 1`, ... with
+/// `window` in flight until `duration` is over, then every echo drained. The
+/// connection comes back unless the phase failed.
+async fn tp_phase(
+    conn: Conn,
+    leftover: BytesMut,
+    pattern: &Arc<Pattern>,
+    first: u64,
+    window: usize,
+    duration: Duration,
+) -> (Option<(Conn, BytesMut)>, TpReport) {
     let deadline = tokio::time::Instant::now() + duration;
     let flow = Arc::new(Flow {
         sent: AtomicU64::new(0),
@@ -320,19 +433,12 @@ async fn tp_conn(
         wr,
         flow.clone(),
         pattern.clone(),
-        seq_base(id),
+        first,
         window,
         deadline,
     ));
-    let (rd, mut buf, mut report) = tp_reader(
-        rd,
-        leftover,
-        &flow,
-        &pattern,
-        seq_base(id),
-        deadline + DRAIN_LIMIT,
-    )
-    .await;
+    let (rd, buf, mut report) =
+        tp_reader(rd, leftover, &flow, pattern, first, deadline + DRAIN_LIMIT).await;
     report.connected = true;
     report.sent = flow.sent.load(Ordering::Acquire);
     flow.stop.store(true, Ordering::Release);
@@ -343,16 +449,14 @@ async fn tp_conn(
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             report.errors = Some(format!("writer task failed: {e}"));
-            let _ = res_tx.send(report);
-            return;
+            return (None, report);
         }
         Err(_) => {
             writer.abort();
             report
                 .errors
                 .get_or_insert_with(|| "writer stuck: the peer stopped reading".into());
-            let _ = res_tx.send(report);
-            return;
+            return (None, report);
         }
     };
     // The writer may have queued more since (it stops at its next check).
@@ -360,26 +464,23 @@ async fn tp_conn(
     if report.errors.is_none() {
         report.errors = write_error;
     }
-    let clean = report.errors.is_none();
-    let _ = res_tx.send(report);
-    // Close politely once the measurement is over.
-    let _ = close_rx.changed().await;
-    if clean {
-        let mut conn = rd.unsplit(wr);
-        let _ = close_handshake(&mut conn, &mut buf, [1, 2, 3, 4], Duration::from_secs(2)).await;
+    if report.errors.is_some() {
+        return (None, report);
     }
+    (Some((rd.unsplit(wr), buf)), report)
 }
 
 async fn tp_writer(
     mut wr: WriteHalf<Conn>,
     flow: Arc<Flow>,
     pattern: Arc<Pattern>,
-    base: u64,
+    first: u64,
     window: usize,
     deadline: tokio::time::Instant,
 ) -> (WriteHalf<Conn>, Option<String>) {
-    let mut rng = Rng::new(base ^ 0x9E37_79B9_7F4A_7C15 ^ rand::random::<u64>());
+    let mut rng = Rng::new(first ^ 0x9E37_79B9_7F4A_7C15 ^ rand::random::<u64>());
     let mut out: Vec<u8> = Vec::with_capacity(window * (pattern.size() + 14));
+    // Messages sent in this phase; message k carries number `first + k`.
     let mut n: u64 = 0;
     let mut error = None;
     loop {
@@ -389,7 +490,7 @@ async fn tp_writer(
         let inflight = n - flow.received.load(Ordering::Acquire);
         if inflight < window as u64 {
             for _ in inflight..window as u64 {
-                pattern.push_frame(&mut out, base | n, rng.mask());
+                pattern.push_frame(&mut out, first + n, rng.mask());
                 n += 1;
             }
             flow.sent.store(n, Ordering::Release);
@@ -420,7 +521,7 @@ async fn tp_reader(
     mut buf: BytesMut,
     flow: &Flow,
     pattern: &Pattern,
-    base: u64,
+    first: u64,
     drain_deadline: tokio::time::Instant,
 ) -> (ReadHalf<Conn>, BytesMut, TpReport) {
     let mut report = TpReport::default();
@@ -451,7 +552,7 @@ async fn tp_reader(
                 ));
                 break 'outer;
             }
-            if let Err(e) = pattern.verify(&h, &buf[h.header_len..total], base | received) {
+            if let Err(e) = pattern.verify(&h, &buf[h.header_len..total], first + received) {
                 report.verification_errors += 1;
                 report.errors = Some(format!("verification failed: {e}"));
                 break 'outer;
@@ -681,6 +782,9 @@ pub async fn idle(c: Client, o: IdleOpts) -> anyhow::Result<Value> {
         }
     }
     let open_secs = t0.elapsed().as_secs_f64();
+    // The proxy's CPU for the opens alone (accept, TLS, validate, connect to
+    // the backend, relay the 101), before the hold.
+    let opened_sample = stats::sample(&c.watch);
     {
         use std::io::Write as _;
         let mut out = std::io::stdout().lock();
@@ -745,6 +849,12 @@ pub async fn idle(c: Client, o: IdleOpts) -> anyhow::Result<Value> {
         "check_errors": check_errors.json(),
     });
     merge(&mut v, stats::watched_json(&c.watch, before, held));
+    if !c.watch.is_empty() {
+        merge(
+            &mut v,
+            json!({ "proxy_cpu_secs_open": round3(opened_sample.cpu_secs - before.cpu_secs) }),
+        );
+    }
     Ok(v)
 }
 
@@ -776,6 +886,7 @@ pub async fn handshake(c: Client, o: HandshakeOpts) -> anyhow::Result<Value> {
             let mut rng = Rng::new(rand::random());
             let mut out = Vec::with_capacity(80);
             let mut k = w;
+            let mut kx_groups = BTreeMap::new();
             while Instant::now() < deadline {
                 let source = source_for(&ips, k);
                 k += concurrency;
@@ -783,6 +894,7 @@ pub async fn handshake(c: Client, o: HandshakeOpts) -> anyhow::Result<Value> {
                 let r = async {
                     let (mut conn, mut buf) = target.connect_timeout(source, ECHO_LIMIT).await?;
                     let was_resumed = conn.resumed();
+                    let kx = conn.kx_group();
                     echo_once(
                         &mut conn,
                         &mut buf,
@@ -793,13 +905,16 @@ pub async fn handshake(c: Client, o: HandshakeOpts) -> anyhow::Result<Value> {
                     )
                     .await?;
                     close_handshake(&mut conn, &mut buf, rng.mask(), ECHO_LIMIT).await?;
-                    Ok::<_, StageError>(was_resumed)
+                    Ok::<_, StageError>((was_resumed, kx))
                 }
                 .await;
                 match r {
-                    Ok(was_resumed) => {
+                    Ok((was_resumed, kx)) => {
                         ok += 1;
                         resumed += u64::from(was_resumed);
+                        if let Some(g) = kx {
+                            *kx_groups.entry(u16::from(g)).or_insert(0u64) += 1;
+                        }
                         durations.push(t.elapsed().as_nanos() as u64);
                     }
                     Err(e) => {
@@ -809,15 +924,21 @@ pub async fn handshake(c: Client, o: HandshakeOpts) -> anyhow::Result<Value> {
                     }
                 }
             }
-            (ok, resumed, errors, durations)
+            (ok, resumed, errors, durations, kx_groups)
         });
     }
     let mut ok = 0u64;
     let mut resumed = 0u64;
     let mut errors = Errors::default();
     let mut durations = Vec::new();
+    // Handshakes by the key exchange group they used (TLS only).
+    let mut kx_groups: BTreeMap<String, u64> = BTreeMap::new();
     while let Some(r) = set.join_next().await {
-        let (o, res, e, d) = r?;
+        let (o, res, e, d, kx) = r?;
+        for (g, n) in kx {
+            let name = format!("{:?}", rustls::NamedGroup::from(g));
+            *kx_groups.entry(name).or_default() += n;
+        }
         ok += o;
         resumed += res;
         errors.merge(e);
@@ -833,6 +954,8 @@ pub async fn handshake(c: Client, o: HandshakeOpts) -> anyhow::Result<Value> {
         "handshakes": ok,
         "handshakes_per_sec": (ok as f64 / elapsed).round(),
         "resumed": resumed,
+        "kx_groups": kx_groups,
+        "tls_provider": crate::net::PROVIDER_NAME,
         "errors": errors.total(),
         "error_detail": errors.json(),
     });
@@ -844,7 +967,7 @@ pub async fn handshake(c: Client, o: HandshakeOpts) -> anyhow::Result<Value> {
     Ok(v)
 }
 
-fn merge(into: &mut Value, from: Value) {
+pub fn merge(into: &mut Value, from: Value) {
     if let (Some(a), Value::Object(b)) = (into.as_object_mut(), from) {
         a.extend(b);
     }

@@ -19,6 +19,51 @@ use tokio_rustls::TlsConnector;
 
 use crate::ws;
 
+// The loadgen's TLS provider follows berth's build: ring, or aws-lc-rs with
+// `--features aws-lc` (needed for `--kx X25519MLKEM768`).
+#[cfg(feature = "aws-lc")]
+use rustls::crypto::aws_lc_rs as provider_impl;
+#[cfg(not(feature = "aws-lc"))]
+use rustls::crypto::ring as provider_impl;
+
+/// The provider's name, for the JSON output.
+pub const PROVIDER_NAME: &str = if cfg!(feature = "aws-lc") {
+    "aws-lc-rs"
+} else {
+    "ring"
+};
+
+/// The TLS provider, offering only the key exchange group `kx` when given
+/// (a name such as X25519, secp256r1 or X25519MLKEM768, any case).
+pub fn provider(kx: Option<&str>) -> anyhow::Result<rustls::crypto::CryptoProvider> {
+    let mut p = provider_impl::default_provider();
+    if let Some(kx) = kx {
+        let names = || {
+            provider_impl::ALL_KX_GROUPS
+                .iter()
+                .map(|g| format!("{:?}", g.name()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let group = provider_impl::ALL_KX_GROUPS
+            .iter()
+            .find(|g| format!("{:?}", g.name()).eq_ignore_ascii_case(kx))
+            .ok_or_else(|| {
+                anyhow!(
+                    "--kx {kx}: not offered by {PROVIDER_NAME} (it has {}){}",
+                    names(),
+                    if cfg!(feature = "aws-lc") {
+                        ""
+                    } else {
+                        "; X25519MLKEM768 needs the loadgen built with --features aws-lc"
+                    }
+                )
+            })?;
+        p.kx_groups = vec![*group];
+    }
+    Ok(p)
+}
+
 /// A plain or TLS client stream.
 pub enum Conn {
     Plain(TcpStream),
@@ -26,6 +71,18 @@ pub enum Conn {
 }
 
 impl Conn {
+    /// The key exchange group the TLS handshake used (None over ws).
+    pub fn kx_group(&self) -> Option<rustls::NamedGroup> {
+        match self {
+            Conn::Plain(_) => None,
+            Conn::Tls(s) => s
+                .get_ref()
+                .1
+                .negotiated_key_exchange_group()
+                .map(|g| g.name()),
+        }
+    }
+
     /// Whether the TLS handshake resumed an earlier session (false over ws).
     pub fn resumed(&self) -> bool {
         match self {
@@ -130,7 +187,13 @@ impl Target {
     /// Parses the URL. `ca` is a PEM file of trusted certificates for `wss://`
     /// (without it the server certificate is not verified). `resume` keeps
     /// rustls's TLS session cache, so reconnections resume their sessions.
-    pub async fn parse(url: &str, ca: Option<&Path>, resume: bool) -> anyhow::Result<Target> {
+    /// `kx` limits the client to one key exchange group (see [`provider`]).
+    pub async fn parse(
+        url: &str,
+        ca: Option<&Path>,
+        resume: bool,
+        kx: Option<&str>,
+    ) -> anyhow::Result<Target> {
         let (tls, rest) = if let Some(r) = url.strip_prefix("wss://") {
             (true, r)
         } else if let Some(r) = url.strip_prefix("ws://") {
@@ -166,7 +229,7 @@ impl Target {
             bail!("{addr}: the load generator only targets loopback addresses");
         }
         let tls = if tls {
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let provider = Arc::new(provider(kx)?);
             let builder = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()?;
             let mut config = match ca {
@@ -221,6 +284,24 @@ impl Target {
             path: self.path.clone(),
             tls,
             resume: self.resume,
+        }
+    }
+
+    /// The same target for a client of its own whose TLS session cache
+    /// holds one server's sessions (the storm mode's thousands of clients:
+    /// rustls's default cache is sized for 256 servers).
+    pub fn client_for_one_server(&self) -> Target {
+        let tls = self.tls.as_ref().map(|(connector, name)| {
+            let mut config = rustls::ClientConfig::clone(connector.config());
+            config.resumption = rustls::client::Resumption::in_memory_sessions(1);
+            (TlsConnector::from(Arc::new(config)), name.clone())
+        });
+        Target {
+            addr: self.addr,
+            host: self.host.clone(),
+            path: self.path.clone(),
+            tls,
+            resume: true,
         }
     }
 
@@ -352,7 +433,7 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
             message,
             cert,
             dss,
-            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+            &provider_impl::default_provider().signature_verification_algorithms,
         )
     }
     fn verify_tls13_signature(
@@ -365,11 +446,11 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
             message,
             cert,
             dss,
-            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+            &provider_impl::default_provider().signature_verification_algorithms,
         )
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
+        provider_impl::default_provider()
             .signature_verification_algorithms
             .supported_schemes()
     }

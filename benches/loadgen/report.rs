@@ -4,9 +4,12 @@
 //! The results directory holds, per run, `TEST__TARGET__REP.json` (the
 //! loadgen's JSON output), for idle runs `TEST__TARGET__REP.rss` ("BEFORE_KB
 //! HELD_KB", sampled by the script), and for a run that failed
-//! `TEST__TARGET__REP.fail` (one line: why). `meta.tsv` has `KEY<TAB>VALUE`
-//! lines for the header and `tests.tsv` has `TEST<TAB>DESCRIPTION` lines in
-//! suite order.
+//! `TEST__TARGET__REP.fail` (one line: why), for a target that does not run
+//! a test `TEST__TARGET__REP.skip` (one line: why), and for the callgrind
+//! tests `TEST__TARGET__REP.ir` (the instructions counted in the measured
+//! window). `meta.tsv` has `KEY<TAB>VALUE` lines for the header, `tests.tsv`
+//! has `TEST<TAB>DESCRIPTION` lines in suite order, and `provider.tsv`, when
+//! present, `FIGURE<TAB>RING<TAB>AWS-LC-RS` lines for the TLS provider table.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -22,7 +25,10 @@ const ANCHORS: [&str; 2] = ["nginx", "haproxy"];
 struct Run {
     json: Option<Value>,
     rss: Option<(f64, f64)>,
+    /// Instructions counted by callgrind in the measured window.
+    ir: Option<f64>,
     fail: Option<String>,
+    skip: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -95,6 +101,25 @@ fn cpu_per(r: &Run, count: &str) -> Option<f64> {
 
 fn metrics(mode: &str, test: &str) -> Vec<Metric> {
     let big = test.contains("64k");
+    if test.starts_with("ir") {
+        return vec![
+            median("user-space instructions/msg", LOWER, 0, true, |r| {
+                let n = j(r, &["messages"])?;
+                let ir = r.ir?;
+                (n > 0.0).then(|| ir / n)
+            }),
+            Metric {
+                name: "messages counted",
+                higher_better: None,
+                agg: Agg::Median,
+                decimals: 0,
+                headline: false,
+                get: |r| j(r, &["messages"]),
+            },
+            count("verification errors", |r| j(r, &["verification_errors"])),
+            count("conn errors", |r| j(r, &["connection_errors"])),
+        ];
+    }
     match mode {
         "throughput" => vec![
             median("proxy CPU µs/msg", LOWER, 2, true, |r| {
@@ -109,6 +134,11 @@ fn metrics(mode: &str, test: &str) -> Vec<Metric> {
                 get: |r| j(r, &["msgs_per_sec"]),
             },
             median("MiB/s", HIGHER, 1, big, |r| j(r, &["mib_per_sec"])),
+            median("proxy CPU ms/MiB", LOWER, 2, big, |r| {
+                let mib = j(r, &["bytes"])? / 1048576.0;
+                let cpu = j(r, &["proxy_cpu_secs"])?;
+                (mib > 0.0).then(|| cpu * 1000.0 / mib)
+            }),
             count("verification errors", |r| j(r, &["verification_errors"])),
             count("lost msgs", |r| j(r, &["lost_messages"])),
             count("conn errors", |r| j(r, &["connection_errors"])),
@@ -142,6 +172,43 @@ fn metrics(mode: &str, test: &str) -> Vec<Metric> {
                 j(r, &["handshake_time", "p99_us"]).map(|v| v / 1000.0)
             }),
             count("TLS sessions resumed", |r| j(r, &["resumed"])),
+            count("X25519MLKEM768", |r| {
+                j(r, &["kx_groups", "X25519MLKEM768"]).or(Some(0.0))
+            }),
+            count("errors", |r| j(r, &["errors"])),
+        ],
+        "storm" => vec![
+            median("time to reconnect all s", LOWER, 2, true, |r| {
+                j(r, &["reconnect_secs"])
+            }),
+            median("proxy CPU s", LOWER, 2, true, |r| j(r, &["proxy_cpu_secs"])),
+            median("proxy CPU µs/reconnect", LOWER, 1, false, |r| {
+                cpu_per(r, "reestablished")
+            }),
+            median("p50 ms", LOWER, 1, false, |r| {
+                j(r, &["reconnect_time", "p50_us"]).map(|v| v / 1000.0)
+            }),
+            median("p99 ms", LOWER, 1, false, |r| {
+                j(r, &["reconnect_time", "p99_us"]).map(|v| v / 1000.0)
+            }),
+            Metric {
+                name: "back",
+                higher_better: None,
+                agg: Agg::Min,
+                decimals: 0,
+                headline: false,
+                get: |r| j(r, &["reestablished"]),
+            },
+            Metric {
+                name: "resumed",
+                higher_better: None,
+                agg: Agg::Min,
+                decimals: 0,
+                headline: false,
+                get: |r| j(r, &["resumed"]),
+            },
+            count("attempts", |r| j(r, &["attempts"])),
+            count("listen overflows", |r| j(r, &["listen_overflows"])),
             count("errors", |r| j(r, &["errors"])),
         ],
         "idle" => vec![
@@ -154,6 +221,11 @@ fn metrics(mode: &str, test: &str) -> Vec<Metric> {
                 r.rss.map(|(_, held)| held / 1024.0)
             }),
             median("open time s", LOWER, 2, false, |r| j(r, &["open_secs"])),
+            median("proxy CPU µs/open", LOWER, 1, true, |r| {
+                let cpu = j(r, &["proxy_cpu_secs_open"])?;
+                let n = j(r, &["opened"])?;
+                (n > 0.0).then(|| cpu * 1e6 / n)
+            }),
             Metric {
                 name: "opened",
                 higher_better: None,
@@ -285,6 +357,8 @@ pub fn run(dir: &Path, targets: &[String]) -> anyhow::Result<String> {
                     run.fail.get_or_insert_with(|| "no JSON output".into());
                 }
             }
+            "ir" => run.ir = text.trim().parse().ok(),
+            "skip" => run.skip = Some(text.trim().to_string()),
             "rss" => {
                 let v: Vec<f64> = text
                     .split_whitespace()
@@ -329,6 +403,7 @@ pub fn run(dir: &Path, targets: &[String]) -> anyhow::Result<String> {
     writeln!(summary, "|---|---|{}---|", "---:|".repeat(targets.len()))?;
     let mut details = String::new();
     let mut failures = Vec::new();
+    let mut not_run = Vec::new();
     for (test, desc) in &tests {
         let Some(by_target) = runs.get(test) else {
             continue;
@@ -345,8 +420,16 @@ pub fn run(dir: &Path, targets: &[String]) -> anyhow::Result<String> {
         writeln!(details, "| target | {} | runs |", names.join(" | "))?;
         writeln!(details, "|---|{}---:|", "---:|".repeat(ms.len()))?;
         let mut per_metric: Vec<BTreeMap<String, Option<f64>>> = vec![BTreeMap::new(); ms.len()];
+        let mut skipped = Vec::new();
         for target in targets {
             let reps = by_target.get(target);
+            if let Some(why) = reps.and_then(|r| r.values().find_map(|r| r.skip.clone())) {
+                not_run.push(format!("{test} / {target}: {why}"));
+                skipped.push(target.as_str());
+                let na = vec!["n/a"; ms.len()];
+                writeln!(details, "| {target} | {} | — |", na.join(" | "))?;
+                continue;
+            }
             let ok: Vec<&Run> = reps
                 .map(|r| r.values().filter(|r| r.fail.is_none()).collect())
                 .unwrap_or_default();
@@ -383,13 +466,22 @@ pub fn run(dir: &Path, targets: &[String]) -> anyhow::Result<String> {
             ratios.join(" | ")
         )?;
         writeln!(details)?;
+        if mode == "latency" {
+            added_p99(&mut details, by_target, targets, &skipped)?;
+        }
         for (m, vals) in ms.iter().zip(&per_metric) {
             if !m.headline {
                 continue;
             }
             let cells: Vec<String> = targets
                 .iter()
-                .map(|t| fmt(vals.get(t).copied().flatten(), m.decimals))
+                .map(|t| {
+                    if skipped.contains(&t.as_str()) {
+                        "n/a".into()
+                    } else {
+                        fmt(vals.get(t).copied().flatten(), m.decimals)
+                    }
+                })
                 .collect();
             let dir = match m.higher_better {
                 Some(true) => " ↑",
@@ -411,9 +503,37 @@ pub fn run(dir: &Path, targets: &[String]) -> anyhow::Result<String> {
     writeln!(out)?;
     out.push_str(&summary);
     writeln!(out)?;
+    if let Ok(p) = std::fs::read_to_string(dir.join("provider.tsv")) {
+        writeln!(
+            out,
+            "## TLS provider: berth with ring (the default) and with aws-lc-rs"
+        )?;
+        writeln!(out)?;
+        writeln!(
+            out,
+            "The run-time figures are the berth and berth-awslc columns above; these \
+             are the build's."
+        )?;
+        writeln!(out)?;
+        writeln!(out, "| figure | ring | aws-lc-rs |")?;
+        writeln!(out, "|---|---:|---:|")?;
+        for line in p.lines() {
+            let cells: Vec<&str> = line.split('\t').collect();
+            writeln!(out, "| {} |", cells.join(" | "))?;
+        }
+        writeln!(out)?;
+    }
     writeln!(out, "## Per test")?;
     writeln!(out)?;
     out.push_str(&details);
+    if !not_run.is_empty() {
+        writeln!(out, "## Not run (n/a)")?;
+        writeln!(out)?;
+        for f in not_run {
+            writeln!(out, "- {f}")?;
+        }
+        writeln!(out)?;
+    }
     if !failures.is_empty() {
         writeln!(out, "## Failed runs")?;
         writeln!(out)?;
@@ -423,4 +543,81 @@ pub fn run(dir: &Path, targets: &[String]) -> anyhow::Result<String> {
         writeln!(out)?;
     }
     Ok(out)
+}
+
+/// The latency tests' added p99 in every repetition: each target's p99 minus
+/// direct's p99 in the same repetition (the targets alternate within a
+/// repetition, so both saw the same neighbours), and whether berth's is at
+/// or below the best anchor's.
+fn added_p99(
+    out: &mut String,
+    by_target: &BTreeMap<String, BTreeMap<String, Run>>,
+    targets: &[String],
+    skipped: &[&str],
+) -> anyhow::Result<()> {
+    let Some(direct) = by_target.get("direct") else {
+        return Ok(());
+    };
+    let p99 = |r: &Run| -> Option<f64> {
+        if r.fail.is_some() {
+            return None;
+        }
+        j(r, &["p99_us"])
+    };
+    let cols: Vec<&String> = targets
+        .iter()
+        .filter(|t| *t != "direct" && !skipped.contains(&t.as_str()))
+        .collect();
+    let mut reps: Vec<&String> = direct.keys().collect();
+    reps.sort_by_key(|r| r.parse::<u32>().unwrap_or(u32::MAX));
+    writeln!(
+        out,
+        "Added p99 per repetition (µs): the target's p99 minus direct's in the same repetition."
+    )?;
+    writeln!(out)?;
+    let names: Vec<&str> = cols.iter().map(|c| c.as_str()).collect();
+    writeln!(
+        out,
+        "| repetition | {} | berth ≤ best anchor |",
+        names.join(" | ")
+    )?;
+    writeln!(out, "|---|{}---|", "---:|".repeat(cols.len()))?;
+    let (mut met, mut counted) = (0, 0);
+    for rep in reps {
+        let Some(base) = direct.get(rep).and_then(p99) else {
+            continue;
+        };
+        let added = |t: &str| {
+            by_target
+                .get(t)
+                .and_then(|r| r.get(rep))
+                .and_then(p99)
+                .map(|v| v - base)
+        };
+        let cells: Vec<String> = cols.iter().map(|t| fmt(added(t), 1)).collect();
+        let best_anchor = ANCHORS
+            .iter()
+            .filter_map(|a| added(a))
+            .min_by(|a, b| a.total_cmp(b));
+        let verdict = match (added("berth"), best_anchor) {
+            (Some(b), Some(a)) => {
+                counted += 1;
+                if b <= a {
+                    met += 1;
+                    "yes"
+                } else {
+                    "no"
+                }
+            }
+            _ => "—",
+        };
+        writeln!(out, "| {rep} | {} | {verdict} |", cells.join(" | "))?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "berth's added p99 is at or below the best anchor's in {met} of {counted} repetitions."
+    )?;
+    writeln!(out)?;
+    Ok(())
 }
