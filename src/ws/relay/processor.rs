@@ -322,6 +322,12 @@ impl FrameProcessor {
             if self.remaining == 0 {
                 // A new frame starts here (or its header continues).
                 debug_assert!(self.held_len == 0 && self.cur.is_none());
+                if self.hdr_len == 0 && self.inject.is_none() && !self.discard {
+                    i = self.skip_data_frames(chunk, i, client, r);
+                    if i == n {
+                        break;
+                    }
+                }
                 if self.hdr_len == 0 && self.inject.is_some() {
                     forward(sink, &chunk[run..i]);
                     run = i;
@@ -477,6 +483,77 @@ impl FrameProcessor {
             }
         }
         forward(sink, &chunk[run..n]);
+    }
+
+    /// The common case in a tight loop: whole data frames (text, binary,
+    /// continuation) with a 7- or 16-bit length, each entirely inside
+    /// `chunk` from `i`, on a stream with nothing pending (no split header,
+    /// no injection, not discarding; the caller checked). Such a frame
+    /// passes as part of the current run and is only counted, exactly as
+    /// the general path would count it. Returns where the first frame it
+    /// leaves to the general path starts: a control or reserved opcode, a
+    /// 64-bit length, an unmasked client frame, a frame that does not fit,
+    /// one that takes its message over the limit.
+    #[inline(always)]
+    fn skip_data_frames(
+        &mut self,
+        chunk: &[u8],
+        mut i: usize,
+        client: bool,
+        r: &mut Report,
+    ) -> usize {
+        let start = i;
+        let mut message_len = self.message_len;
+        // Indexed by opcode (0 to 2).
+        let mut frames = [0u32; 3];
+        let mut messages = 0u32;
+        while let Some(&[b0, b1, ref rest @ ..]) = chunk.get(i..) {
+            let op = b0 & 0x0F;
+            if op > opcode::BINARY {
+                break;
+            }
+            let masked = b1 & 0x80 != 0;
+            if client && !masked {
+                break;
+            }
+            let (len, ext) = match b1 & 0x7F {
+                126 => match *rest {
+                    [hi, lo, ..] => (usize::from(u16::from_be_bytes([hi, lo])), 2),
+                    _ => break,
+                },
+                127 => break,
+                len => (usize::from(len), 0),
+            };
+            let header_len = 2 + ext + if masked { 4 } else { 0 };
+            // At most 14 + 65,535: no overflow.
+            let frame_len = header_len + len;
+            if rest.len() + 2 < frame_len {
+                break;
+            }
+            let len = len as u64;
+            let new_len = if op == opcode::CONTINUATION {
+                message_len.saturating_add(len)
+            } else {
+                len
+            };
+            if new_len > self.max_message {
+                break;
+            }
+            message_len = new_len;
+            frames[usize::from(op)] = frames[usize::from(op)].wrapping_add(1);
+            messages = messages.wrapping_add(u32::from(b0 >> 7));
+            i += frame_len;
+        }
+        if i != start {
+            self.message_len = message_len;
+            r.data = true;
+            for (op, n) in (opcode::CONTINUATION..).zip(frames) {
+                let slot = &mut r.frames[opcode_index(op)];
+                *slot = slot.wrapping_add(n);
+            }
+            r.messages = r.messages.wrapping_add(messages);
+        }
+        i
     }
 
     /// Completes a header that began in an earlier chunk, taking bytes from
