@@ -221,6 +221,15 @@ impl<W: AsyncWrite + Unpin> Sink for Out<'_, '_, W> {
     }
 }
 
+/// The sink of a direction whose destination is gone.
+struct Dropped;
+
+impl Sink for Dropped {
+    fn forward(&mut self, _: &[u8]) {}
+    fn stored(&mut self, _: &[u8]) {}
+    fn inject(&mut self, _: &[u8]) {}
+}
+
 /// Drives one direction as far as it can go without blocking.
 /// Returns what the processor reported and whether any progress was made.
 pub(super) fn poll_dir<R, W>(
@@ -332,18 +341,21 @@ where
         dir.eof = true;
         return (report, true);
     }
-    if dir.shut {
-        // The destination is gone: keep parsing (to see a Close) but drop.
+    let (read, failed) = if dir.shut {
+        // The destination is gone: keep parsing (to see a Close) but write
+        // nothing, not even the rest of a frame it was in the middle of.
         dir.p.discard();
-    }
-    let mut out = Out {
-        cx,
-        dst: &mut *dst,
-        state: &mut dir.out,
-        failed: false,
+        (dir.p.feed(&scratch[..n], pong, &mut Dropped), false)
+    } else {
+        let mut out = Out {
+            cx,
+            dst: &mut *dst,
+            state: &mut dir.out,
+            failed: false,
+        };
+        let read = dir.p.feed(&scratch[..n], pong, &mut out);
+        (read, out.failed)
     };
-    let read = dir.p.feed(&scratch[..n], pong, &mut out);
-    let failed = out.failed;
     report.merge(&read);
     dir.count(n, &read, counters);
     if failed {
