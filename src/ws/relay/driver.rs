@@ -162,13 +162,14 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     fn poll_relay(&mut self, cx: &mut Context<'_>, scratch: &mut [u8]) -> Poll<RelayOutcome> {
-        loop {
-            if let Some(stop) = self.stop.as_ref() {
-                if let Some(reason) = stop.poll(cx) {
-                    self.stop = None;
-                    self.end(reason.ending());
-                }
+        // Once per poll: a stop that comes later wakes the task.
+        if let Some(stop) = self.stop.as_ref() {
+            if let Some(reason) = stop.poll(cx) {
+                self.stop = None;
+                self.end(reason.ending());
             }
+        }
+        loop {
             if self.poll_timers(cx) {
                 return Poll::Ready(self.finish());
             }
@@ -176,7 +177,7 @@ where
             // Backend to client first, so that when both sides finish in the
             // same poll the client (berth's server side) is closed first.
             let pong = self.ping.token();
-            let (report, down_progress) = poll_dir(
+            let (report, down_changed) = poll_dir(
                 cx,
                 &mut self.down,
                 &mut self.backend,
@@ -187,7 +188,7 @@ where
             );
             self.on_report(&report, Source::Backend);
             let pong = self.ping.token();
-            let (report, up_progress) = poll_dir(
+            let (report, up_changed) = poll_dir(
                 cx,
                 &mut self.up,
                 &mut self.client,
@@ -202,10 +203,13 @@ where
                 return Poll::Ready(self.finish());
             }
             // A stall that just began needs the timer armed: go round once
-            // more (the next pass makes no progress and arms it).
+            // more (the next pass arms it).
             let stalled = self.config.send_timeout.is_some()
                 && (self.up.track_stall() | self.down.track_stall());
-            if !down_progress && !up_progress && !stalled {
+            // Both directions wait on their sockets' wakers unless one
+            // changed (then the rules above may have queued a Close or a
+            // half-close for either, and both are polled again).
+            if !down_changed && !up_changed && !stalled {
                 return Poll::Pending;
             }
         }

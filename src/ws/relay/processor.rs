@@ -110,6 +110,12 @@ impl Report {
         self.frames.iter().map(|&n| u64::from(n)).sum()
     }
 
+    /// Something the caller must react to besides counting: berth's Pong
+    /// consumed or Ping written, a message over the limit, an error.
+    pub fn needs_reaction(&self) -> bool {
+        self.pong_consumed || self.ping_written || self.too_big || self.error.is_some()
+    }
+
     /// Adds `other` (a later call) to this report.
     pub fn merge(&mut self, other: &Report) {
         for (a, b) in self.frames.iter_mut().zip(other.frames) {
@@ -122,6 +128,15 @@ impl Report {
         self.too_big |= other.too_big;
         self.error = self.error.or(other.error);
     }
+}
+
+/// What [`FrameProcessor::phase`] compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Phase {
+    close_code: Option<u16>,
+    discard: bool,
+    broken: bool,
+    queued: bool,
 }
 
 /// What happens to the frame being read.
@@ -275,6 +290,19 @@ impl FrameProcessor {
 
     pub fn close_seen(&self) -> bool {
         self.close_code.is_some()
+    }
+
+    /// The state the caller reacts to (a Close seen, discarding, broken, an
+    /// injection queued), to tell whether a feed changed any of it: a feed
+    /// that leaves it as it was and reports nothing that
+    /// [needs a reaction](Report::needs_reaction) needs none.
+    pub fn phase(&self) -> Phase {
+        Phase {
+            close_code: self.close_code,
+            discard: self.discard,
+            broken: self.broken,
+            queued: self.inject.is_some(),
+        }
     }
 
     /// Writes the queued control frame now if the stream is at a boundary.
