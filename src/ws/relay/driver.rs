@@ -176,26 +176,28 @@ where
 
             // Backend to client first, so that when both sides finish in the
             // same poll the client (berth's server side) is closed first.
-            let pong = self.ping.token();
-            let (report, down_changed) = poll_dir(
+            let mut report = Report::default();
+            let down_changed = poll_dir(
                 cx,
                 &mut self.down,
                 &mut self.backend,
                 &mut self.client,
                 scratch,
-                pong,
+                self.ping.token(),
                 self.counters.as_deref().map(|c| &c.backend_to_client),
+                &mut report,
             );
             self.on_report(&report, Source::Backend);
-            let pong = self.ping.token();
-            let (report, up_changed) = poll_dir(
+            let mut report = Report::default();
+            let up_changed = poll_dir(
                 cx,
                 &mut self.up,
                 &mut self.client,
                 &mut self.backend,
                 scratch,
-                pong,
+                self.ping.token(),
                 self.counters.as_deref().map(|c| &c.client_to_backend),
+                &mut report,
             );
             self.on_report(&report, Source::Client);
             self.settle();

@@ -326,11 +326,13 @@ impl FrameProcessor {
         sink: &mut S,
     ) -> Report {
         let mut report = Report::default();
-        self.process(input, pong, sink, &mut report);
+        self.feed_into(input, pong, sink, &mut report);
         report
     }
 
-    fn process<S: Sink>(
+    /// [`feed`](Self::feed), adding what it saw to `r` (as
+    /// [`Report::merge`] would) instead of returning a report of its own.
+    pub fn feed_into<S: Sink>(
         &mut self,
         chunk: &[u8],
         pong: Option<[u8; PING_TOKEN_LEN]>,
@@ -523,65 +525,29 @@ impl FrameProcessor {
     /// 64-bit length, an unmasked client frame, a frame that does not fit,
     /// one that takes its message over the limit.
     #[inline(always)]
-    fn skip_data_frames(
-        &mut self,
-        chunk: &[u8],
-        mut i: usize,
-        client: bool,
-        r: &mut Report,
-    ) -> usize {
-        let start = i;
-        let mut message_len = self.message_len;
-        // Indexed by opcode (0 to 2).
-        let mut frames = [0u32; 3];
-        let mut messages = 0u32;
-        while let Some(&[b0, b1, ref rest @ ..]) = chunk.get(i..) {
-            let op = b0 & 0x0F;
-            if op > opcode::BINARY {
-                break;
-            }
-            let masked = b1 & 0x80 != 0;
-            if client && !masked {
-                break;
-            }
-            let (len, ext) = match b1 & 0x7F {
-                126 => match *rest {
-                    [hi, lo, ..] => (usize::from(u16::from_be_bytes([hi, lo])), 2),
-                    _ => break,
-                },
-                127 => break,
-                len => (usize::from(len), 0),
-            };
-            let header_len = 2 + ext + if masked { 4 } else { 0 };
-            // At most 14 + 65,535: no overflow.
-            let frame_len = header_len + len;
-            if rest.len() + 2 < frame_len {
-                break;
-            }
-            let len = len as u64;
-            let new_len = if op == opcode::CONTINUATION {
-                message_len.saturating_add(len)
-            } else {
-                len
-            };
-            if new_len > self.max_message {
-                break;
-            }
-            message_len = new_len;
-            frames[usize::from(op)] = frames[usize::from(op)].wrapping_add(1);
-            messages = messages.wrapping_add(u32::from(b0 >> 7));
-            i += frame_len;
-        }
-        if i != start {
-            self.message_len = message_len;
+    fn skip_data_frames(&mut self, chunk: &[u8], i: usize, client: bool, r: &mut Report) -> usize {
+        // One copy of the loop per case, so that none tests per frame what
+        // is fixed for the whole feed.
+        let limit = self.max_message != u64::MAX;
+        let (len, max) = (self.message_len, self.max_message);
+        let skipped = match (client, limit) {
+            (true, false) => skip_data_frames::<true, false>(chunk, i, len, max),
+            (false, false) => skip_data_frames::<false, false>(chunk, i, len, max),
+            (true, true) => skip_data_frames::<true, true>(chunk, i, len, max),
+            (false, true) => skip_data_frames::<false, true>(chunk, i, len, max),
+        };
+        if skipped.end != i {
+            self.message_len = skipped.message_len;
             r.data = true;
-            for (op, n) in (opcode::CONTINUATION..).zip(frames) {
+            for op in opcode::CONTINUATION..=opcode::BINARY {
+                let n = (skipped.counts >> (u32::from(op) * COUNT_BITS)) & COUNT_MASK;
                 let slot = &mut r.frames[opcode_index(op)];
-                *slot = slot.wrapping_add(n);
+                // A field holds fewer than 2^21: no truncation.
+                *slot = slot.wrapping_add(n as u32);
             }
-            r.messages = r.messages.wrapping_add(messages);
+            r.messages = r.messages.wrapping_add(skipped.messages);
         }
-        i
+        skipped.end
     }
 
     /// Completes a header that began in an earlier chunk, taking bytes from
@@ -676,6 +642,87 @@ impl FrameProcessor {
         self.broken = true;
         self.discard = true;
         r.error = Some(error);
+    }
+}
+
+/// Frames of one data opcode are counted in one 21-bit field of a `u64`
+/// (continuation, text, binary from the lowest bits up), so that counting
+/// one is an add with no memory access.
+const COUNT_BITS: u32 = 21;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+/// The most input [`skip_data_frames`] looks at in one call: it holds
+/// fewer 2-byte frames than a count field does.
+const SKIP_WINDOW: usize = 1 << COUNT_BITS;
+
+/// What [`skip_data_frames`] passed over.
+struct Skipped {
+    /// Where the first frame it did not take starts.
+    end: usize,
+    /// Frames per data opcode, packed (see [`COUNT_BITS`]).
+    counts: u64,
+    /// Frames with FIN set: complete messages.
+    messages: u32,
+    /// The message length after the last frame taken (only tracked with
+    /// `LIMIT`; otherwise as given).
+    message_len: u64,
+}
+
+/// The loop of [`FrameProcessor::skip_data_frames`], for a client (whose
+/// frames must be masked) or not, with a message size limit or not.
+#[inline(always)]
+fn skip_data_frames<const CLIENT: bool, const LIMIT: bool>(
+    chunk: &[u8],
+    i: usize,
+    mut message_len: u64,
+    max_message: u64,
+) -> Skipped {
+    /// What one frame of each data opcode adds to the packed counts.
+    const ONE: [u64; 3] = [1, 1 << COUNT_BITS, 1 << (2 * COUNT_BITS)];
+    let window = &chunk[..chunk.len().min(i.saturating_add(SKIP_WINDOW))];
+    let mut rest = window.get(i..).unwrap_or_default();
+    let mut counts = 0u64;
+    let mut messages = 0u32;
+    while let &[b0, b1, ref after @ ..] = rest {
+        let op = usize::from(b0 & 0x0F);
+        let Some(&one) = ONE.get(op) else { break };
+        let masked = b1 & 0x80 != 0;
+        if CLIENT && !masked {
+            break;
+        }
+        let (len, ext) = match b1 & 0x7F {
+            126 => match *after {
+                [hi, lo, ..] => (usize::from(u16::from_be_bytes([hi, lo])), 2),
+                _ => break,
+            },
+            127 => break,
+            len => (usize::from(len), 0),
+        };
+        // At most 14 + 65,535: no overflow.
+        let frame_len = 2 + ext + if masked { 4 } else { 0 } + len;
+        let Some(next) = rest.get(frame_len..) else {
+            break;
+        };
+        if LIMIT {
+            let len = len as u64;
+            let new_len = if op == usize::from(opcode::CONTINUATION) {
+                message_len.saturating_add(len)
+            } else {
+                len
+            };
+            if new_len > max_message {
+                break;
+            }
+            message_len = new_len;
+        }
+        counts += one;
+        messages += u32::from(b0 >> 7);
+        rest = next;
+    }
+    Skipped {
+        end: window.len() - rest.len(),
+        counts,
+        messages,
+        message_len,
     }
 }
 

@@ -236,13 +236,15 @@ const READS_PER_TURN: usize = 8;
 
 /// Drives one direction as far as it can go without blocking: reads,
 /// relays and reads again until its source (or its destination) has
-/// nothing more for now. Returns what the processor reported and whether
-/// the direction changed in a way the driver must react to (an end of
+/// nothing more for now. Adds what the processor saw to `report` (and the
+/// traffic to the counters, once per call) and returns whether the
+/// direction changed in a way the driver must react to (an end of
 /// stream, a failed destination, berth's frame written, a Close seen, a
 /// report that needs a reaction) or stopped to let the other direction
 /// have a turn: then the driver polls both again. Otherwise the direction
 /// waits on its sockets' wakers, and polling it again now would only find
 /// that out once more.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn poll_dir<R, W>(
     cx: &mut Context<'_>,
     dir: &mut Dir,
@@ -251,20 +253,28 @@ pub(super) fn poll_dir<R, W>(
     scratch: &mut [u8],
     pong: Option<[u8; PING_TOKEN_LEN]>,
     counters: Option<&DirCounters>,
-) -> (Report, bool)
+    report: &mut Report,
+) -> bool
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut report = Report::default();
+    let mut bytes = 0;
+    let mut changed = true;
     for _ in 0..READS_PER_TURN {
-        match step(cx, dir, src, dst, scratch, pong, counters, &mut report) {
-            Step::Waiting => return (report, false),
-            Step::Changed => return (report, true),
+        match step(cx, dir, src, dst, scratch, pong, report, &mut bytes) {
+            Step::Waiting => {
+                changed = false;
+                break;
+            }
+            Step::Changed => break,
             Step::Relayed => {}
         }
     }
-    (report, true)
+    if bytes > 0 {
+        dir.count(bytes, report, counters);
+    }
+    changed
 }
 
 /// How one [`step`] ended.
@@ -288,8 +298,8 @@ fn step<R, W>(
     dst: &mut W,
     scratch: &mut [u8],
     pong: Option<[u8; PING_TOKEN_LEN]>,
-    counters: Option<&DirCounters>,
     report: &mut Report,
+    bytes: &mut usize,
 ) -> Step
 where
     R: AsyncRead + Unpin,
@@ -384,12 +394,14 @@ where
         dir.eof = true;
         return Step::Changed;
     }
+    *bytes += n;
     let before = dir.p.phase();
-    let (read, failed) = if dir.shut {
+    let failed = if dir.shut {
         // The destination is gone: keep parsing (to see a Close) but write
         // nothing, not even the rest of a frame it was in the middle of.
         dir.p.discard();
-        (dir.p.feed(&scratch[..n], pong, &mut Dropped), false)
+        dir.p.feed_into(&scratch[..n], pong, &mut Dropped, report);
+        false
     } else {
         let mut out = Out {
             cx,
@@ -397,16 +409,16 @@ where
             state: &mut dir.out,
             failed: false,
         };
-        let read = dir.p.feed(&scratch[..n], pong, &mut out);
-        (read, out.failed)
+        dir.p.feed_into(&scratch[..n], pong, &mut out, report);
+        out.failed
     };
-    report.merge(&read);
-    dir.count(n, &read, counters);
     if failed {
         dir.destination_failed();
         return Step::Changed;
     }
-    if read.needs_reaction() || dir.p.phase() != before {
+    // `report` holds nothing that needs a reaction from earlier reads of
+    // this call: those returned at once.
+    if report.needs_reaction() || dir.p.phase() != before {
         return Step::Changed;
     }
     if dir.out.has_pending() {
