@@ -16,8 +16,8 @@
 # user-space instructions per message with callgrind (see run_one and
 # benches/README.md). All processes this script starts are stopped on exit.
 #
-# Targets: berth (ring, the default TLS provider), berth-awslc (the same
-# berth built with --features aws-lc; only in the AWSLC_TESTS), nginx,
+# Targets: berth (aws-lc-rs, the default TLS provider), berth-ring (the same
+# berth built with --no-default-features: ring; only in the RING_TESTS), nginx,
 # HAProxy, and direct (no proxy; not in the ir64, storm and pq tests).
 #
 # Environment (defaults in brackets, QUICK values after the slash):
@@ -33,12 +33,12 @@
 #   STORM_CONNS   clients of storm-wss [9000 / 1000]
 #   BUILD_TIME=1  time a clean release build of berth with each TLS provider,
 #                 in throw-away target directories [1 / 0]
-#   TARGETS       targets, in column order [berth berth-awslc nginx haproxy direct]
+#   TARGETS       targets, in column order [berth berth-ring nginx haproxy direct]
 #   TESTS         tests to run [all: tp64-ws ir64-ws tp64-wss ir64-wss
 #                 tp64k-wss lat-c1-wss lat-c100-wss hs-c50-wss
 #                 hs-c50-wss-resume hs-c50-wss-pq idle-ws idle-wss storm-wss]
-#   AWSLC_TESTS   the tests berth-awslc runs [tp64-wss ir64-wss tp64k-wss
-#                 hs-c50-wss hs-c50-wss-resume hs-c50-wss-pq idle-wss]
+#   RING_TESTS    the tests berth-ring runs [tp64-wss ir64-wss tp64k-wss
+#                 hs-c50-wss hs-c50-wss-resume idle-wss]
 #   PROXY_CORE    core for the proxy [0];  LOAD_CORE: core for load + backends [1]
 #   OUT           the report [benches/results/latest.md]
 #   KEEP_WORK=1   keep the work directory (configs, logs, raw JSON) afterwards;
@@ -76,9 +76,9 @@ else
 fi
 IR_CONNS=${IR_CONNS:-4}
 IR_REPS=${IR_REPS:-1}
-read -r -a TARGETS <<<"${TARGETS:-berth berth-awslc nginx haproxy direct}"
+read -r -a TARGETS <<<"${TARGETS:-berth berth-ring nginx haproxy direct}"
 read -r -a TESTS <<<"${TESTS:-tp64-ws ir64-ws tp64-wss ir64-wss tp64k-wss lat-c1-wss lat-c100-wss hs-c50-wss hs-c50-wss-resume hs-c50-wss-pq idle-ws idle-wss storm-wss}"
-AWSLC_TESTS=" ${AWSLC_TESTS:-tp64-wss ir64-wss tp64k-wss hs-c50-wss hs-c50-wss-resume hs-c50-wss-pq idle-wss} "
+RING_TESTS=" ${RING_TESTS:-tp64-wss ir64-wss tp64k-wss hs-c50-wss hs-c50-wss-resume idle-wss} "
 PROXY_CORE=${PROXY_CORE:-0}
 LOAD_CORE=${LOAD_CORE:-1}
 OUT=${OUT:-benches/results/latest.md}
@@ -124,15 +124,18 @@ RES=$WORK/results
 mkdir -p "$RES" "$WORK/nginx" "$WORK/bin" "$WORK/profiles"
 trap 'rm -rf "$WORK"' EXIT
 
-# build FEATURES SUFFIX: builds berth and the loadgen and copies them to
-# $WORK/bin/berth$SUFFIX and loadgen$SUFFIX. Run copies: another cargo build
-# in this tree must not swap the binaries halfway through the suite (and the
-# two provider builds overwrite target/release/berth).
+# build FLAGS SUFFIX: builds berth and the loadgen (with the cargo flags
+# FLAGS, e.g. --no-default-features) and copies them to $WORK/bin/berth$SUFFIX
+# and loadgen$SUFFIX. Run copies: another cargo build in this tree must not
+# swap the binaries halfway through the suite (and the two provider builds
+# overwrite target/release/berth).
 build() {
-    local features=$1 suffix=$2 build_json
-    log "building berth and the loadgen (release${features:+, --features $features})"
-    cargo build --release ${features:+--features "$features"} --bin berth --bench loadgen
-    build_json=$(cargo build --release ${features:+--features "$features"} --bin berth --bench loadgen \
+    local flags=$1 suffix=$2 build_json
+    log "building berth and the loadgen (release${flags:+, $flags})"
+    # shellcheck disable=SC2086 # FLAGS is a list of cargo flags
+    cargo build --release $flags --bin berth --bench loadgen
+    # shellcheck disable=SC2086
+    build_json=$(cargo build --release $flags --bin berth --bench loadgen \
         --message-format=json 2>/dev/null)
     executable() { # NAME KIND
         grep -F "\"kind\":[\"$2\"]" <<<"$build_json" | grep -F "\"name\":\"$1\"" |
@@ -147,14 +150,14 @@ build() {
     cp "$l" "$WORK/bin/loadgen$suffix"
 }
 build "" ""
-need_awslc=0
-for t in "${TARGETS[@]}"; do [ "$t" = berth-awslc ] && need_awslc=1; done
-for t in "${TESTS[@]}"; do [ "$t" = hs-c50-wss-pq ] && need_awslc=1; done
-[ "$need_awslc" = 0 ] || build aws-lc -awslc
+need_ring=0
+for t in "${TARGETS[@]}"; do [ "$t" = berth-ring ] && need_ring=1; done
+[ "$need_ring" = 0 ] || build --no-default-features -ring
 BERTH=$WORK/bin/berth
+# The loadgen (aws-lc-rs, like berth's default build) offers the classical
+# key exchange groups unless told otherwise (--kx), whatever the proxy prefers.
 LOADGEN=$WORK/bin/loadgen
-BERTH_AWSLC=$WORK/bin/berth-awslc
-LOADGEN_AWSLC=$WORK/bin/loadgen-awslc
+BERTH_RING=$WORK/bin/berth-ring
 BACKEND_PID=""
 TARGET_PID=""
 LOADGEN_PID=""
@@ -393,9 +396,9 @@ start_target() {
         wait=600 # valgrind starts the proxy ~50x slower
     fi
     case $1 in
-    berth | berth-awslc)
+    berth | berth-ring)
         local bin=$BERTH
-        [ "$1" = berth ] || bin=$BERTH_AWSLC
+        [ "$1" = berth ] || bin=$BERTH_RING
         BERTH_WORKERS=1 "${pre[@]}" "$bin" run --config "$WORK/berth.toml" \
             --log-level warn >>"$WORK/$1.log" 2>&1 &
         TARGET_PID=$!
@@ -465,7 +468,7 @@ describe() {
     idle-ws) echo "$IDLE_CONNS idle connections held ${IDLE_HOLD}s, ws; the open phase gives the CPU per opened WebSocket" ;;
     idle-wss) echo "$IDLE_CONNS idle connections held ${IDLE_HOLD}s, wss" ;;
     ir64-ws | ir64-wss) echo "user-space instructions per 64 B message (callgrind, instrumentation on for the ${IR_DURATION}s measured window only, after ${IR_WARMUP}s of warm-up), $IR_CONNS connections × 8 in flight, ${1#ir64-}" ;;
-    hs-c50-wss-pq) echo "handshakes as hs-c50-wss, the client offering only the post-quantum hybrid X25519MLKEM768 (loadgen built with aws-lc-rs)" ;;
+    hs-c50-wss-pq) echo "handshakes as hs-c50-wss, the client offering only the post-quantum hybrid X25519MLKEM768" ;;
     storm-wss) echo "reconnect storm: $STORM_CONNS wss clients, each with its own TLS session cache, cut at once by the backend (SIGUSR1: it closes every connection), reconnect at once resuming their sessions" ;;
     *) die "unknown test $1" ;;
     esac
@@ -495,9 +498,9 @@ skip_reason() {
     case $2:$1 in
     direct:ir64-* | direct:storm-*) echo "no proxy" ;;
     direct:hs-c50-wss-pq) echo "the echo backend's own TLS" ;;
-    berth:hs-c50-wss-pq) echo "ring has no X25519MLKEM768" ;;
+    berth-ring:hs-c50-wss-pq) echo "ring has no X25519MLKEM768" ;;
     nginx:hs-c50-wss-pq | haproxy:hs-c50-wss-pq) echo "cannot offer X25519MLKEM768 (Debian's build on OpenSSL 3.0)" ;;
-    berth-awslc:*) case $AWSLC_TESTS in *" $1 "*) ;; *) echo "not in AWSLC_TESTS" ;; esac ;;
+    berth-ring:*) case $RING_TESTS in *" $1 "*) ;; *) echo "not in RING_TESTS" ;; esac ;;
     esac
 }
 
@@ -546,7 +549,7 @@ run_one() { # TEST TARGET REP
     local pid
     for pid in "${WATCH[@]}"; do watch+=(--watch-pid "$pid"); done
     local limit=$((${DURATION%.*} + 60))
-    local rc=0 loadgen=$LOADGEN
+    local rc=0
     case $test in
     ir64-*)
         # The instrumentation goes on and off with no message in flight (the
@@ -557,11 +560,6 @@ run_one() { # TEST TARGET REP
         taskset -c "$LOAD_CORE" timeout "$limit" "$LOADGEN" "${args[@]}" \
             --start-cmd "callgrind_control -i on $TARGET_PID" \
             --end-cmd "callgrind_control -i off $TARGET_PID && callgrind_control -d $TARGET_PID" \
-            >"$base.json" 2>"$base.err" || rc=$?
-        ;;
-    hs-c50-wss-pq)
-        loadgen=$LOADGEN_AWSLC
-        taskset -c "$LOAD_CORE" timeout "$limit" "$loadgen" "${args[@]}" "${watch[@]}" \
             >"$base.json" 2>"$base.err" || rc=$?
         ;;
     storm-*)
@@ -690,24 +688,27 @@ printf 'load average at end\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RES/me
 # clean release build of berth with each provider (after the load tests, so
 # that the builds do not heat the machine under them), in throw-away target
 # directories (about 2 GB each while they last).
-if [ "$need_awslc" = 1 ]; then
+if [ "$need_ring" = 1 ]; then
     mib() { awk -v b="$(stat -c %s "$1")" 'BEGIN { printf "%.1f", b / 1048576 }'; }
     strip -o "$WORK/bin/berth.stripped" "$BERTH"
-    strip -o "$WORK/bin/berth-awslc.stripped" "$BERTH_AWSLC"
+    strip -o "$WORK/bin/berth-ring.stripped" "$BERTH_RING"
     {
-        printf 'berth binary, MiB (release profile, debug = 1)\t%s\t%s\n' "$(mib "$BERTH")" "$(mib "$BERTH_AWSLC")"
-        printf 'berth binary stripped, MiB\t%s\t%s\n' "$(mib "$WORK/bin/berth.stripped")" "$(mib "$WORK/bin/berth-awslc.stripped")"
+        printf 'berth binary, MiB (release profile, debug = 1)\t%s\t%s\n' "$(mib "$BERTH")" "$(mib "$BERTH_RING")"
+        printf 'berth binary stripped, MiB\t%s\t%s\n' "$(mib "$WORK/bin/berth.stripped")" "$(mib "$WORK/bin/berth-ring.stripped")"
     } >"$RES/provider.tsv"
     if [ "$BUILD_TIME" = 1 ]; then
         # Wall time moves with the neighbours' builds; the CPU time (user +
         # system of cargo and the compilers) much less.
         walls=() cpus=()
-        for features in "" aws-lc; do
-            log "timing a clean release build of berth${features:+ with --features $features}"
-            dir=$WORK/build-${features:-ring}
+        for provider in aws-lc ring; do
+            flags=""
+            [ "$provider" = aws-lc ] || flags=--no-default-features
+            log "timing a clean release build of berth with $provider"
+            dir=$WORK/build-$provider
             TIMEFORMAT='%R %U %S'
-            if { time cargo build --release --bin berth ${features:+--features "$features"} \
-                --target-dir "$dir" >"$WORK/build-${features:-ring}.log" 2>&1; } 2>"$WORK/build-time"; then
+            # shellcheck disable=SC2086 # flags is a list of cargo flags
+            if { time cargo build --release --bin berth $flags \
+                --target-dir "$dir" >"$WORK/build-$provider.log" 2>&1; } 2>"$WORK/build-time"; then
                 read -r wall user sys <"$WORK/build-time"
                 walls+=("$(printf '%.0f' "$wall")")
                 cpus+=("$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.0f", u + s }')")

@@ -254,15 +254,26 @@ fn error_message(e: &anyhow::Error) -> String {
     message
 }
 
+/// The tokio runtime: as many worker threads as `BERTH_WORKERS` says (the
+/// benchmarks use 1), or as the CPUs the process may use. With one, the
+/// single-threaded scheduler: the same one thread of work without the
+/// work-stealing pool's bookkeeping (its per-batch clock reads and poll-time
+/// averages, the parked-worker handshake), which cost about 80 user-space
+/// instructions per relayed 64 B message, a tenth of the total.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // BERTH_WORKERS pins the worker count (the benchmarks use 1).
-    if let Some(n) = std::env::var("BERTH_WORKERS")
+    let workers = std::env::var("BERTH_WORKERS")
         .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        builder.worker_threads(n);
-    }
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1);
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(workers);
+        builder
+    };
     builder
         .enable_all()
         .build()

@@ -1,8 +1,9 @@
 //! TLS material: PEM loading and the rustls server configuration used by TLS
 //! listeners (TLS 1.2 and 1.3 only, ALPN `http/1.1`). The crypto provider is
-//! ring, or aws-lc-rs when built with `--features aws-lc` (which then also
-//! offers the post-quantum hybrid key exchange X25519MLKEM768, preferred when
-//! a client sends its key share); nothing else in berth names a provider.
+//! aws-lc-rs (the default `aws-lc` feature), which also offers the
+//! post-quantum hybrid key exchange X25519MLKEM768, preferred when a client
+//! sends its key share; or ring, built with `--no-default-features`. Nothing
+//! else in berth names a provider.
 //!
 //! Everything here is synchronous and runs at config load, so `berth check`
 //! reports a bad certificate or a key that does not match it. The PEM files

@@ -166,22 +166,13 @@ impl ServerTlsStream {
             if self.read_eof {
                 return Poll::Ready(Err(TlsStreamError::HandshakeEof));
             }
-            // Handshake messages are read into the thread's scratch buffer
-            // and only what arrived is kept in `incoming`, so a client that
-            // stops halfway through its ClientHello holds no more than it
-            // sent.
-            let tcp = &mut self.tcp;
-            let incoming = &mut self.incoming;
-            let polled = SCRATCH.with(|scratch| {
-                let mut scratch = scratch.borrow_mut();
-                if scratch.len() < HANDSHAKE_READ {
-                    scratch.resize(HANDSHAKE_READ, 0);
-                }
-                let mut buf = ReadBuf::new(&mut scratch[..HANDSHAKE_READ]);
-                let polled = Pin::new(tcp).poll_read(cx, &mut buf);
-                let n = buf.filled().len();
-                incoming.extend_from_slice(&scratch[..n]);
-                polled.map_ok(|()| n)
+            // Handshake messages are read into the per-thread scratch buffer
+            // and only the bytes read are added to `incoming` (it lives for
+            // the handshake's few round trips): growing `incoming` by a
+            // zeroed read-sized chunk per read cost more than the copy.
+            let polled = SCRATCH.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut scratch) => self.read_handshake(cx, &mut scratch),
+                Err(_) => self.read_handshake(cx, &mut Vec::new()),
             });
             match polled {
                 Poll::Pending => return Poll::Pending,
@@ -190,6 +181,23 @@ impl ServerTlsStream {
                 Poll::Ready(Ok(_)) => {}
             }
         }
+    }
+
+    /// Reads once during the handshake, through `scratch`, appending what
+    /// came to `incoming`; the number of bytes read (0 at EOF).
+    fn read_handshake(
+        &mut self,
+        cx: &mut Context<'_>,
+        scratch: &mut Vec<u8>,
+    ) -> Poll<io::Result<usize>> {
+        if scratch.len() < HANDSHAKE_READ {
+            scratch.resize(HANDSHAKE_READ, 0);
+        }
+        let mut buf = ReadBuf::new(&mut scratch[..HANDSHAKE_READ]);
+        ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut buf))?;
+        let n = buf.filled().len();
+        self.incoming.extend_from_slice(&scratch[..n]);
+        Poll::Ready(Ok(n))
     }
 
     /// Runs [`process`] over the bytes carried from earlier reads (no new
@@ -385,7 +393,9 @@ fn process(
                 }
             }
             ConnectionState::EncodeTlsData(mut encoder) => {
-                append_with(outgoing, 4096, |buf| encoder.encode(buf))?;
+                // Offered no room, the encoder says how much it needs: the
+                // buffer grows (and is zeroed) by exactly that.
+                append_with(outgoing, 0, |buf| encoder.encode(buf))?;
             }
             // The encoded records are in `outgoing`, which is written in
             // order before anything queued after them.

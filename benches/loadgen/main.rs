@@ -251,7 +251,8 @@ struct ClientArgs {
     resume: bool,
     /// Offer only this TLS key exchange group: X25519, secp256r1, secp384r1,
     /// or X25519MLKEM768 (the post-quantum hybrid; needs the loadgen built
-    /// with --features aws-lc). Default: the provider's list.
+    /// with aws-lc-rs, the default). Default: the provider's classical
+    /// groups (no post-quantum hybrid).
     #[arg(long)]
     kx: Option<String>,
     /// Report CPU time and RSS of these processes over the measurement.

@@ -9,7 +9,7 @@
 //! tests `TEST__TARGET__REP.ir` (the instructions counted in the measured
 //! window). `meta.tsv` has `KEY<TAB>VALUE` lines for the header, `tests.tsv`
 //! has `TEST<TAB>DESCRIPTION` lines in suite order, and `provider.tsv`, when
-//! present, `FIGURE<TAB>RING<TAB>AWS-LC-RS` lines for the TLS provider table.
+//! present, `FIGURE<TAB>AWS-LC-RS<TAB>RING` lines for the TLS provider table.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -506,16 +506,16 @@ pub fn run(dir: &Path, targets: &[String]) -> anyhow::Result<String> {
     if let Ok(p) = std::fs::read_to_string(dir.join("provider.tsv")) {
         writeln!(
             out,
-            "## TLS provider: berth with ring (the default) and with aws-lc-rs"
+            "## TLS provider: berth with aws-lc-rs (the default) and with ring"
         )?;
         writeln!(out)?;
         writeln!(
             out,
-            "The run-time figures are the berth and berth-awslc columns above; these \
+            "The run-time figures are the berth and berth-ring columns above; these \
              are the build's."
         )?;
         writeln!(out)?;
-        writeln!(out, "| figure | ring | aws-lc-rs |")?;
+        writeln!(out, "| figure | aws-lc-rs | ring |")?;
         writeln!(out, "|---|---:|---:|")?;
         for line in p.lines() {
             let cells: Vec<&str> = line.split('\t').collect();

@@ -165,39 +165,42 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     fn poll_relay(&mut self, cx: &mut Context<'_>, scratch: &mut [u8]) -> Poll<RelayOutcome> {
-        loop {
-            if let Some(stop) = self.stop.as_ref() {
-                if let Some(reason) = stop.poll(cx) {
-                    self.stop = None;
-                    self.end(reason.ending());
-                }
+        // Once per poll: a stop that comes later wakes the task.
+        if let Some(stop) = self.stop.as_ref() {
+            if let Some(reason) = stop.poll(cx) {
+                self.stop = None;
+                self.end(reason.ending());
             }
+        }
+        loop {
             if self.poll_timers(cx) {
                 return Poll::Ready(self.finish());
             }
 
             // Backend to client first, so that when both sides finish in the
             // same poll the client (berth's server side) is closed first.
-            let pong = self.ping.token();
-            let (report, down_progress) = poll_dir(
+            let mut report = Report::default();
+            let down_changed = poll_dir(
                 cx,
                 &mut self.down,
                 &mut self.backend,
                 &mut self.client,
                 scratch,
-                pong,
+                self.ping.token(),
                 self.counters.as_deref().map(|c| &c.backend_to_client),
+                &mut report,
             );
             self.on_report(&report, Source::Backend);
-            let pong = self.ping.token();
-            let (report, up_progress) = poll_dir(
+            let mut report = Report::default();
+            let up_changed = poll_dir(
                 cx,
                 &mut self.up,
                 &mut self.client,
                 &mut self.backend,
                 scratch,
-                pong,
+                self.ping.token(),
                 self.counters.as_deref().map(|c| &c.client_to_backend),
+                &mut report,
             );
             self.on_report(&report, Source::Client);
             self.settle();
@@ -205,10 +208,13 @@ where
                 return Poll::Ready(self.finish());
             }
             // A stall that just began needs the timer armed: go round once
-            // more (the next pass makes no progress and arms it).
+            // more (the next pass arms it).
             let stalled = self.config.send_timeout.is_some()
                 && (self.up.track_stall() | self.down.track_stall());
-            if !down_progress && !up_progress && !stalled {
+            // Both directions wait on their sockets' wakers unless one
+            // changed (then the rules above may have queued a Close or a
+            // half-close for either, and both are polled again).
+            if !down_changed && !up_changed && !stalled {
                 return Poll::Pending;
             }
         }

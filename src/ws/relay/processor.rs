@@ -110,6 +110,12 @@ impl Report {
         self.frames.iter().map(|&n| u64::from(n)).sum()
     }
 
+    /// Something the caller must react to besides counting: berth's Pong
+    /// consumed or Ping written, a message over the limit, an error.
+    pub fn needs_reaction(&self) -> bool {
+        self.pong_consumed || self.ping_written || self.too_big || self.error.is_some()
+    }
+
     /// Adds `other` (a later call) to this report.
     pub fn merge(&mut self, other: &Report) {
         for (a, b) in self.frames.iter_mut().zip(other.frames) {
@@ -122,6 +128,15 @@ impl Report {
         self.too_big |= other.too_big;
         self.error = self.error.or(other.error);
     }
+}
+
+/// What [`FrameProcessor::phase`] compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Phase {
+    close_code: Option<u16>,
+    discard: bool,
+    broken: bool,
+    queued: bool,
 }
 
 /// What happens to the frame being read.
@@ -277,6 +292,19 @@ impl FrameProcessor {
         self.close_code.is_some()
     }
 
+    /// The state the caller reacts to (a Close seen, discarding, broken, an
+    /// injection queued), to tell whether a feed changed any of it: a feed
+    /// that leaves it as it was and reports nothing that
+    /// [needs a reaction](Report::needs_reaction) needs none.
+    pub fn phase(&self) -> Phase {
+        Phase {
+            close_code: self.close_code,
+            discard: self.discard,
+            broken: self.broken,
+            queued: self.inject.is_some(),
+        }
+    }
+
     /// Writes the queued control frame now if the stream is at a boundary.
     /// Returns what was written.
     pub fn inject_at_boundary<S: Sink>(&mut self, sink: &mut S) -> Option<Inject> {
@@ -298,11 +326,13 @@ impl FrameProcessor {
         sink: &mut S,
     ) -> Report {
         let mut report = Report::default();
-        self.process(input, pong, sink, &mut report);
+        self.feed_into(input, pong, sink, &mut report);
         report
     }
 
-    fn process<S: Sink>(
+    /// [`feed`](Self::feed), adding what it saw to `r` (as
+    /// [`Report::merge`] would) instead of returning a report of its own.
+    pub fn feed_into<S: Sink>(
         &mut self,
         chunk: &[u8],
         pong: Option<[u8; PING_TOKEN_LEN]>,
@@ -322,6 +352,12 @@ impl FrameProcessor {
             if self.remaining == 0 {
                 // A new frame starts here (or its header continues).
                 debug_assert!(self.held_len == 0 && self.cur.is_none());
+                if self.hdr_len == 0 && self.inject.is_none() && !self.discard {
+                    i = self.skip_data_frames(chunk, i, client, r);
+                    if i == n {
+                        break;
+                    }
+                }
                 if self.hdr_len == 0 && self.inject.is_some() {
                     forward(sink, &chunk[run..i]);
                     run = i;
@@ -479,6 +515,41 @@ impl FrameProcessor {
         forward(sink, &chunk[run..n]);
     }
 
+    /// The common case in a tight loop: whole data frames (text, binary,
+    /// continuation) with a 7- or 16-bit length, each entirely inside
+    /// `chunk` from `i`, on a stream with nothing pending (no split header,
+    /// no injection, not discarding; the caller checked). Such a frame
+    /// passes as part of the current run and is only counted, exactly as
+    /// the general path would count it. Returns where the first frame it
+    /// leaves to the general path starts: a control or reserved opcode, a
+    /// 64-bit length, an unmasked client frame, a frame that does not fit,
+    /// one that takes its message over the limit.
+    #[inline(always)]
+    fn skip_data_frames(&mut self, chunk: &[u8], i: usize, client: bool, r: &mut Report) -> usize {
+        // One copy of the loop per case, so that none tests per frame what
+        // is fixed for the whole feed.
+        let limit = self.max_message != u64::MAX;
+        let (len, max) = (self.message_len, self.max_message);
+        let skipped = match (client, limit) {
+            (true, false) => skip_data_frames::<true, false>(chunk, i, len, max),
+            (false, false) => skip_data_frames::<false, false>(chunk, i, len, max),
+            (true, true) => skip_data_frames::<true, true>(chunk, i, len, max),
+            (false, true) => skip_data_frames::<false, true>(chunk, i, len, max),
+        };
+        if skipped.end != i {
+            self.message_len = skipped.message_len;
+            r.data = true;
+            for op in opcode::CONTINUATION..=opcode::BINARY {
+                let n = (skipped.counts >> (u32::from(op) * COUNT_BITS)) & COUNT_MASK;
+                let slot = &mut r.frames[opcode_index(op)];
+                // A field holds fewer than 2^21: no truncation.
+                *slot = slot.wrapping_add(n as u32);
+            }
+            r.messages = r.messages.wrapping_add(skipped.messages);
+        }
+        skipped.end
+    }
+
     /// Completes a header that began in an earlier chunk, taking bytes from
     /// `chunk` at `*i`. On success `*i` is left where the header's bytes in
     /// this chunk begin (so that they are skipped with the header);
@@ -577,6 +648,87 @@ impl FrameProcessor {
         self.broken = true;
         self.discard = true;
         r.error = Some(error);
+    }
+}
+
+/// Frames of one data opcode are counted in one 21-bit field of a `u64`
+/// (continuation, text, binary from the lowest bits up), so that counting
+/// one is an add with no memory access.
+const COUNT_BITS: u32 = 21;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+/// The most input [`skip_data_frames`] looks at in one call: it holds
+/// fewer 2-byte frames than a count field does.
+const SKIP_WINDOW: usize = 1 << COUNT_BITS;
+
+/// What [`skip_data_frames`] passed over.
+struct Skipped {
+    /// Where the first frame it did not take starts.
+    end: usize,
+    /// Frames per data opcode, packed (see [`COUNT_BITS`]).
+    counts: u64,
+    /// Frames with FIN set: complete messages.
+    messages: u32,
+    /// The message length after the last frame taken (only tracked with
+    /// `LIMIT`; otherwise as given).
+    message_len: u64,
+}
+
+/// The loop of [`FrameProcessor::skip_data_frames`], for a client (whose
+/// frames must be masked) or not, with a message size limit or not.
+#[inline(always)]
+fn skip_data_frames<const CLIENT: bool, const LIMIT: bool>(
+    chunk: &[u8],
+    i: usize,
+    mut message_len: u64,
+    max_message: u64,
+) -> Skipped {
+    /// What one frame of each data opcode adds to the packed counts.
+    const ONE: [u64; 3] = [1, 1 << COUNT_BITS, 1 << (2 * COUNT_BITS)];
+    let window = &chunk[..chunk.len().min(i.saturating_add(SKIP_WINDOW))];
+    let mut rest = window.get(i..).unwrap_or_default();
+    let mut counts = 0u64;
+    let mut messages = 0u32;
+    while let &[b0, b1, ref after @ ..] = rest {
+        let op = usize::from(b0 & 0x0F);
+        let Some(&one) = ONE.get(op) else { break };
+        let masked = b1 & 0x80 != 0;
+        if CLIENT && !masked {
+            break;
+        }
+        let (len, ext) = match b1 & 0x7F {
+            126 => match *after {
+                [hi, lo, ..] => (usize::from(u16::from_be_bytes([hi, lo])), 2),
+                _ => break,
+            },
+            127 => break,
+            len => (usize::from(len), 0),
+        };
+        // At most 14 + 65,535: no overflow.
+        let frame_len = 2 + ext + if masked { 4 } else { 0 } + len;
+        let Some(next) = rest.get(frame_len..) else {
+            break;
+        };
+        if LIMIT {
+            let len = len as u64;
+            let new_len = if op == usize::from(opcode::CONTINUATION) {
+                message_len.saturating_add(len)
+            } else {
+                len
+            };
+            if new_len > max_message {
+                break;
+            }
+            message_len = new_len;
+        }
+        counts += one;
+        messages += u32::from(b0 >> 7);
+        rest = next;
+    }
+    Skipped {
+        end: window.len() - rest.len(),
+        counts,
+        messages,
+        message_len,
     }
 }
 

@@ -224,8 +224,30 @@ impl<W: AsyncWrite + Unpin> Sink for Out<'_, '_, W> {
     }
 }
 
-/// Drives one direction as far as it can go without blocking.
-/// Returns what the processor reported and whether any progress was made.
+/// The sink of a direction whose destination is gone.
+struct Dropped;
+
+impl Sink for Dropped {
+    fn forward(&mut self, _: &[u8]) {}
+    fn stored(&mut self, _: &[u8]) {}
+    fn inject(&mut self, _: &[u8]) {}
+}
+
+/// Reads one direction may make in a row before the driver gives the other
+/// direction a turn (a source that never runs dry must not starve it).
+const READS_PER_TURN: usize = 8;
+
+/// Drives one direction as far as it can go without blocking: reads,
+/// relays and reads again until its source (or its destination) has
+/// nothing more for now. Adds what the processor saw to `report` (and the
+/// traffic to the counters, once per call) and returns whether the
+/// direction changed in a way the driver must react to (an end of
+/// stream, a failed destination, berth's frame written, a Close seen, a
+/// report that needs a reaction) or stopped to let the other direction
+/// have a turn: then the driver polls both again. Otherwise the direction
+/// waits on its sockets' wakers, and polling it again now would only find
+/// that out once more.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn poll_dir<R, W>(
     cx: &mut Context<'_>,
     dir: &mut Dir,
@@ -234,15 +256,60 @@ pub(super) fn poll_dir<R, W>(
     scratch: &mut [u8],
     pong: Option<[u8; PING_TOKEN_LEN]>,
     counters: Option<&DirCounters>,
-) -> (Report, bool)
+    report: &mut Report,
+) -> bool
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut report = Report::default();
-    let mut progress = false;
+    let mut bytes = 0;
+    let mut changed = true;
+    for _ in 0..READS_PER_TURN {
+        match step(cx, dir, src, dst, scratch, pong, report, &mut bytes) {
+            Step::Waiting => {
+                changed = false;
+                break;
+            }
+            Step::Changed => break,
+            Step::Relayed => {}
+        }
+    }
+    if bytes > 0 {
+        dir.count(bytes, report, counters);
+    }
+    changed
+}
+
+/// How one [`step`] ended.
+enum Step {
+    /// Nothing more to do until a waker fires or the other direction or the
+    /// driver changes something.
+    Waiting,
+    /// Bytes were read and relayed, nothing else changed: read again.
+    Relayed,
+    /// Something the driver must react to.
+    Changed,
+}
+
+/// One turn of a direction: pending bytes, a queued frame of berth's, a
+/// flush, the half-close, then at most one read.
+#[allow(clippy::too_many_arguments)]
+fn step<R, W>(
+    cx: &mut Context<'_>,
+    dir: &mut Dir,
+    src: &mut R,
+    dst: &mut W,
+    scratch: &mut [u8],
+    pong: Option<[u8; PING_TOKEN_LEN]>,
+    report: &mut Report,
+    bytes: &mut usize,
+) -> Step
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     if dir.finished() {
-        return (report, false);
+        return Step::Waiting;
     }
     if !dir.shut {
         // 1. Bytes the destination could not take earlier go first.
@@ -254,13 +321,12 @@ where
                         dir.out.pending_pos += n;
                         dir.out.needs_flush = true;
                         dir.out.accepted = true;
-                        progress = true;
                     }
                     Poll::Ready(_) => {
                         dir.destination_failed();
-                        return (report, true);
+                        return Step::Changed;
                     }
-                    Poll::Pending => return (report, progress),
+                    Poll::Pending => return Step::Waiting,
                 }
             }
             // Drained: give the memory back so an idle connection holds none.
@@ -277,14 +343,10 @@ where
             if let Some(Inject::Ping(_)) = dir.p.inject_at_boundary(&mut out) {
                 report.ping_written = true;
             }
-            progress = true;
             if out.failed {
                 dir.destination_failed();
-                return (report, true);
             }
-            if dir.out.has_pending() {
-                return (report, progress);
-            }
+            return Step::Changed;
         }
         // 3. Flush what was written.
         if dir.out.needs_flush {
@@ -295,9 +357,9 @@ where
                 }
                 Poll::Ready(Err(_)) => {
                     dir.destination_failed();
-                    return (report, true);
+                    return Step::Changed;
                 }
-                Poll::Pending => return (report, progress),
+                Poll::Pending => return Step::Waiting,
             }
         }
     }
@@ -309,9 +371,9 @@ where
             && Pin::new(&mut *dst).poll_shutdown(cx).is_ready()
         {
             dir.shut = true;
-            progress = true;
+            return Step::Changed;
         }
-        return (report, progress);
+        return Step::Waiting;
     }
     // 5. Read once, if the source has something, and pass it on.
     let n = if let Some(prefix) = dir.prefix.as_deref_mut() {
@@ -328,29 +390,44 @@ where
             Poll::Ready(Ok(())) => buf.filled().len(),
             // A reset reads as an abrupt end.
             Poll::Ready(Err(_)) => 0,
-            Poll::Pending => return (report, progress),
+            Poll::Pending => return Step::Waiting,
         }
     };
     if n == 0 {
         dir.eof = true;
-        return (report, true);
+        return Step::Changed;
     }
-    if dir.shut {
-        // The destination is gone: keep parsing (to see a Close) but drop.
+    *bytes += n;
+    let before = dir.p.phase();
+    let failed = if dir.shut {
+        // The destination is gone: keep parsing (to see a Close) but write
+        // nothing, not even the rest of a frame it was in the middle of.
         dir.p.discard();
-    }
-    let mut out = Out {
-        cx,
-        dst: &mut *dst,
-        state: &mut dir.out,
-        failed: false,
+        dir.p.feed_into(&scratch[..n], pong, &mut Dropped, report);
+        false
+    } else {
+        let mut out = Out {
+            cx,
+            dst: &mut *dst,
+            state: &mut dir.out,
+            failed: false,
+        };
+        dir.p.feed_into(&scratch[..n], pong, &mut out, report);
+        out.failed
     };
-    let read = dir.p.feed(&scratch[..n], pong, &mut out);
-    let failed = out.failed;
-    report.merge(&read);
-    dir.count(n, &read, counters);
     if failed {
         dir.destination_failed();
+        return Step::Changed;
     }
-    (report, true)
+    // `report` holds nothing that needs a reaction from earlier reads of
+    // this call: those returned at once.
+    if report.needs_reaction() || dir.p.phase() != before {
+        return Step::Changed;
+    }
+    if dir.out.has_pending() {
+        // The destination pushed back (its write waker is set): read no
+        // more until it takes what is held.
+        return Step::Waiting;
+    }
+    Step::Relayed
 }

@@ -344,9 +344,11 @@ async fn client_eof_sends_a_masked_1001_to_the_backend() {
 }
 
 /// Polls a relay and records, after each poll, the most bytes it held for
-/// the backend and the capacity it holds now.
+/// one destination (`side` 0: the backend, 1: the client) and the capacity
+/// it holds for it now.
 struct Watch<'a, C, B> {
     relay: Relay<C, B>,
+    side: usize,
     max_pending: &'a AtomicUsize,
     capacity: &'a AtomicUsize,
 }
@@ -360,7 +362,7 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayOutcome> {
         let r = Pin::new(&mut self.relay).poll(cx);
-        let [(pending, capacity), _] = self.relay.buffered();
+        let (pending, capacity) = self.relay.buffered()[self.side];
         self.max_pending.fetch_max(pending, Ordering::Relaxed);
         self.capacity.store(capacity, Ordering::Relaxed);
         r
@@ -383,6 +385,7 @@ async fn a_slow_backend_holds_at_most_one_read_and_the_buffer_is_freed() {
             None,
             Some(Arc::clone(&counters)),
         ),
+        side: 0,
         max_pending: &max_pending,
         capacity: &capacity,
     };
@@ -519,6 +522,51 @@ async fn a_client_that_takes_nothing_for_send_timeout_is_dropped() {
     p.client.read_to_end(&mut rest).await.unwrap();
     assert!(
         rest.len() < 32 * 1024,
+        "{} bytes reached the client",
+        rest.len()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_client_is_sent_nothing_more_while_the_backend_ends_its_frame() {
+    // The client is dropped in the middle of a 1 MiB frame from the
+    // backend: the rest of the frame is read and dropped (never held for
+    // the client), and the backend hears berth's Close once it is through.
+    let [(mut client, client_side), (mut backend, backend_side)] = pipes(1024, 64 * 1024);
+    // Leaked so that the spawned relay may hold them.
+    let max_pending: &'static AtomicUsize = Box::leak(Box::new(AtomicUsize::new(0)));
+    let capacity: &'static AtomicUsize = Box::leak(Box::new(AtomicUsize::new(0)));
+    let relay = tokio::spawn(Watch {
+        relay: relay(
+            client_side,
+            Bytes::new(),
+            backend_side,
+            Bytes::new(),
+            send_timeout(5),
+            None,
+            None,
+        ),
+        side: 1,
+        max_pending,
+        capacity,
+    });
+    let message = frame(true, opcode::BINARY, &pattern(1 << 20), None);
+    backend.write_all(&message).await.unwrap();
+    let got = read_frame(&mut backend).await.unwrap();
+    assert_eq!(got.close(), (1001, "client unresponsive"));
+    let max = max_pending.load(Ordering::Relaxed);
+    assert!(max <= SCRATCH_LEN, "held {max} bytes for a dropped client");
+    assert_eq!(capacity.load(Ordering::Relaxed), 0, "buffer kept");
+    backend
+        .write_all(&frame(true, opcode::CLOSE, &close_payload(1001, ""), None))
+        .await
+        .unwrap();
+    let outcome = relay.await.unwrap();
+    assert_eq!(outcome.reason, EndReason::SendTimeout(Source::Client));
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.unwrap();
+    assert!(
+        rest.len() < 64 * 1024,
         "{} bytes reached the client",
         rest.len()
     );

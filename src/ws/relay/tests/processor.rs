@@ -723,6 +723,71 @@ fn a_message_over_the_limit_stops_at_the_frame_that_crosses_it() {
         .too_big());
 }
 
+/// Many small frames in one chunk (the relay's common case, which the
+/// processor skips through in a tight loop) count and stop exactly as the
+/// same frames one by one: a fragment crossing the limit after a run of
+/// fragments, a control frame, a 64-bit length and an unmasked client
+/// frame after runs of data frames.
+#[test]
+fn runs_of_small_frames_count_and_stop_as_one_by_one() {
+    let m = Some(KEY);
+    let fragments = |n| Frames {
+        cont: n,
+        text: 1,
+        ..Frames::default()
+    };
+    run(
+        &Case::new("a fragment crosses the limit after a run", Source::Client)
+            .limit(100)
+            .pass(&frame(false, opcode::TEXT, &pattern(30), m))
+            .pass(&frame(false, opcode::CONTINUATION, &pattern(30), m))
+            .pass(&frame(false, opcode::CONTINUATION, &pattern(30), m))
+            .gone(&frame(true, opcode::CONTINUATION, &pattern(11), m))
+            .frames(fragments(3), 0)
+            .too_big(),
+    );
+    run(&Case::new("the same at the limit", Source::Client)
+        .limit(100)
+        .pass(&frame(false, opcode::TEXT, &pattern(30), m))
+        .pass(&frame(false, opcode::CONTINUATION, &pattern(30), m))
+        .pass(&frame(false, opcode::CONTINUATION, &pattern(30), m))
+        .pass(&frame(true, opcode::CONTINUATION, &pattern(10), m))
+        .frames(fragments(3), 1));
+    let mut small = Case::new("runs around a ping and a 64-bit length", Source::Backend);
+    for i in 0..20 {
+        small = small.pass(&frame(true, opcode::BINARY, &pattern(i), None));
+    }
+    small = small
+        .pass(&frame(true, opcode::PING, b"?", None))
+        .pass(&frame(true, opcode::TEXT, &pattern(200), None))
+        .pass(&frame(true, opcode::BINARY, &pattern(65_536), None));
+    for i in 0..5 {
+        small = small.pass(&frame(true, opcode::TEXT, &pattern(i), None));
+    }
+    run(&small.frames(
+        Frames {
+            text: 6,
+            binary: 21,
+            ping: 1,
+            ..Frames::default()
+        },
+        27,
+    ));
+    run(&Case::new("an unmasked frame after a run", Source::Client)
+        .pass(&frame(true, opcode::TEXT, b"one", m))
+        .pass(&frame(true, opcode::TEXT, b"two", m))
+        .gone(&frame(true, opcode::TEXT, b"three", None))
+        .gone(&frame(true, opcode::TEXT, b"four", m))
+        .frames(
+            Frames {
+                text: 2,
+                ..Frames::default()
+            },
+            2,
+        )
+        .error(ProtocolError::Unmasked));
+}
+
 #[test]
 fn control_frames_are_not_held_to_the_limit() {
     let case = Case::new("pings and a close over a 16-byte limit", Source::Client)
