@@ -158,6 +158,7 @@ fn defaults_apply_to_a_minimal_config() {
             max_connection_age: None,
             rebalance: None,
             dns: None,
+            send_proxy_protocol: false,
         }
     );
 }
