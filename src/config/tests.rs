@@ -213,7 +213,7 @@ fn unknown_nested_keys() {
         errors(&text),
         "berth.toml:3: listeners[0].bnd: unknown field `bnd`, expected one of \
          `name`, `bind`, `tls`, `handshake_timeout`, `max_connections`, \
-         `max_connections_per_ip`, `max_header_bytes`"
+         `max_connections_per_ip`, `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`"
     );
     let text = BASE.replace("address = ", "weight = 2\nadress = ");
     assert_eq!(
@@ -911,7 +911,7 @@ weight = "heavy"
             "berth.toml:6: listeners[0].bind: invalid type: integer `8080`, expected a string",
             "berth.toml:7: listeners[0].handshake_timout: unknown field `handshake_timout`, \
              expected one of `name`, `bind`, `tls`, `handshake_timeout`, `max_connections`, \
-             `max_connections_per_ip`, `max_header_bytes`",
+             `max_connections_per_ip`, `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`",
             "berth.toml:10: routes[0].pool: unknown pool \"nope\" (defined pools: chat)",
             "berth.toml:11: routes[0].weight: unknown field `weight`, expected one of `host`, \
              `path_prefix`, `pool`",
@@ -920,7 +920,7 @@ weight = "heavy"
              `ping_interval`, `pong_timeout`, `close_timeout`, `drain_window`, \
              `allowed_origins`, `affinity`, `max_message_size`, `max_upgrades_per_second`, \
              `upgrade_burst`, `retry_after_max`, `send_timeout`, `cookie`, `hash`, `health`, \
-             `backends`, `auth`, `slow_start`, `max_connection_age`, `rebalance`, `dns`",
+             `backends`, `auth`, `slow_start`, `max_connection_age`, `rebalance`, `dns`, `send_proxy_protocol`",
             "berth.toml:15: pools.chat.idle_timeout: duration must be \"0s\" (off) or between \
              100ms and 7d, got \"1ns\"",
             "berth.toml:18: pools.chat.backends[0].id: invalid backend id \"chat 1\" (use only \
@@ -972,10 +972,10 @@ fn a_misspelt_required_key_is_reported_once() {
         errors(&text),
         "berth.toml:2: listeners[0].nmae: unknown field `nmae`, expected one of `name`, `bind`, \
          `tls`, `handshake_timeout`, `max_connections`, `max_connections_per_ip`, \
-         `max_header_bytes`\n\
+         `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`\n\
          berth.toml:3: listeners[0].tsl: unknown field `tsl`, expected one of `name`, `bind`, \
          `tls`, `handshake_timeout`, `max_connections`, `max_connections_per_ip`, \
-         `max_header_bytes`"
+         `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`"
     );
     // A key that is nothing like the missing one does not excuse it.
     let text = BASE.replace("name = \"public\"", "colour = \"blue\"");
@@ -984,7 +984,7 @@ fn a_misspelt_required_key_is_reported_once() {
         "berth.toml:1: listeners[0].name: required key is missing (add e.g. name = \"public\")\n\
          berth.toml:2: listeners[0].colour: unknown field `colour`, expected one of `name`, \
          `bind`, `tls`, `handshake_timeout`, `max_connections`, `max_connections_per_ip`, \
-         `max_header_bytes`"
+         `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`"
     );
 }
 

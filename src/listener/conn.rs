@@ -237,9 +237,11 @@ async fn tls_handshake(
 ) -> Option<tls_stream::ServerTlsStream> {
     let listener = &*info.listener;
     let started = Instant::now();
-    let result =
-        tokio::time::timeout_at(deadline, tls_stream::accept_after(tcp, Arc::clone(config), early))
-            .await;
+    let result = tokio::time::timeout_at(
+        deadline,
+        tls_stream::accept_after(tcp, Arc::clone(config), early),
+    )
+    .await;
     let label = match &result {
         Ok(Ok(_)) => "ok",
         Ok(Err(_)) => "error",

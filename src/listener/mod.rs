@@ -93,7 +93,10 @@ impl ProxyProtocol {
 impl ListenerSettings {
     pub fn from_config(config: &ListenerConfig) -> ListenerSettings {
         ListenerSettings {
-            proxy_protocol: config.proxy_protocol.as_ref().map(ProxyProtocol::from_config),
+            proxy_protocol: config
+                .proxy_protocol
+                .as_ref()
+                .map(ProxyProtocol::from_config),
             tls: config.tls.as_ref().map(|t| Arc::clone(&t.server_config)),
             handshake_timeout: config.handshake_timeout,
             caps: Caps {

@@ -25,8 +25,8 @@ use super::{
 };
 use crate::balancer::connector::client_tag;
 use crate::balancer::{Backend, Choice};
-use crate::io::proxy_header::Addresses;
 use crate::body::{empty, ProxyBody};
+use crate::io::proxy_header::Addresses;
 use crate::metrics::status_class;
 
 /// What the access log and the metrics say about one request.
@@ -136,7 +136,10 @@ fn backend_request(
             source: conn.peer,
             destination: conn.local,
         });
-        format!("http://{tag}@{}{}", backend.address, prepared.path_and_query)
+        format!(
+            "http://{tag}@{}{}",
+            backend.address, prepared.path_and_query
+        )
     } else {
         format!("http://{}{}", backend.address, prepared.path_and_query)
     };

@@ -164,7 +164,9 @@ mod tests {
     use super::*;
 
     fn key(seed: u8) -> Vec<u8> {
-        (0..KEY_BYTES as u8).map(|i| i.wrapping_mul(31) ^ seed).collect()
+        (0..KEY_BYTES as u8)
+            .map(|i| i.wrapping_mul(31) ^ seed)
+            .collect()
     }
 
     #[test]
@@ -211,6 +213,9 @@ mod tests {
                 Err(TicketKeyError::Length(n)) if n == len
             ));
         }
-        assert_eq!(SharedTicketer::from_file_bytes(&[3u8; 240]).unwrap().len(), 3);
+        assert_eq!(
+            SharedTicketer::from_file_bytes(&[3u8; 240]).unwrap().len(),
+            3
+        );
     }
 }

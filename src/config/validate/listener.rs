@@ -151,8 +151,9 @@ impl Checker<'_, '_> {
             }
         };
         let (cert_pem, key_pem) = (cert_pem?, key_pem?);
-        match crate::tls::server_config_from_pem(&cert_pem, &key_pem, &cert_name, &key_name, ticketer)
-        {
+        match crate::tls::server_config_from_pem(
+            &cert_pem, &key_pem, &cert_name, &key_name, ticketer,
+        ) {
             Ok(server_config) => Some(TlsConfig {
                 cert,
                 key,
