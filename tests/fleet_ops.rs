@@ -15,7 +15,9 @@ use support::*;
 /// A config with one TLS listener "tls" (ticket keys from `keys`, if any)
 /// and one plain listener "public", both on port 0.
 fn tls_config(backend: SocketAddr, keys: Option<&Path>) -> String {
-    let tickets = keys.map_or(String::new(), |k| format!(", ticket_keys = \"{}\"", k.display()));
+    let tickets = keys.map_or(String::new(), |k| {
+        format!(", ticket_keys = \"{}\"", k.display())
+    });
     format!(
         r#"shutdown_window = "0s"
 
@@ -42,7 +44,9 @@ address = "{backend}"
 }
 
 fn key(seed: u8) -> Vec<u8> {
-    (0..80u8).map(|i| i.wrapping_mul(37).wrapping_add(seed)).collect()
+    (0..80u8)
+        .map(|i| i.wrapping_mul(37).wrapping_add(seed))
+        .collect()
 }
 
 fn write(dir: &Path, name: &str, text: impl AsRef<[u8]>) -> std::path::PathBuf {
@@ -66,39 +70,85 @@ async fn a_session_resumes_on_another_instance_with_the_same_ticket_keys() {
     let other = write(dir.path(), "other.keys", key(9));
     let a = start(dir.path(), "a.toml", &tls_config(ws.addr, Some(&old)), &[]);
     let b = start(dir.path(), "b.toml", &tls_config(ws.addr, Some(&old)), &[]);
-    let c = start(dir.path(), "c.toml", &tls_config(ws.addr, Some(&other)), &[]);
+    let c = start(
+        dir.path(),
+        "c.toml",
+        &tls_config(ws.addr, Some(&other)),
+        &[],
+    );
     let none = start(dir.path(), "none.toml", &tls_config(ws.addr, None), &[]);
-    let r = start(dir.path(), "r.toml", &tls_config(ws.addr, Some(&rotated)), &[]);
+    let r = start(
+        dir.path(),
+        "r.toml",
+        &tls_config(ws.addr, Some(&rotated)),
+        &[],
+    );
 
-    for versions in [&[&rustls::version::TLS13][..], &[&rustls::version::TLS12][..]] {
+    for versions in [
+        &[&rustls::version::TLS13][..],
+        &[&rustls::version::TLS12][..],
+    ] {
         let name = format!("{:?}", versions[0].version);
         // A session from a resumes on b (same file), not on c (other key)
         // nor on an instance without the file.
         let client = tls_client_config_for(versions);
-        assert_eq!(tls_handshake_kind(a.addr("tls"), &client).await, Some(HandshakeKind::Full), "{name}");
-        assert_eq!(tls_handshake_kind(b.addr("tls"), &client).await, Some(HandshakeKind::Resumed), "{name}: a -> b");
+        assert_eq!(
+            tls_handshake_kind(a.addr("tls"), &client).await,
+            Some(HandshakeKind::Full),
+            "{name}"
+        );
+        assert_eq!(
+            tls_handshake_kind(b.addr("tls"), &client).await,
+            Some(HandshakeKind::Resumed),
+            "{name}: a -> b"
+        );
         let client = tls_client_config_for(versions);
         tls_handshake_kind(a.addr("tls"), &client).await;
-        assert_eq!(tls_handshake_kind(c.addr("tls"), &client).await, Some(HandshakeKind::Full), "{name}: a -> c");
+        assert_eq!(
+            tls_handshake_kind(c.addr("tls"), &client).await,
+            Some(HandshakeKind::Full),
+            "{name}: a -> c"
+        );
         let client = tls_client_config_for(versions);
         tls_handshake_kind(a.addr("tls"), &client).await;
-        assert_eq!(tls_handshake_kind(none.addr("tls"), &client).await, Some(HandshakeKind::Full), "{name}: a -> none");
+        assert_eq!(
+            tls_handshake_kind(none.addr("tls"), &client).await,
+            Some(HandshakeKind::Full),
+            "{name}: a -> none"
+        );
 
         // The rotated file (new key first) still opens a's old tickets ...
         let client = tls_client_config_for(versions);
         tls_handshake_kind(a.addr("tls"), &client).await;
-        assert_eq!(tls_handshake_kind(r.addr("tls"), &client).await, Some(HandshakeKind::Resumed), "{name}: a -> rotated");
+        assert_eq!(
+            tls_handshake_kind(r.addr("tls"), &client).await,
+            Some(HandshakeKind::Resumed),
+            "{name}: a -> rotated"
+        );
         // ... and issues with the new key: a (old key only) cannot open
         // them, an instance with the new key alone can.
         let client = tls_client_config_for(versions);
         tls_handshake_kind(r.addr("tls"), &client).await;
-        assert_eq!(tls_handshake_kind(a.addr("tls"), &client).await, Some(HandshakeKind::Full), "{name}: rotated -> a");
+        assert_eq!(
+            tls_handshake_kind(a.addr("tls"), &client).await,
+            Some(HandshakeKind::Full),
+            "{name}: rotated -> a"
+        );
     }
     let new_only = write(dir.path(), "new.keys", key(2));
-    let n = start(dir.path(), "n.toml", &tls_config(ws.addr, Some(&new_only)), &[]);
+    let n = start(
+        dir.path(),
+        "n.toml",
+        &tls_config(ws.addr, Some(&new_only)),
+        &[],
+    );
     let client = tls_client_config();
     tls_handshake_kind(r.addr("tls"), &client).await;
-    assert_eq!(tls_handshake_kind(n.addr("tls"), &client).await, Some(HandshakeKind::Resumed), "rotated -> new only");
+    assert_eq!(
+        tls_handshake_kind(n.addr("tls"), &client).await,
+        Some(HandshakeKind::Resumed),
+        "rotated -> new only"
+    );
 
     // A reload that rotates a's file keeps its old tickets working, and a
     // then issues tickets n (new key) accepts.
@@ -107,10 +157,18 @@ async fn a_session_resumes_on_another_instance_with_the_same_ticket_keys() {
     std::fs::write(&old, [key(2), key(1)].concat()).unwrap();
     a.signal("HUP");
     wait_for(|| reloads(&a) > 0).await;
-    assert_eq!(tls_handshake_kind(a.addr("tls"), &client).await, Some(HandshakeKind::Resumed), "across the reload");
+    assert_eq!(
+        tls_handshake_kind(a.addr("tls"), &client).await,
+        Some(HandshakeKind::Resumed),
+        "across the reload"
+    );
     let client = tls_client_config();
     tls_handshake_kind(a.addr("tls"), &client).await;
-    assert_eq!(tls_handshake_kind(n.addr("tls"), &client).await, Some(HandshakeKind::Resumed), "a, rotated -> new only");
+    assert_eq!(
+        tls_handshake_kind(n.addr("tls"), &client).await,
+        Some(HandshakeKind::Resumed),
+        "a, rotated -> new only"
+    );
 }
 
 /// Reload lines a process has logged.
@@ -139,7 +197,9 @@ async fn metrics(admin: SocketAddr) -> String {
 async fn watch_reloads_on_an_edit_and_on_a_configmap_symlink_swap_and_rejects_a_broken_file() {
     let ws = WsBackend::start("b1").await;
     let dir = tempfile::tempdir().unwrap();
-    let base = tls_config(ws.addr, None).replace("{CERT}", CERT).replace("{KEY}", KEY);
+    let base = tls_config(ws.addr, None)
+        .replace("{CERT}", CERT)
+        .replace("{KEY}", KEY);
     // The layout a Kubernetes ConfigMap volume has: berth.toml ->
     // ..data/berth.toml, ..data -> ..v1 (a directory).
     let d = dir.path();
@@ -175,7 +235,10 @@ async fn watch_reloads_on_an_edit_and_on_a_configmap_symlink_swap_and_rejects_a_
         assert!(Instant::now() < deadline, "the broken file was not tried");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(berth.logged("config reload rejected; the running config stays in force"), 1);
+    assert_eq!(
+        berth.logged("config reload rejected; the running config stays in force"),
+        1
+    );
     assert_eq!(backend_state(admin, "b1").await, "draining");
     // Not retried while it stays broken.
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -223,10 +286,21 @@ async fn reuse_port_lets_two_processes_share_a_port() {
         let (status, _) = http_get(shared, "/echo").await;
         assert_eq!(status, 200);
     }
-    let served = |text: &str| metric(text, "berth_http_requests_total{backend=\"b1\",pool=\"main\",status_class=\"2xx\"}");
-    let (a, b) = (served(&metrics(one.admin).await), served(&metrics(two.admin).await));
+    let served = |text: &str| {
+        metric(
+            text,
+            "berth_http_requests_total{backend=\"b1\",pool=\"main\",status_class=\"2xx\"}",
+        )
+    };
+    let (a, b) = (
+        served(&metrics(one.admin).await),
+        served(&metrics(two.admin).await),
+    );
     assert_eq!(a + b, 64.0);
-    assert!(a > 0.0 && b > 0.0, "one process took every connection: {a} and {b}");
+    assert!(
+        a > 0.0 && b > 0.0,
+        "one process took every connection: {a} and {b}"
+    );
 
     // Without reuse_port a third process cannot bind the port: exit 1,
     // naming the listener.
@@ -238,5 +312,8 @@ async fn reuse_port_lets_two_processes_share_a_port() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("cannot bind listener \"public\""), "{stderr}");
+    assert!(
+        stderr.contains("cannot bind listener \"public\""),
+        "{stderr}"
+    );
 }
