@@ -36,6 +36,8 @@ echo "==> cargo test"
 cargo test --all-targets 2>&1 | tee target/test-output.txt
 echo "==> packaging (systemd unit, Dockerfile)"
 ./scripts/check-packaging.sh target/debug/berth
+echo "==> Kubernetes manifests (API schemas, the ConfigMap's config)"
+./scripts/check-kubernetes.sh target/debug/berth
 echo "==> benchmark smoke test (loadgen + echo backend, direct and through berth)"
 ./benches/smoke.sh 2>&1 | tee -a target/test-output.txt
 # A plain summary line that CI reads across test binaries.
