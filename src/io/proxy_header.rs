@@ -116,7 +116,7 @@ fn parse_v2(buf: &[u8]) -> Parsed {
             Parsed::Header { len, addresses }
         }
         Err(v2::ParseError::Partial(_, length)) => {
-            let need = 16 + usize::from(length);
+            let need = 16 + length;
             if need > V2_MAX {
                 Parsed::Invalid("PROXY v2 header too long")
             } else {
