@@ -61,8 +61,12 @@ fn example_config_validates() {
         Some(Path::new(CONFIG_DIR).join("berth.toml").as_path())
     );
     assert_eq!(config.shutdown_window, Duration::from_secs(10));
-    assert_eq!(config.listeners.len(), 2);
+    assert_eq!(config.listeners.len(), 3);
     assert_eq!(config.listeners[0].name, "public");
+    assert_eq!(
+        config.listeners[2].proxy_protocol.as_ref().map(|p| p.versions),
+        Some(crate::config::ProxyVersions::V2)
+    );
     assert_eq!(config.listeners[0].bind, "127.0.0.1:8080".parse().unwrap());
     assert!(config.listeners[0].tls.is_none());
     let public = &config.listeners[0];
@@ -227,7 +231,7 @@ fn unknown_nested_keys() {
     );
     assert_eq!(
         errors(&text),
-        "berth.toml:4: listeners[0].tls.kye: unknown field `kye`, expected `cert` or `key`"
+        "berth.toml:4: listeners[0].tls.kye: unknown field `kye`, expected one of `cert`, `key`, `ticket_keys`"
     );
 }
 

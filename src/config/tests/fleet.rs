@@ -245,23 +245,23 @@ fn proxy_protocol_problems() {
     let cases = [
         (
             "proxy_protocol = \"v3\"\nproxy_protocol_from = [\"10.0.0.0/8\"]",
-            "berth.toml:3: listeners[0].proxy_protocol: proxy_protocol must be \"v1\", \"v2\" or \"any\" (leave it out for none), got \"v3\"",
+            "berth.toml:4: listeners[0].proxy_protocol: proxy_protocol must be \"v1\", \"v2\" or \"any\" (leave it out for none), got \"v3\"",
         ),
         (
             "proxy_protocol = \"any\"",
-            "berth.toml:3: listeners[0].proxy_protocol: proxy_protocol needs proxy_protocol_from: the addresses of the balancers allowed to send the header (e.g. proxy_protocol_from = [\"10.0.0.0/8\"])",
+            "berth.toml:4: listeners[0].proxy_protocol: proxy_protocol needs proxy_protocol_from: the addresses of the balancers allowed to send the header (e.g. proxy_protocol_from = [\"10.0.0.0/8\"])",
         ),
         (
             "proxy_protocol_from = [\"10.0.0.0/8\"]",
-            "berth.toml:3: listeners[0].proxy_protocol_from: proxy_protocol_from needs proxy_protocol (\"v1\", \"v2\" or \"any\")",
+            "berth.toml:4: listeners[0].proxy_protocol_from: proxy_protocol_from needs proxy_protocol (\"v1\", \"v2\" or \"any\")",
         ),
         (
             "proxy_protocol = \"v1\"\nproxy_protocol_from = []",
-            "berth.toml:4: listeners[0].proxy_protocol_from: proxy_protocol_from is empty: list the balancers allowed to send the PROXY header (e.g. [\"10.0.0.0/8\"])",
+            "berth.toml:5: listeners[0].proxy_protocol_from: proxy_protocol_from is empty: list the balancers allowed to send the PROXY header (e.g. [\"10.0.0.0/8\"])",
         ),
         (
             "proxy_protocol = \"v1\"\nproxy_protocol_from = [\"10.0.0.0/33\"]",
-            "berth.toml:4: listeners[0].proxy_protocol_from[0]: invalid CIDR \"10.0.0.0/33\" (expected e.g. \"10.0.0.0/8\" or \"::1/128\")",
+            "berth.toml:5: listeners[0].proxy_protocol_from[0]: invalid CIDR \"10.0.0.0/33\" (expected e.g. \"10.0.0.0/8\" or \"::1/128\")",
         ),
     ];
     for (text, want) in cases {
@@ -269,7 +269,7 @@ fn proxy_protocol_problems() {
     }
     assert_eq!(
         errors(&with("send_proxy_protocol = \"v1\"")),
-        "berth.toml:18: pools.chat.send_proxy_protocol: send_proxy_protocol must be \"v2\" (leave it out for none), got \"v1\""
+        "berth.toml:9: pools.chat.send_proxy_protocol: send_proxy_protocol must be \"v2\" (leave it out for none), got \"v1\""
     );
 }
 
@@ -303,7 +303,7 @@ fn ticket_keys_must_be_whole_keys_in_a_small_regular_file() {
     std::fs::write(&short, [7u8; 81]).unwrap();
     assert_eq!(
         errors(&tls(&short)),
-        "berth.toml:3: listeners[0].tls.ticket_keys: ticket key file holds 81 bytes; it must hold one or more keys of 80 random bytes each, concatenated (e.g. openssl rand 80 > FILE)"
+        "berth.toml:4: listeners[0].tls.ticket_keys: ticket key file holds 81 bytes; it must hold one or more keys of 80 random bytes each, concatenated (e.g. openssl rand 80 > FILE)"
     );
     let big = dir.path().join("big");
     std::fs::write(&big, vec![7u8; 80 * 60]).unwrap();
