@@ -22,7 +22,7 @@ CONNECTIONS=${CONNECTIONS:-100000}
 BERTHS=${BERTHS:-12}
 LOADGENS=${LOADGENS:-8}
 BACKENDS=${BACKENDS:-8}
-HOLD=${HOLD:-20}
+HOLD=${HOLD:-120}
 CONCURRENCY=${CONCURRENCY:-64}
 OUT=${OUT:-}
 
@@ -34,7 +34,7 @@ PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$WORK"
+    [ -n "${KEEP:-}" ] && echo "kept $WORK" >&2 || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
@@ -48,11 +48,12 @@ BERTH=$(executable berth bin)
 LOADGEN=$(executable loadgen bench)
 [ -x "$BERTH" ] && [ -x "$LOADGEN" ] || die "cannot find the binaries"
 
-read -r PORT <<<"$("$LOADGEN" free-ports --count 1)"
+# One call, so the ports differ from each other.
 # shellcheck disable=SC2207
-ADMIN_PORTS=($("$LOADGEN" free-ports --count "$BERTHS"))
-# shellcheck disable=SC2207
-BACKEND_PORTS=($("$LOADGEN" free-ports --count "$BACKENDS"))
+PORTS=($("$LOADGEN" free-ports --count $((1 + BERTHS + BACKENDS))))
+PORT=${PORTS[0]}
+ADMIN_PORTS=("${PORTS[@]:1:$BERTHS}")
+BACKEND_PORTS=("${PORTS[@]:$((1 + BERTHS)):$BACKENDS}")
 
 log "starting $BACKENDS echo backends"
 for ((i = 0; i < BACKENDS; i++)); do
@@ -135,7 +136,7 @@ while [ "$ready" -lt "$LOADGENS" ]; do
 done
 t1=$(date +%s.%N)
 opened=$(cat "$WORK"/lg*.out | awk '/^READY/ {s += $2} END {print s}')
-sleep 3
+sleep 2
 rss_held=$(rss_kib "${BERTH_PIDS[@]}")
 live=0
 per_berth=()
