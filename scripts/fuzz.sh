@@ -27,7 +27,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
-ALL_TARGETS=(relay_cuts relay_frames handshake config affinity target)
+ALL_TARGETS=(relay_cuts relay_frames handshake config affinity target proxy_header)
 if [ $# -gt 0 ]; then targets=("$@"); else targets=("${ALL_TARGETS[@]}"); fi
 
 if [ -n "${FUZZ_TIME:-}" ] && [ -z "${FUZZ_RUNS:-}" ]; then

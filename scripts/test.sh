@@ -49,6 +49,8 @@ FUZZ_TIME=5 FUZZ_BUILD=--dev FUZZ_CORPUS="$PWD/target/fuzz-corpus" FUZZ_LOG_DIR=
     ./scripts/fuzz.sh
 echo "==> packaging (systemd unit, Dockerfile)"
 ./scripts/check-packaging.sh target/debug/berth
+echo "==> Kubernetes manifests (API schemas, the ConfigMap's config)"
+./scripts/check-kubernetes.sh target/debug/berth
 echo "==> benchmark smoke test (loadgen + echo backend, direct and through berth)"
 ./benches/smoke.sh 2>&1 | tee -a target/test-output.txt
 # A plain summary line that CI reads across test binaries.

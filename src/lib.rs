@@ -10,7 +10,7 @@
 //! - 2 `admin`: the status page, `/admin/events`, `/metrics`, `/healthz`,
 //!   `/readyz`, `/admin/pools`, reload and drains.
 //! - 2 `status`: the status page's sampler (rates, close history) and snapshots.
-//! - 2 `reload`: read, validate, diff and swap a new config.
+//! - 2 `reload`: read, validate, diff and swap a new config; `run --watch`.
 //! - 2 `drain`: the spread-out closes of drains and shutdown.
 //! - 2 `rebalance`: moving live WebSockets off overloaded backends.
 //! - 2 `listener`: accept loop and per-connection TLS + HTTP/1.1 serving.
@@ -27,10 +27,10 @@
 //! - 5 `metrics`: metric names and the registry.
 //! - 5 `body`: the response body type and berth's own short responses.
 //! - 5 `io`: the client stream type, plain or TLS, and the reading of a
-//!   connection's first request head.
+//!   connection's first request head and of a PROXY protocol header.
 //! - 5 `limits`: connection admission: listener and per-address caps, the
 //!   file-descriptor reserve.
-//! - 5 `tls`: PEM loading and the rustls server configuration.
+//! - 5 `tls`: PEM loading, the rustls server configuration, shared ticket keys.
 //! - 5 `tls_stream`: the server side of a TLS connection on rustls's unbuffered API.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]

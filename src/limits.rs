@@ -41,6 +41,9 @@ pub enum Refusal {
     PerIp,
     /// berth is inside its file-descriptor reserve.
     FdLimit,
+    /// A listener with `proxy_protocol`: the peer is not in
+    /// `proxy_protocol_from`, or its PROXY header is missing or malformed.
+    ProxyProtocol,
 }
 
 impl Refusal {
@@ -49,6 +52,7 @@ impl Refusal {
             Refusal::ListenerFull => "listener_full",
             Refusal::PerIp => "per_ip",
             Refusal::FdLimit => "fd_limit",
+            Refusal::ProxyProtocol => "proxy_protocol",
         }
     }
 }
@@ -116,25 +120,33 @@ impl ListenerLimits {
         }
         let ip = match caps.max_connections_per_ip {
             None => None,
-            Some(max) => {
-                let key = IpKey::of(peer);
-                let mut count = self.per_ip.entry(key).or_insert(0);
-                // A new entry starts at 0 and every cap is at least 1, so
-                // a refusal never leaves an empty entry behind.
-                if *count >= max {
-                    drop(count);
+            Some(max) => match self.count_ip(peer, max) {
+                Some(key) => Some(key),
+                None => {
                     self.open.fetch_sub(1, Ordering::Relaxed);
                     return Err(Refusal::PerIp);
                 }
-                *count += 1;
-                Some(key)
-            }
+            },
         };
         self.fds.clients.fetch_add(1, Ordering::Relaxed);
         Ok(Slot {
             listener: Arc::clone(self),
             ip,
         })
+    }
+
+    /// Counts one more connection from `ip`'s address, unless it already
+    /// has `max`; the key counted under.
+    fn count_ip(&self, ip: IpAddr, max: u64) -> Option<IpKey> {
+        let key = IpKey::of(ip);
+        let mut count = self.per_ip.entry(key).or_insert(0);
+        // A new entry starts at 0 and every cap is at least 1, so a
+        // refusal never leaves an empty entry behind.
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(key)
     }
 
     /// Connections open on this listener.
@@ -156,6 +168,28 @@ pub struct Slot {
     listener: Arc<ListenerLimits>,
     /// The address counted for `max_connections_per_ip`, if it was set.
     ip: Option<IpKey>,
+}
+
+impl Slot {
+    /// Counts the connection under `ip` for `max_connections_per_ip` (a
+    /// listener with `proxy_protocol` learns the client's address from the
+    /// PROXY header, after admission): `Err(PerIp)` when that address has
+    /// `max` open already. A slot already counted under an address keeps it.
+    pub fn claim_ip(&mut self, ip: IpAddr, max: Option<u64>) -> Result<(), Refusal> {
+        let Some(max) = max else {
+            return Ok(());
+        };
+        if self.ip.is_some() {
+            return Ok(());
+        }
+        match self.listener.count_ip(ip, max) {
+            Some(key) => {
+                self.ip = Some(key);
+                Ok(())
+            }
+            None => Err(Refusal::PerIp),
+        }
+    }
 }
 
 impl std::fmt::Debug for ListenerLimits {

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context as _;
 use berth::app::App;
@@ -119,6 +119,11 @@ enum Command {
     Run {
         #[command(flatten)]
         config: ConfigPath,
+        /// Reload whenever the config file changes, as SIGHUP does (the file is
+        /// looked at every second by path, so a Kubernetes ConfigMap's symlink
+        /// swap counts; a change is applied once it has settled for a second).
+        #[arg(long)]
+        watch: bool,
         /// Write berth's process id to this file once every socket is bound
         /// (and the signal handlers are in place); it is removed on exit.
         #[arg(long, value_name = "FILE")]
@@ -195,7 +200,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config, pid_file } => {
+        Command::Run {
+            config,
+            pid_file,
+            watch,
+        } => {
             init_logging(cli.log_format, cli.log_level.as_deref());
             let config = match Config::load(&config.path()) {
                 Ok(c) => c,
@@ -204,7 +213,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_INVALID_CONFIG);
                 }
             };
-            exit_code(runtime().and_then(|rt| rt.block_on(run(config, pid_file))))
+            exit_code(runtime().and_then(|rt| rt.block_on(run(config, pid_file, watch))))
         }
         Command::Demo { bind } => {
             init_logging(cli.log_format, cli.log_level.as_deref());
@@ -280,10 +289,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the tokio runtime")
 }
 
-async fn run(config: Config, pid_file: Option<PathBuf>) -> anyhow::Result<()> {
+async fn run(config: Config, pid_file: Option<PathBuf>, watch: bool) -> anyhow::Result<()> {
     raise_fd_limit();
     let app = App::bind(config).await.context("cannot start")?;
     let reloader = app.reloader();
+    let watching = tokio_util::sync::CancellationToken::new();
+    if watch {
+        tokio::spawn(berth::reload::watch::watch(
+            Arc::clone(&reloader),
+            berth::reload::watch::WATCH_INTERVAL,
+            watching.clone(),
+        ));
+    }
     // Every signal handler is installed before the pid file exists: a
     // SIGHUP sent the moment it appears must reload, not kill, berth.
     let shutdown = shutdown_signal();
@@ -310,6 +327,7 @@ async fn run(config: Config, pid_file: Option<PathBuf>) -> anyhow::Result<()> {
         let _ = PID_FILE.set(path);
     }
     app.run(shutdown).await;
+    watching.cancel();
     remove_pid_file();
     Ok(())
 }

@@ -5,10 +5,18 @@
 //! sends its key share; or ring, built with `--no-default-features`. Nothing
 //! else in berth names a provider.
 //!
+//! `tickets` holds the session-ticket keys a fleet shares (a listener's
+//! `tls.ticket_keys` file); without one, every listener uses the process's
+//! own ticketer below.
+//!
 //! Everything here is synchronous and runs at config load, so `berth check`
 //! reports a bad certificate or a key that does not match it. The PEM files
 //! themselves are read by config loading (regular files only, size-capped);
 //! this module only parses them.
+
+mod tickets;
+
+pub use tickets::{SharedTicketer, TicketKeyError, TICKET_LIFETIME_SECS};
 
 #[cfg(test)]
 use std::path::Path;
@@ -93,11 +101,14 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// Builds the server config from a PEM certificate chain and private key
 /// already read into memory (config loading reads the files, with its caps
 /// on type and size); `cert_name` and `key_name` name them in errors.
+/// `tickets`: the fleet's shared ticket keys (`ticket_keys`), or `None` for
+/// the process's own.
 pub fn server_config_from_pem(
     cert_pem: &[u8],
     key_pem: &[u8],
     cert_name: &str,
     key_name: &str,
+    tickets: Option<SharedTicketer>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
@@ -114,7 +125,11 @@ pub fn server_config_from_pem(
         path: key_name.to_string(),
         source,
     })?;
-    server_config_from_der(chain, key_der, cert_name, key_name)
+    let mut config = build_server_config(chain, key_der, cert_name, key_name)?;
+    if let Some(tickets) = tickets {
+        config.ticketer = Arc::new(tickets);
+    }
+    Ok(Arc::new(config))
 }
 
 /// Reads a PEM certificate chain and private key (trusted test files) and
@@ -127,6 +142,7 @@ pub(crate) fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerCo
         &read(key),
         &cert.display().to_string(),
         &key.display().to_string(),
+        None,
     )
 }
 
@@ -138,6 +154,15 @@ pub fn server_config_from_der(
     cert_name: &str,
     key_name: &str,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    build_server_config(chain, key, cert_name, key_name).map(Arc::new)
+}
+
+fn build_server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    cert_name: &str,
+    key_name: &str,
+) -> Result<ServerConfig, TlsError> {
     let provider = provider();
     let signing_key = provider
         .key_provider
@@ -165,7 +190,7 @@ pub fn server_config_from_der(
     let resumption = resumption()?;
     config.session_storage = Arc::clone(&resumption.cache);
     config.ticketer = Arc::clone(&resumption.ticketer);
-    Ok(Arc::new(config))
+    Ok(config)
 }
 
 /// A client config that trusts the certificates in the PEM file `cert` (the

@@ -120,10 +120,20 @@ pub async fn accept(
     tcp: TcpStream,
     config: Arc<ServerConfig>,
 ) -> Result<ServerTlsStream, TlsStreamError> {
+    accept_after(tcp, config, Vec::new()).await
+}
+
+/// [`accept`] on a connection whose first bytes were already read (past a
+/// PROXY protocol header): `early` is processed before the socket is read.
+pub async fn accept_after(
+    tcp: TcpStream,
+    config: Arc<ServerConfig>,
+    early: Vec<u8>,
+) -> Result<ServerTlsStream, TlsStreamError> {
     let mut stream = ServerTlsStream {
         tcp,
         conn: UnbufferedServerConnection::new(config)?,
-        incoming: Vec::new(),
+        incoming: early,
         plain: Vec::new(),
         plain_pos: 0,
         outgoing: Vec::new(),

@@ -4,7 +4,7 @@
 //! every route's pool exists.
 //!
 //! Files: a config names files that validation reads (`tls.cert`,
-//! `tls.key`, a cookie `secret_file`), relative to the working directory.
+//! `tls.key`, `tls.ticket_keys`, a cookie `secret_file`), relative to the working directory.
 //! The target skips any input in which such a key (or any key ending in
 //! `_file`) holds an absolute path or one that climbs with `..`, so the
 //! fuzzer reads nothing outside the directory it runs in (`fuzz/`, where
@@ -20,7 +20,7 @@ use berth::config::{Config, ConfigError};
 use libfuzzer_sys::fuzz_target;
 
 /// The keys whose values berth reads as file paths.
-const FILE_KEYS: [&str; 3] = ["cert", "key", "secret_file"];
+const FILE_KEYS: [&str; 4] = ["cert", "key", "secret_file", "ticket_keys"];
 
 /// True when a string is a path that stays inside the working directory.
 fn stays_inside(path: &str) -> bool {

@@ -124,6 +124,8 @@ pub struct Backend {
     /// connections close once the last clone is gone.
     http: ArcSwapOption<HttpClient>,
     connect_timeout_ms: AtomicU64,
+    /// The pool's `send_proxy_protocol`, for the client above.
+    send_proxy: AtomicBool,
     /// Counter handles for the relay, resolved once.
     pub counters: Arc<RelayCounters>,
     live_gauge: IntGauge,
@@ -142,35 +144,30 @@ impl std::fmt::Debug for Backend {
 }
 
 impl Backend {
+    /// `client`: the pool's connect timeout and `send_proxy_protocol`.
     pub fn new(
         pool: &str,
         config: &BackendConfig,
-        connect_timeout: Duration,
+        client: (Duration, bool),
         metrics: &Metrics,
     ) -> Arc<Backend> {
-        Arc::new(Backend::build(
-            pool,
-            config,
-            connect_timeout,
-            metrics,
-            false,
-        ))
+        Arc::new(Backend::build(pool, config, client, metrics, false))
     }
 
     /// A backend for an address `[pools.NAME.dns]` discovered.
     pub fn new_discovered(
         pool: &str,
         config: &BackendConfig,
-        connect_timeout: Duration,
+        client: (Duration, bool),
         metrics: &Metrics,
     ) -> Arc<Backend> {
-        Arc::new(Backend::build(pool, config, connect_timeout, metrics, true))
+        Arc::new(Backend::build(pool, config, client, metrics, true))
     }
 
     fn build(
         pool: &str,
         config: &BackendConfig,
-        connect_timeout: Duration,
+        (connect_timeout, send_proxy): (Duration, bool),
         metrics: &Metrics,
         discovered: bool,
     ) -> Backend {
@@ -193,8 +190,9 @@ impl Backend {
             fail_streak: AtomicU32::new(0),
             down_since_ms: AtomicU64::new(0),
             drain_epoch: AtomicU64::new(0),
-            http: ArcSwapOption::from_pointee(http_client(connect_timeout)),
+            http: ArcSwapOption::from_pointee(http_client(connect_timeout, send_proxy)),
             connect_timeout_ms: AtomicU64::new(duration_ms(connect_timeout)),
+            send_proxy: AtomicBool::new(send_proxy),
             counters: Arc::new(metrics.relay_counters(pool, &config.id)),
             live_gauge: metrics
                 .ws_connections_active
@@ -377,7 +375,9 @@ impl Backend {
         self.drain_epoch.fetch_add(1, Ordering::AcqRel);
         if self.http.load().is_none() {
             let timeout = Duration::from_millis(self.connect_timeout_ms.load(Ordering::Relaxed));
-            self.http.store(Some(Arc::new(http_client(timeout))));
+            let send_proxy = self.send_proxy.load(Ordering::Relaxed);
+            self.http
+                .store(Some(Arc::new(http_client(timeout, send_proxy))));
         }
         self.start_slow_start();
         tracing::info!(pool = %self.pool, backend = %self.id, by = source.as_str(), "backend back in service");
@@ -485,12 +485,22 @@ impl Backend {
         self.http.load().as_deref().cloned()
     }
 
-    /// A reload may change the pool's connect timeout: rebuild the client.
-    pub fn set_connect_timeout(&self, timeout: Duration) {
+    /// A reload may change the pool's connect timeout or
+    /// `send_proxy_protocol`: rebuild the client.
+    pub fn set_client(&self, timeout: Duration, send_proxy: bool) {
         let ms = duration_ms(timeout);
-        if self.connect_timeout_ms.swap(ms, Ordering::Relaxed) != ms && self.http.load().is_some() {
-            self.http.store(Some(Arc::new(http_client(timeout))));
+        let timeout_changed = self.connect_timeout_ms.swap(ms, Ordering::Relaxed) != ms;
+        let proxy_changed = self.send_proxy.swap(send_proxy, Ordering::Relaxed) != send_proxy;
+        if (timeout_changed || proxy_changed) && self.http.load().is_some() {
+            self.http
+                .store(Some(Arc::new(http_client(timeout, send_proxy))));
         }
+    }
+
+    /// Whether connections to this backend start with a PROXY v2 header
+    /// (the pool's `send_proxy_protocol`).
+    pub fn sends_proxy_header(&self) -> bool {
+        self.send_proxy.load(Ordering::Relaxed)
     }
 
     /// Changes with every drain and undrain.

@@ -164,7 +164,7 @@ mod tests {
     }
 
     async fn check(addr: SocketAddr, timeout: Duration) -> (bool, String) {
-        let http = http_client(Duration::from_secs(2));
+        let http = http_client(Duration::from_secs(2), false);
         probe(&http, &addr.to_string(), "/healthz", timeout).await
     }
 

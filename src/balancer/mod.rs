@@ -21,6 +21,7 @@
 //! `[pools.NAME.dns]`, one per address discovered ([`Discovered`]).
 
 mod backend;
+pub mod connector;
 pub mod health;
 pub mod rate;
 pub mod sticky;
@@ -36,7 +37,6 @@ pub use backend::{
 pub use rate::UpgradeBucket;
 pub use sticky::{Choice, HashPlacement, RequestFacts, Sticky};
 
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
@@ -55,14 +55,23 @@ pub const PASSIVE_FALL: u32 = 3;
 pub const PASSIVE_RETRY: Duration = Duration::from_secs(10);
 
 /// An HTTP/1.1 client with its own connection pool.
-pub type HttpClient = Client<HttpConnector, ProxyBody>;
+pub type HttpClient = Client<connector::BackendConnector, ProxyBody>;
 
-/// A pooled HTTP/1.1 client (Nagle off, the pool's connect timeout).
-pub fn http_client(connect_timeout: Duration) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).build(connector)
+/// How long an idle keep-alive connection of a `send_proxy_protocol` pool
+/// is kept: each is keyed to one client connection (see `connector`), which
+/// berth itself closes after `handshake_timeout` (10 s by default) without
+/// a request.
+pub const PROXY_POOL_IDLE: Duration = Duration::from_secs(10);
+
+/// A pooled HTTP/1.1 client (Nagle off, the pool's connect timeout; with
+/// `send_proxy`, a PROXY v2 header on every connection, see `connector`).
+pub fn http_client(connect_timeout: Duration, send_proxy: bool) -> HttpClient {
+    let connector = connector::BackendConnector::new(connect_timeout, send_proxy);
+    let mut builder = Client::builder(TokioExecutor::new());
+    if send_proxy {
+        builder.pool_idle_timeout(PROXY_POOL_IDLE);
+    }
+    builder.build(connector)
 }
 
 /// A pool's backends and its balancing state.
@@ -148,16 +157,17 @@ impl Pool {
                 .and_then(|p| p.find(&b.id))
                 .filter(|old| old.address == b.address)
         };
+        let client = (config.connect_timeout, config.send_proxy_protocol);
         let mut backends: Vec<Arc<Backend>> = Vec::new();
         for b in &config.backends {
             let backend = match kept(b) {
                 Some(old) => {
                     old.set_weight(b.weight);
                     old.set_max_connections(b.max_connections);
-                    old.set_connect_timeout(config.connect_timeout);
+                    old.set_client(config.connect_timeout, config.send_proxy_protocol);
                     Arc::clone(old)
                 }
-                None => Backend::new(&config.name, b, config.connect_timeout, metrics),
+                None => Backend::new(&config.name, b, client, metrics),
             };
             backends.push(backend);
         }
@@ -180,7 +190,7 @@ impl Pool {
         for b in &found {
             let backend = match kept(b) {
                 Some(old) => Arc::clone(old),
-                None => Backend::new_discovered(&config.name, b, config.connect_timeout, metrics),
+                None => Backend::new_discovered(&config.name, b, client, metrics),
             };
             backends.push(backend);
         }
@@ -198,7 +208,7 @@ impl Pool {
             }
         }
         let weights: Vec<u32> = backends.iter().map(|b| b.weight()).collect();
-        let http = http_client(config.connect_timeout);
+        let http = http_client(config.connect_timeout, config.send_proxy_protocol);
         let upgrades = config.limits.upgrade_rate.map(|rate| {
             previous
                 .and_then(|p| p.upgrades.as_ref())
@@ -413,6 +423,7 @@ mod tests {
             max_connection_age: None,
             rebalance: None,
             dns: None,
+            send_proxy_protocol: false,
         };
         Pool::new(config, &metrics, None)
     }

@@ -45,13 +45,17 @@ pub struct FileListener {
     pub max_connections: Option<i64>,
     pub max_connections_per_ip: Option<i64>,
     pub max_header_bytes: Option<FileSize>,
+    pub proxy_protocol: Option<String>,
+    pub proxy_protocol_from: Option<Vec<String>>,
+    pub reuse_port: Option<bool>,
 }
 
-/// A listener's `tls = { cert = "...", key = "..." }`.
+/// A listener's `tls = { cert = "...", key = "...", ticket_keys = "..." }`.
 #[derive(Clone, Debug, Default)]
 pub struct FileTls {
     pub cert: Option<String>,
     pub key: Option<String>,
+    pub ticket_keys: Option<String>,
 }
 
 /// The optional `[admin]` table.
@@ -97,6 +101,7 @@ pub struct FilePool {
     pub max_connection_age: Option<String>,
     pub rebalance: Option<FileRebalance>,
     pub dns: Option<FileDns>,
+    pub send_proxy_protocol: Option<String>,
 }
 
 /// `[pools.NAME.rebalance]`.
@@ -232,8 +237,11 @@ const LISTENER_KEYS: &[&str] = &[
     "max_connections",
     "max_connections_per_ip",
     "max_header_bytes",
+    "proxy_protocol",
+    "proxy_protocol_from",
+    "reuse_port",
 ];
-const TLS_KEYS: &[&str] = &["cert", "key"];
+const TLS_KEYS: &[&str] = &["cert", "key", "ticket_keys"];
 const ADMIN_KEYS: &[&str] = &["bind", "token"];
 const ROUTE_KEYS: &[&str] = &["host", "path_prefix", "pool"];
 const POOL_KEYS: &[&str] = &[
@@ -261,6 +269,7 @@ const POOL_KEYS: &[&str] = &[
     "max_connection_age",
     "rebalance",
     "dns",
+    "send_proxy_protocol",
 ];
 const COOKIE_KEYS: &[&str] = &[
     "name",
@@ -352,11 +361,15 @@ fn listener(t: &Fields<'_>, report: &mut Report<'_>) -> FileListener {
         tls: t.table(report, "tls", TLS_KEYS).map(|tls| FileTls {
             cert: tls.get(report, "cert"),
             key: tls.get(report, "key"),
+            ticket_keys: tls.get(report, "ticket_keys"),
         }),
         handshake_timeout: t.get(report, "handshake_timeout"),
         max_connections: t.get(report, "max_connections"),
         max_connections_per_ip: t.get(report, "max_connections_per_ip"),
         max_header_bytes: t.get(report, "max_header_bytes"),
+        proxy_protocol: t.get(report, "proxy_protocol"),
+        proxy_protocol_from: t.get(report, "proxy_protocol_from"),
+        reuse_port: t.get(report, "reuse_port"),
     }
 }
 
@@ -424,6 +437,7 @@ fn pool(t: &Fields<'_>, report: &mut Report<'_>) -> FilePool {
             interval: d.get(report, "interval"),
             resolver: d.get(report, "resolver"),
         }),
+        send_proxy_protocol: t.get(report, "send_proxy_protocol"),
     }
 }
 

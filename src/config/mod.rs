@@ -67,12 +67,49 @@ pub struct ListenerConfig {
     pub max_connections_per_ip: Option<u64>,
     /// The largest request head (request line plus headers) accepted.
     pub max_header_bytes: usize,
+    /// `proxy_protocol` (with `proxy_protocol_from`): every connection
+    /// starts with a PROXY header naming the client; `None`: off.
+    pub proxy_protocol: Option<ProxyProtocolConfig>,
+    /// `reuse_port`: bind with SO_REUSEPORT, so that several processes
+    /// share the port.
+    pub reuse_port: bool,
+}
+
+/// A listener's `proxy_protocol` and `proxy_protocol_from`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyProtocolConfig {
+    pub versions: ProxyVersions,
+    /// The peers allowed to send the header (host bits cleared); never
+    /// empty.
+    pub from: Vec<ipnet::IpNet>,
+}
+
+/// Which PROXY protocol versions a listener accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyVersions {
+    V1,
+    V2,
+    Any,
+}
+
+impl ProxyVersions {
+    /// As written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyVersions::V1 => "v1",
+            ProxyVersions::V2 => "v2",
+            ProxyVersions::Any => "any",
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// `ticket_keys`: the file of shared session-ticket keys, when set
+    /// (its keys are in `server_config`'s ticketer).
+    pub ticket_keys: Option<PathBuf>,
     /// Built (and the key checked against the certificate) during validation,
     /// so `check` catches what `run` would fail on.
     pub server_config: Arc<rustls::ServerConfig>,
@@ -147,6 +184,9 @@ pub struct PoolConfig {
     pub rebalance: Option<RebalanceConfig>,
     /// `[pools.NAME.dns]`: backends discovered by DNS, besides `backends`.
     pub dns: Option<DnsConfig>,
+    /// `send_proxy_protocol = "v2"`: every backend connection starts with a
+    /// PROXY v2 header naming the client.
+    pub send_proxy_protocol: bool,
 }
 
 /// `[pools.NAME.rebalance]`.

@@ -23,6 +23,8 @@ pub(super) const CONFIG_FILE_LIMIT: u64 = 1024 * 1024;
 pub(super) const PEM_LIMIT: u64 = 1024 * 1024;
 /// The largest cookie or JWT `secret_file` berth reads.
 pub(super) const SECRET_LIMIT: u64 = 64 * 1024;
+/// The largest `ticket_keys` file berth reads: 51 keys of 80 bytes.
+pub(super) const TICKET_KEYS_LIMIT: u64 = 4 * 1024;
 /// The largest JWKS document berth reads (a `jwks_file`, or a fetched set).
 pub const JWKS_LIMIT: u64 = 1024 * 1024;
 

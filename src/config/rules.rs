@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::{Balance, HashKey, OnExpiry, SameSite, TokenSource};
+use super::{Balance, HashKey, OnExpiry, ProxyVersions, SameSite, TokenSource};
 
 // ---------------------------------------------------------------------------
 // Ranges
@@ -516,6 +516,57 @@ pub(super) fn cidr(raw: &str) -> Result<IpNet, String> {
         .or_else(|_| raw.parse::<IpAddr>().map(IpNet::from))
         .map(|net| net.trunc())
         .map_err(|_| format!("invalid CIDR {raw:?} (expected e.g. \"10.0.0.0/8\" or \"::1/128\")"))
+}
+
+/// A listener's `proxy_protocol`: `"v1"`, `"v2"` or `"any"`.
+pub(super) fn proxy_versions(raw: &str) -> Result<ProxyVersions, String> {
+    match raw {
+        "v1" => Ok(ProxyVersions::V1),
+        "v2" => Ok(ProxyVersions::V2),
+        "any" => Ok(ProxyVersions::Any),
+        other => Err(format!(
+            "proxy_protocol must be \"v1\", \"v2\" or \"any\" (leave it out for none), got {other:?}"
+        )),
+    }
+}
+
+/// `proxy_protocol_from`: at least one CIDR (an empty list would refuse
+/// every connection).
+pub(super) fn proxy_protocol_from(nets: Vec<IpNet>) -> Result<Vec<IpNet>, String> {
+    if nets.is_empty() {
+        Err("proxy_protocol_from is empty: list the balancers allowed to send the PROXY header (e.g. [\"10.0.0.0/8\"])".to_string())
+    } else {
+        Ok(nets)
+    }
+}
+
+/// A pool's `send_proxy_protocol`: only `"v2"`, the binary header (named,
+/// so that another version can be added without changing what this means).
+pub(super) fn send_proxy_protocol(raw: &str) -> Result<(), String> {
+    if raw == "v2" {
+        Ok(())
+    } else {
+        Err(format!(
+            "send_proxy_protocol must be \"v2\" (leave it out for none), got {raw:?}"
+        ))
+    }
+}
+
+/// The size of one shared session-ticket key: what `openssl rand 80`
+/// writes, the size nginx's `ssl_session_ticket_key` files use.
+pub const TICKET_KEY_BYTES: usize = 80;
+
+/// A `ticket_keys` file: one or more keys of [`TICKET_KEY_BYTES`] bytes,
+/// concatenated, nothing else.
+pub(super) fn ticket_keys(bytes: &[u8]) -> Result<(), String> {
+    if bytes.is_empty() || bytes.len() % TICKET_KEY_BYTES != 0 {
+        Err(format!(
+            "ticket key file holds {} bytes; it must hold one or more keys of {TICKET_KEY_BYTES} random bytes each, concatenated (e.g. openssl rand 80 > FILE)",
+            bytes.len()
+        ))
+    } else {
+        Ok(())
+    }
 }
 
 /// `bounded_load`: a number above 1.0 and at most 100.

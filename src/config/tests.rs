@@ -61,8 +61,15 @@ fn example_config_validates() {
         Some(Path::new(CONFIG_DIR).join("berth.toml").as_path())
     );
     assert_eq!(config.shutdown_window, Duration::from_secs(10));
-    assert_eq!(config.listeners.len(), 2);
+    assert_eq!(config.listeners.len(), 3);
     assert_eq!(config.listeners[0].name, "public");
+    assert_eq!(
+        config.listeners[2]
+            .proxy_protocol
+            .as_ref()
+            .map(|p| p.versions),
+        Some(crate::config::ProxyVersions::V2)
+    );
     assert_eq!(config.listeners[0].bind, "127.0.0.1:8080".parse().unwrap());
     assert!(config.listeners[0].tls.is_none());
     let public = &config.listeners[0];
@@ -158,6 +165,7 @@ fn defaults_apply_to_a_minimal_config() {
             max_connection_age: None,
             rebalance: None,
             dns: None,
+            send_proxy_protocol: false,
         }
     );
 }
@@ -212,7 +220,7 @@ fn unknown_nested_keys() {
         errors(&text),
         "berth.toml:3: listeners[0].bnd: unknown field `bnd`, expected one of \
          `name`, `bind`, `tls`, `handshake_timeout`, `max_connections`, \
-         `max_connections_per_ip`, `max_header_bytes`"
+         `max_connections_per_ip`, `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`"
     );
     let text = BASE.replace("address = ", "weight = 2\nadress = ");
     assert_eq!(
@@ -226,7 +234,7 @@ fn unknown_nested_keys() {
     );
     assert_eq!(
         errors(&text),
-        "berth.toml:4: listeners[0].tls.kye: unknown field `kye`, expected `cert` or `key`"
+        "berth.toml:4: listeners[0].tls.kye: unknown field `kye`, expected one of `cert`, `key`, `ticket_keys`"
     );
 }
 
@@ -931,7 +939,7 @@ weight = "heavy"
             "berth.toml:6: listeners[0].bind: invalid type: integer `8080`, expected a string",
             "berth.toml:7: listeners[0].handshake_timout: unknown field `handshake_timout`, \
              expected one of `name`, `bind`, `tls`, `handshake_timeout`, `max_connections`, \
-             `max_connections_per_ip`, `max_header_bytes`",
+             `max_connections_per_ip`, `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`",
             "berth.toml:10: routes[0].pool: unknown pool \"nope\" (defined pools: chat)",
             "berth.toml:11: routes[0].weight: unknown field `weight`, expected one of `host`, \
              `path_prefix`, `pool`",
@@ -940,7 +948,7 @@ weight = "heavy"
              `ping_interval`, `pong_timeout`, `close_timeout`, `drain_window`, \
              `allowed_origins`, `affinity`, `max_message_size`, `max_upgrades_per_second`, \
              `upgrade_burst`, `retry_after_max`, `send_timeout`, `cookie`, `hash`, `health`, \
-             `backends`, `auth`, `slow_start`, `max_connection_age`, `rebalance`, `dns`",
+             `backends`, `auth`, `slow_start`, `max_connection_age`, `rebalance`, `dns`, `send_proxy_protocol`",
             "berth.toml:15: pools.chat.idle_timeout: duration must be \"0s\" (off) or between \
              100ms and 7d, got \"1ns\"",
             "berth.toml:18: pools.chat.backends[0].id: invalid backend id \"chat 1\" (use only \
@@ -992,10 +1000,10 @@ fn a_misspelt_required_key_is_reported_once() {
         errors(&text),
         "berth.toml:2: listeners[0].nmae: unknown field `nmae`, expected one of `name`, `bind`, \
          `tls`, `handshake_timeout`, `max_connections`, `max_connections_per_ip`, \
-         `max_header_bytes`\n\
+         `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`\n\
          berth.toml:3: listeners[0].tsl: unknown field `tsl`, expected one of `name`, `bind`, \
          `tls`, `handshake_timeout`, `max_connections`, `max_connections_per_ip`, \
-         `max_header_bytes`"
+         `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`"
     );
     // A key that is nothing like the missing one does not excuse it.
     let text = BASE.replace("name = \"public\"", "colour = \"blue\"");
@@ -1004,7 +1012,7 @@ fn a_misspelt_required_key_is_reported_once() {
         "berth.toml:1: listeners[0].name: required key is missing (add e.g. name = \"public\")\n\
          berth.toml:2: listeners[0].colour: unknown field `colour`, expected one of `name`, \
          `bind`, `tls`, `handshake_timeout`, `max_connections`, `max_connections_per_ip`, \
-         `max_header_bytes`"
+         `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`"
     );
 }
 

@@ -430,6 +430,7 @@ impl Checker<'_, '_> {
             max_connection_age: fleet.max_connection_age,
             rebalance: fleet.rebalance,
             dns: fleet.dns,
+            send_proxy_protocol: fleet.send_proxy_protocol,
         }
     }
 

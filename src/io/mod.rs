@@ -1,11 +1,13 @@
-//! The client side of a connection as one byte-stream type, and the
-//! reading of its first request head (`head`).
+//! The client side of a connection as one byte-stream type, the reading of
+//! its first request head (`head`), and the PROXY protocol header that may
+//! come before everything else (`proxy_header`).
 //!
 //! A bottom-layer module so that the listener (which makes client streams)
 //! and the proxy's tunnel (which relays over them after an upgrade) both
 //! name [`ClientStream`] without importing each other. It owns no tasks.
 
 pub mod head;
+pub mod proxy_header;
 
 use std::io;
 use std::pin::Pin;

@@ -1,6 +1,7 @@
-//! One client connection, from the accept to its end: the TLS handshake and
-//! the first request head within `handshake_timeout`, then hyper's HTTP/1.1
-//! server (with upgrades) until the client leaves or shutdown.
+//! One client connection, from the accept to its end: the PROXY header
+//! (on a listener with `proxy_protocol`), the TLS handshake and the first
+//! request head within `handshake_timeout`, then hyper's HTTP/1.1 server
+//! (with upgrades) until the client leaves or shutdown.
 //!
 //! Until its first request head is complete a connection holds little: the
 //! task, the socket, the TLS state and the bytes it has sent. The TLS
@@ -16,10 +17,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{ListenerSettings, ListenerSpec};
+use super::{ListenerSettings, ListenerSpec, ProxyProtocol, Refused};
 use crate::io::head::{self, Head};
+use crate::io::proxy_header;
 use crate::io::ClientStream;
-use crate::limits::Slot;
+use crate::limits::{Refusal, Slot};
 use crate::proxy::{self, ConnInfo, ProxyContext};
 use crate::tls_stream;
 
@@ -40,6 +42,7 @@ pub(super) async fn serve(
     spec: Arc<ListenerSpec>,
     ctx: Arc<ProxyContext>,
     slot: Slot,
+    refused: Arc<Refused>,
 ) {
     let settings = spec.settings.load_full();
     // One limit for the TLS handshake and the first head together.
@@ -51,18 +54,39 @@ pub(super) async fn serve(
         .connections_active
         .with_label_values(&[&spec.name]);
     open_gauge.inc();
+    let local = tcp.local_addr().unwrap_or(peer);
     let mut info = ConnInfo {
         peer,
+        local,
         listener: Arc::clone(&spec.name),
         tls: settings.tls.is_some(),
         open_gauge,
         slot: Some(slot),
     };
+    let mut tcp = tcp;
+
+    // Bytes read past the PROXY header: the start of the ClientHello or of
+    // the request head.
+    let mut early = Vec::new();
+    if let Some(pp) = &settings.proxy_protocol {
+        let read = Box::pin(proxy_header(&mut tcp, &mut info, pp, &settings, deadline));
+        match read.await {
+            Ok(rest) => early = rest,
+            Err(reason) => {
+                refused.count(reason);
+                return;
+            }
+        }
+    }
 
     let mut stream = match &settings.tls {
-        None => ClientStream::plain(tcp),
+        None => {
+            let mut stream = ClientStream::plain(tcp);
+            stream.unread(early.into());
+            stream
+        }
         Some(config) => {
-            let handshake = Box::pin(tls_handshake(tcp, &info, deadline, config, &ctx));
+            let handshake = Box::pin(tls_handshake(tcp, early, &info, deadline, config, &ctx));
             let Some(stream) = handshake.await else {
                 return;
             };
@@ -92,6 +116,42 @@ pub(super) async fn serve(
         .inc();
     tracing::debug!(client = %peer, listener = %spec.name, status, max_header_bytes = max, "request head over max_header_bytes");
     Box::pin(refuse_head(stream, status)).await;
+}
+
+/// Reads the PROXY header (before `deadline`) and makes the client it names
+/// the connection's peer, counted under `max_connections_per_ip`. Returns
+/// the bytes read past the header, or why the connection is refused (it is
+/// then closed without an answer).
+async fn proxy_header(
+    tcp: &mut TcpStream,
+    info: &mut ConnInfo,
+    pp: &ProxyProtocol,
+    settings: &ListenerSettings,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<u8>, Refusal> {
+    let received = match tokio::time::timeout_at(deadline, proxy_header::read(tcp, pp.accept)).await
+    {
+        Ok(Ok(received)) => received,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %info.peer, listener = %info.listener, error = %e, "PROXY header refused");
+            return Err(Refusal::ProxyProtocol);
+        }
+        Err(_) => {
+            tracing::debug!(peer = %info.peer, listener = %info.listener, "no complete PROXY header within handshake_timeout");
+            return Err(Refusal::ProxyProtocol);
+        }
+    };
+    if let Some(addresses) = received.addresses {
+        info.peer = addresses.source;
+        info.local = addresses.destination;
+    }
+    let max = settings.caps.max_connections_per_ip;
+    if let Some(slot) = info.slot.as_mut() {
+        slot.claim_ip(info.peer.ip(), max).inspect_err(|_| {
+            tracing::debug!(listener = %info.listener, client = %info.peer, "over max_connections_per_ip: refused");
+        })?;
+    }
+    Ok(received.rest)
 }
 
 /// Sends the refusal, closes the sending side, and reads (and drops) what
@@ -169,6 +229,7 @@ async fn serve_http(
 /// failed or timed out (the connection is then dropped).
 async fn tls_handshake(
     tcp: TcpStream,
+    early: Vec<u8>,
     info: &ConnInfo,
     deadline: tokio::time::Instant,
     config: &Arc<rustls::ServerConfig>,
@@ -176,8 +237,11 @@ async fn tls_handshake(
 ) -> Option<tls_stream::ServerTlsStream> {
     let listener = &*info.listener;
     let started = Instant::now();
-    let result =
-        tokio::time::timeout_at(deadline, tls_stream::accept(tcp, Arc::clone(config))).await;
+    let result = tokio::time::timeout_at(
+        deadline,
+        tls_stream::accept_after(tcp, Arc::clone(config), early),
+    )
+    .await;
     let label = match &result {
         Ok(Ok(_)) => "ok",
         Ok(Err(_)) => "error",

@@ -15,7 +15,11 @@
 //! Every accepted socket is admitted or refused at once (`limits`): a
 //! refused one (listener full, its address over its cap, or berth inside
 //! its descriptor reserve) is closed before anything is read from it, and
-//! counted in `berth_connections_refused_total`.
+//! counted in `berth_connections_refused_total`. On a listener with
+//! `proxy_protocol`, a peer outside `proxy_protocol_from` is refused the
+//! same way, and the connection's PROXY header is read first of all
+//! (`conn`); its client address then stands for the peer everywhere, the
+//! per-address cap included.
 
 mod conn;
 
@@ -32,7 +36,10 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ListenerConfig;
+use ipnet::IpNet;
+
+use crate::config::{ListenerConfig, ProxyProtocolConfig, ProxyVersions};
+use crate::io::proxy_header;
 use crate::limits::{Caps, FdGuard, ListenerLimits, Refusal};
 use crate::metrics::Metrics;
 use crate::proxy::ProxyContext;
@@ -53,11 +60,43 @@ pub struct ListenerSettings {
     pub handshake_timeout: Duration,
     pub caps: Caps,
     pub max_header_bytes: usize,
+    /// `proxy_protocol`: which headers are read, and from which peers.
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// A listener's PROXY protocol settings.
+pub struct ProxyProtocol {
+    pub accept: proxy_header::Accept,
+    /// `proxy_protocol_from`: a peer outside these is refused unread.
+    pub from: Vec<IpNet>,
+}
+
+impl ProxyProtocol {
+    fn from_config(config: &ProxyProtocolConfig) -> ProxyProtocol {
+        ProxyProtocol {
+            accept: match config.versions {
+                ProxyVersions::V1 => proxy_header::Accept::V1,
+                ProxyVersions::V2 => proxy_header::Accept::V2,
+                ProxyVersions::Any => proxy_header::Accept::Any,
+            },
+            from: config.from.clone(),
+        }
+    }
+
+    /// Whether `peer` may send a PROXY header here.
+    pub fn allows(&self, peer: std::net::IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.from.iter().any(|net| net.contains(&peer))
+    }
 }
 
 impl ListenerSettings {
     pub fn from_config(config: &ListenerConfig) -> ListenerSettings {
         ListenerSettings {
+            proxy_protocol: config
+                .proxy_protocol
+                .as_ref()
+                .map(ProxyProtocol::from_config),
             tls: config.tls.as_ref().map(|t| Arc::clone(&t.server_config)),
             handshake_timeout: config.handshake_timeout,
             caps: Caps {
@@ -89,7 +128,8 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 
 impl BoundListener {
     /// Binds a listener (synchronously, so reloads can bind before swapping)
-    /// with a [`LISTEN_BACKLOG`] backlog.
+    /// with a [`LISTEN_BACKLOG`] backlog, and with SO_REUSEPORT when the
+    /// config says `reuse_port = true`.
     pub fn bind(config: &ListenerConfig) -> std::io::Result<BoundListener> {
         let socket = if config.bind.is_ipv4() {
             TcpSocket::new_v4()?
@@ -99,6 +139,13 @@ impl BoundListener {
         // As std's and tokio's own bind do: a restarted berth binds its
         // port again while the old process's connections are in TIME_WAIT.
         socket.set_reuseaddr(true)?;
+        // Several processes (each with its own descriptor limit) share the
+        // port; the kernel spreads new connections over their sockets by a
+        // hash of the connection's addresses. Every socket of the group
+        // must set it, and all must belong to the same user.
+        if config.reuse_port {
+            socket.set_reuseport(true)?;
+        }
         socket.bind(config.bind)?;
         let socket = socket.listen(LISTEN_BACKLOG)?;
         let addr = socket.local_addr()?;
@@ -172,7 +219,7 @@ impl ListenerContext {
             limits: Arc::clone(&limits),
         };
         let accept = Accept {
-            counters: Refused::new(&self.proxy.metrics, &bound.spec.name),
+            counters: Arc::new(Refused::new(&self.proxy.metrics, &bound.spec.name)),
             spec: bound.spec,
             limits,
             ctx: Arc::clone(self),
@@ -235,7 +282,7 @@ struct Accept {
     spec: Arc<ListenerSpec>,
     limits: Arc<ListenerLimits>,
     ctx: Arc<ListenerContext>,
-    counters: Refused,
+    counters: Arc<Refused>,
     /// The current back-off after failed accepts (None: accepting fine).
     trouble: Option<Duration>,
     /// Whether the listener is refusing at `max_connections` (logged once
@@ -244,10 +291,11 @@ struct Accept {
 }
 
 /// `berth_connections_refused_total` for one listener, resolved once.
-struct Refused {
+pub(crate) struct Refused {
     listener_full: IntCounter,
     per_ip: IntCounter,
     fd_limit: IntCounter,
+    proxy_protocol: IntCounter,
 }
 
 impl Refused {
@@ -261,14 +309,16 @@ impl Refused {
             listener_full: c(Refusal::ListenerFull),
             per_ip: c(Refusal::PerIp),
             fd_limit: c(Refusal::FdLimit),
+            proxy_protocol: c(Refusal::ProxyProtocol),
         }
     }
 
-    fn count(&self, reason: Refusal) {
+    pub(crate) fn count(&self, reason: Refusal) {
         match reason {
             Refusal::ListenerFull => &self.listener_full,
             Refusal::PerIp => &self.per_ip,
             Refusal::FdLimit => &self.fd_limit,
+            Refusal::ProxyProtocol => &self.proxy_protocol,
         }
         .inc();
     }
@@ -336,7 +386,20 @@ impl Accept {
     /// Serves an accepted socket, or closes it at once (nothing read, no
     /// TLS) when it is refused.
     fn admit(&mut self, stream: tokio::net::TcpStream, peer: SocketAddr) {
-        let caps = self.spec.settings.load().caps;
+        let settings = self.spec.settings.load();
+        let mut caps = settings.caps;
+        if let Some(pp) = &settings.proxy_protocol {
+            if !pp.allows(peer.ip()) {
+                drop(stream);
+                self.counters.count(Refusal::ProxyProtocol);
+                tracing::debug!(listener = %self.spec.name, peer = %peer, "peer not in proxy_protocol_from: refused");
+                return;
+            }
+            // The per-address cap counts the client the PROXY header
+            // names, once it has been read (`conn`).
+            caps.max_connections_per_ip = None;
+        }
+        drop(settings);
         match self.limits.admit(peer.ip(), caps) {
             Ok(slot) => {
                 if std::mem::take(&mut self.full) {
@@ -345,11 +408,12 @@ impl Accept {
                 let _ = stream.set_nodelay(true);
                 let spec = Arc::clone(&self.spec);
                 let proxy = Arc::clone(&self.ctx.proxy);
+                let refused = Arc::clone(&self.counters);
                 self.ctx
                     .proxy
                     .lifecycle
                     .tracker
-                    .spawn(conn::serve(stream, peer, spec, proxy, slot));
+                    .spawn(conn::serve(stream, peer, spec, proxy, slot, refused));
             }
             Err(reason) => {
                 drop(stream);

@@ -23,8 +23,10 @@ use super::request::{
 use super::{
     count_rejected, ConnInfo, ProxyContext, ProxyError, DEFAULT_RETRY_AFTER_MAX, X_REQUEST_ID,
 };
+use crate::balancer::connector::client_tag;
 use crate::balancer::{Backend, Choice};
 use crate::body::{empty, ProxyBody};
+use crate::io::proxy_header::Addresses;
 use crate::metrics::status_class;
 
 /// What the access log and the metrics say about one request.
@@ -94,7 +96,7 @@ pub async fn handle(
         &facts(&parts, conn),
         attempts,
         |backend| {
-            let out = backend_request(&parts.method, &prepared, backend, body.take());
+            let out = backend_request(&parts.method, &prepared, backend, body.take(), conn);
             send(out, Arc::clone(backend), &prepared)
         },
     )
@@ -118,16 +120,30 @@ pub async fn handle(
     }
 }
 
-/// The request as `backend` receives it (an empty body on a retry).
+/// The request as `backend` receives it (an empty body on a retry). For a
+/// backend that gets PROXY headers, the client's addresses ride in the
+/// URI's userinfo, which keys the keep-alive pool to this client (see
+/// `balancer::connector`).
 fn backend_request(
     method: &Method,
     prepared: &Prepared,
     backend: &Backend,
     body: Option<ProxyBody>,
+    conn: &ConnInfo,
 ) -> Result<Request<ProxyBody>, ConnectError> {
-    let uri: Uri = format!("http://{}{}", backend.address, prepared.path_and_query)
-        .parse()
-        .map_err(ConnectError::BadAddress)?;
+    let uri = if backend.sends_proxy_header() {
+        let tag = client_tag(&Addresses {
+            source: conn.peer,
+            destination: conn.local,
+        });
+        format!(
+            "http://{tag}@{}{}",
+            backend.address, prepared.path_and_query
+        )
+    } else {
+        format!("http://{}{}", backend.address, prepared.path_and_query)
+    };
+    let uri: Uri = uri.parse().map_err(ConnectError::BadAddress)?;
     let mut out = Request::new(body.unwrap_or_else(empty));
     *out.method_mut() = method.clone();
     *out.uri_mut() = uri;

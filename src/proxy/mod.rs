@@ -48,7 +48,12 @@ pub struct ProxyContext {
 /// it), so dropping it is what lowers `berth_connections_active`.
 #[derive(Debug)]
 pub struct ConnInfo {
+    /// The client: the socket's peer, or the source a PROXY header named.
     pub peer: SocketAddr,
+    /// The address the client connected to: the socket's own, or the
+    /// destination a PROXY header named (what berth's own PROXY header to
+    /// a backend carries as the destination).
+    pub local: SocketAddr,
     pub listener: Arc<str>,
     pub tls: bool,
     /// Lowers the listener's open-connections gauge when dropped.
@@ -347,6 +352,7 @@ pub(crate) mod testing {
         open_gauge.inc();
         ConnInfo {
             peer: "127.0.0.1:40000".parse().unwrap(),
+            local: "127.0.0.1:8080".parse().unwrap(),
             listener: Arc::from("test"),
             tls,
             open_gauge,

@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::headers::strip_hop_by_hop;
@@ -34,6 +35,7 @@ use super::{
 use crate::auth::Verified;
 use crate::balancer::{Backend, Choice, Pool};
 use crate::body::{empty, text_response, ProxyBody};
+use crate::io::proxy_header::{self, Addresses};
 use crate::lifecycle::RelayTag;
 use crate::ws::frame::close_code;
 use crate::ws::handshake::{accept_matches, validate, HandshakeError};
@@ -114,12 +116,25 @@ pub async fn handle(
 
     // 3. Choose (affinity first) and connect, retrying once on another backend.
     let timeout = pool.config.connect_timeout;
+    let addresses = Addresses {
+        source: conn.peer,
+        destination: conn.local,
+    };
     let chosen = choose_and_connect(&ctx.metrics, &pool, &facts(&parts, conn), 2, |b| {
         let backend = Arc::clone(b);
         async move {
-            connect(&backend.address, timeout)
+            let mut stream = connect(&backend.address, timeout)
                 .await
-                .map_err(AttemptError::Connect)
+                .map_err(AttemptError::Connect)?;
+            // The PROXY header goes first, before the handshake.
+            if backend.sends_proxy_header() {
+                let header = proxy_header::v2_header(Some(addresses));
+                stream
+                    .write_all(&header)
+                    .await
+                    .map_err(|e| AttemptError::Connect(e.into()))?;
+            }
+            Ok(stream)
         }
     })
     .await;

@@ -163,6 +163,33 @@ fn listener_changes(was: &ListenerConfig, now: &ListenerConfig, out: &mut Vec<St
         }
         (None, None) => {}
     }
+    if let Some(keys) = now.tls.as_ref().and_then(|t| t.ticket_keys.as_ref()) {
+        // Read again on every reload, like the certificate: a rotated file
+        // is in force now.
+        out.push(format!(
+            "listener {name:?}: ticket keys re-read from {}",
+            keys.display()
+        ));
+    }
+    let proxy = |l: &ListenerConfig| {
+        l.proxy_protocol.as_ref().map_or("off".to_string(), |p| {
+            let from: Vec<String> = p.from.iter().map(ToString::to_string).collect();
+            format!("{} from {}", p.versions.as_str(), from.join(", "))
+        })
+    };
+    if proxy(was) != proxy(now) {
+        out.push(format!(
+            "listener {name:?}: proxy_protocol {} -> {}",
+            proxy(was),
+            proxy(now)
+        ));
+    }
+    if was.reuse_port != now.reuse_port {
+        out.push(format!(
+            "listener {name:?}: reuse_port {} -> {} (applies when the listener is next bound)",
+            was.reuse_port, now.reuse_port
+        ));
+    }
 }
 
 fn route_changes(old: &[RouteConfig], new: &[RouteConfig], out: &mut Vec<String>) {
@@ -196,6 +223,8 @@ fn pool_changes(was: &PoolConfig, now: &PoolConfig, out: &mut Vec<String>) {
         was.balance.as_str().into(),
         now.balance.as_str().into(),
     );
+    let proxy = |p: &PoolConfig| if p.send_proxy_protocol { "v2" } else { "off" }.to_string();
+    set("send_proxy_protocol", proxy(was), proxy(now));
     let durations: [Setting<Duration>; 5] = [
         ("connect_timeout", |p| p.connect_timeout),
         ("response_timeout", |p| p.response_timeout),

@@ -26,6 +26,9 @@
 //! (or at shutdown). DNS discovery swaps one pool at a time through the
 //! same lock as reloads (`dns.rs`, `pools.rs`).
 //!
+//! `watch` is `berth run --watch`: it polls the config file and reloads
+//! when it changes.
+//!
 //! Every reload's outcome is kept as the [`LastReload`] (the status page
 //! shows it), and what it changed is described in plain words
 //! (`changes.rs`) for the log line and the admin API's answer.
@@ -33,6 +36,7 @@
 mod changes;
 mod dns;
 mod pools;
+pub mod watch;
 
 pub use changes::BackendChange;
 pub use pools::PoolRunner;

@@ -7,6 +7,7 @@
 
 pub mod browser;
 pub mod dns;
+pub mod fleet;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -130,6 +130,16 @@ fn example_line(doc: &ImDocument<&str>, table: &str, key: &str) -> Result<usize,
             }
         }
     }
+    // An inline table (`tls = { ... }`) has no section of its own: its key
+    // counts when a commented-out example of the table spells it out.
+    let inline = format!("{} = {{", table.rsplit('.').next().unwrap_or(table));
+    let spelled = format!("{key} = ");
+    for n in 2..=EXAMPLE.lines().count() {
+        let text = line(n);
+        if is_comment(text) && text.contains(&inline) && text.contains(&spelled) {
+            return Ok(n);
+        }
+    }
     Err(format!(
         "{} is neither set nor shown as a commented-out `# {key} = ...` line",
         join(table, key)
@@ -208,9 +218,13 @@ fn the_readme_documents_every_key() {
             } else {
                 // An inline table: its keys are spelled out in its parent's row.
                 let (parent, name) = table.rsplit_once('.').unwrap_or(("", table));
-                readme_table(parent)
-                    .map(|s| readme_rows(s, name))
-                    .is_some_and(|rows| rows.iter().any(|r| r.contains(&format!("{key} = "))))
+                // Or in a row of its own, named `tls.ticket_keys`.
+                readme_table(parent).is_some_and(|s| {
+                    readme_rows(s, name)
+                        .iter()
+                        .any(|r| r.contains(&format!("{key} = ")))
+                        || !readme_rows(s, &format!("{name}.{key}")).is_empty()
+                })
             };
             if !documented {
                 problems.push(path);

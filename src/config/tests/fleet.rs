@@ -209,3 +209,108 @@ fn discovered_backends_are_named_after_their_address() {
         assert!(super::rules::backend_id(&b.id).is_ok(), "{}", b.id);
     }
 }
+
+/// `BASE`'s listener with `text` (TOML) added.
+fn listener_with(text: &str) -> String {
+    BASE.replace(
+        "bind = \"127.0.0.1:8080\"",
+        &format!("bind = \"127.0.0.1:8080\"\n{text}"),
+    )
+}
+
+#[test]
+fn proxy_protocol_keys_are_read() {
+    use crate::config::{ProxyProtocolConfig, ProxyVersions};
+    let config = load(&listener_with(
+        "proxy_protocol = \"v2\"\nproxy_protocol_from = [\"10.1.2.3/8\", \"::1\"]\nreuse_port = true",
+    ));
+    let l = &config.listeners[0];
+    assert_eq!(
+        l.proxy_protocol,
+        Some(ProxyProtocolConfig {
+            versions: ProxyVersions::V2,
+            from: vec!["10.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+        })
+    );
+    assert!(l.reuse_port);
+    let plain = load(BASE);
+    assert_eq!(plain.listeners[0].proxy_protocol, None);
+    assert!(!plain.listeners[0].reuse_port);
+    assert!(!plain.pools["chat"].send_proxy_protocol);
+    assert!(load(&with("send_proxy_protocol = \"v2\"")).pools["chat"].send_proxy_protocol);
+}
+
+#[test]
+fn proxy_protocol_problems() {
+    let cases = [
+        (
+            "proxy_protocol = \"v3\"\nproxy_protocol_from = [\"10.0.0.0/8\"]",
+            "berth.toml:4: listeners[0].proxy_protocol: proxy_protocol must be \"v1\", \"v2\" or \"any\" (leave it out for none), got \"v3\"",
+        ),
+        (
+            "proxy_protocol = \"any\"",
+            "berth.toml:4: listeners[0].proxy_protocol: proxy_protocol needs proxy_protocol_from: the addresses of the balancers allowed to send the header (e.g. proxy_protocol_from = [\"10.0.0.0/8\"])",
+        ),
+        (
+            "proxy_protocol_from = [\"10.0.0.0/8\"]",
+            "berth.toml:4: listeners[0].proxy_protocol_from: proxy_protocol_from needs proxy_protocol (\"v1\", \"v2\" or \"any\")",
+        ),
+        (
+            "proxy_protocol = \"v1\"\nproxy_protocol_from = []",
+            "berth.toml:5: listeners[0].proxy_protocol_from: proxy_protocol_from is empty: list the balancers allowed to send the PROXY header (e.g. [\"10.0.0.0/8\"])",
+        ),
+        (
+            "proxy_protocol = \"v1\"\nproxy_protocol_from = [\"10.0.0.0/33\"]",
+            "berth.toml:5: listeners[0].proxy_protocol_from[0]: invalid CIDR \"10.0.0.0/33\" (expected e.g. \"10.0.0.0/8\" or \"::1/128\")",
+        ),
+    ];
+    for (text, want) in cases {
+        assert_eq!(errors(&listener_with(text)), want, "{text}");
+    }
+    assert_eq!(
+        errors(&with("send_proxy_protocol = \"v1\"")),
+        "berth.toml:9: pools.chat.send_proxy_protocol: send_proxy_protocol must be \"v2\" (leave it out for none), got \"v1\""
+    );
+}
+
+#[test]
+fn ticket_keys_must_be_whole_keys_in_a_small_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = |keys: &std::path::Path| {
+        BASE.replace(
+            "bind = \"127.0.0.1:8080\"",
+            &format!(
+                "bind = \"127.0.0.1:8080\"\ntls = {{ cert = \"{}/certs/example.crt\", key = \"{}/certs/example.key\", ticket_keys = \"{}\" }}",
+                env!("CARGO_MANIFEST_DIR"),
+                env!("CARGO_MANIFEST_DIR"),
+                keys.display()
+            ),
+        )
+    };
+    let good = dir.path().join("good");
+    std::fs::write(&good, [7u8; 160]).unwrap();
+    let config = load(&tls(&good));
+    assert_eq!(
+        config.listeners[0]
+            .tls
+            .as_ref()
+            .unwrap()
+            .ticket_keys
+            .as_deref(),
+        Some(good.as_path())
+    );
+    let short = dir.path().join("short");
+    std::fs::write(&short, [7u8; 81]).unwrap();
+    assert_eq!(
+        errors(&tls(&short)),
+        "berth.toml:4: listeners[0].tls.ticket_keys: ticket key file holds 81 bytes; it must hold one or more keys of 80 random bytes each, concatenated (e.g. openssl rand 80 > FILE)"
+    );
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![7u8; 80 * 60]).unwrap();
+    assert!(
+        errors(&tls(&big)).contains("is larger than 4 KiB"),
+        "{}",
+        errors(&tls(&big))
+    );
+    assert!(errors(&tls(dir.path())).contains("must be a regular file"));
+}

@@ -1,5 +1,5 @@
 //! Validation of a pool's fleet keys: `slow_start`, `max_connection_age`,
-//! `[pools.NAME.rebalance]` and `[pools.NAME.dns]`, with the per-value
+//! `[pools.NAME.rebalance]`, `[pools.NAME.dns]` and `send_proxy_protocol`, with the per-value
 //! rules of `rules.rs`. Nothing here resolves a name: `check` never needs
 //! DNS.
 
@@ -17,6 +17,7 @@ pub(super) struct Fleet {
     pub max_connection_age: Option<Duration>,
     pub rebalance: Option<RebalanceConfig>,
     pub dns: Option<DnsConfig>,
+    pub send_proxy_protocol: bool,
 }
 
 impl Checker<'_, '_> {
@@ -39,6 +40,10 @@ impl Checker<'_, '_> {
                 .as_ref()
                 .map(|r| self.rebalance(&key("rebalance"), r)),
             dns: raw.dns.as_ref().and_then(|d| self.dns(&key("dns"), d)),
+            send_proxy_protocol: raw.send_proxy_protocol.as_deref().is_some_and(|v| {
+                self.check(&key("send_proxy_protocol"), rules::send_proxy_protocol(v))
+                    .is_some()
+            }),
         }
     }
 

@@ -1,5 +1,6 @@
 //! Validation of `[[listeners]]`: each listener's keys (bind address, TLS
-//! files, handshake timeout, connection caps, `max_header_bytes`) with the
+//! files and ticket keys, handshake timeout, connection caps,
+//! `max_header_bytes`, the PROXY protocol, `reuse_port`) with the
 //! per-value rules of `rules.rs`, and the cross-listener rules (unique
 //! names, binds that do not collide).
 
@@ -11,7 +12,7 @@ use crate::config::file::{FileListener, FileTls};
 use crate::config::locate::Seg;
 use crate::config::read;
 use crate::config::rules;
-use crate::config::{ListenerConfig, TlsConfig};
+use crate::config::{ListenerConfig, ProxyProtocolConfig, TlsConfig};
 use crate::tls::TlsError;
 
 impl Checker<'_, '_> {
@@ -52,6 +53,7 @@ impl Checker<'_, '_> {
             .tls
             .as_ref()
             .and_then(|tls| self.tls(&path(&base, &[Seg::Key("tls")]), tls));
+        let proxy_protocol = self.proxy_protocol(&base, raw);
         Some(ListenerConfig {
             name: name?.to_string(),
             bind: bind?,
@@ -62,7 +64,56 @@ impl Checker<'_, '_> {
             max_connections: max_connections.flatten(),
             max_connections_per_ip: max_connections_per_ip.flatten(),
             max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
+            // A bad value is already a problem; the listener is kept
+            // without it.
+            proxy_protocol: proxy_protocol.flatten(),
+            reuse_port: raw.reuse_port.unwrap_or(false),
         })
+    }
+
+    /// `proxy_protocol` and `proxy_protocol_from`: each needs the other.
+    /// `None` when either is wrong (a problem was pushed).
+    fn proxy_protocol(
+        &mut self,
+        base: &[Seg<'_>],
+        raw: &FileListener,
+    ) -> Option<Option<ProxyProtocolConfig>> {
+        let versions_at = path(base, &[Seg::Key("proxy_protocol")]);
+        let from_at = path(base, &[Seg::Key("proxy_protocol_from")]);
+        let versions = match raw.proxy_protocol.as_deref() {
+            Some(v) => Some(self.check(&versions_at, rules::proxy_versions(v))?),
+            None => None,
+        };
+        let mut from = Some(Vec::new());
+        for (i, cidr) in raw.proxy_protocol_from.iter().flatten().enumerate() {
+            let at = path(&from_at, &[Seg::Index(i)]);
+            match (self.check(&at, rules::cidr(cidr)), from.as_mut()) {
+                (Some(net), Some(nets)) => nets.push(net),
+                _ => from = None,
+            }
+        }
+        let from = from?;
+        match (versions, raw.proxy_protocol_from.is_some()) {
+            (None, false) => Some(None),
+            (None, true) => {
+                self.push(
+                    &from_at,
+                    "proxy_protocol_from needs proxy_protocol (\"v1\", \"v2\" or \"any\")",
+                );
+                None
+            }
+            (Some(_), false) => {
+                self.push(
+                    &versions_at,
+                    "proxy_protocol needs proxy_protocol_from: the addresses of the balancers allowed to send the header (e.g. proxy_protocol_from = [\"10.0.0.0/8\"])",
+                );
+                None
+            }
+            (Some(versions), true) => {
+                let from = self.check(&from_at, rules::proxy_protocol_from(from))?;
+                Some(Some(ProxyProtocolConfig { versions, from }))
+            }
+        }
     }
 
     fn tls(&mut self, base: &[Seg<'_>], raw: &FileTls) -> Option<TlsConfig> {
@@ -74,6 +125,12 @@ impl Checker<'_, '_> {
             "cert = \"certs/example.crt\"",
         );
         let key = self.required(&key_at, raw.key.as_deref(), "key = \"certs/example.key\"");
+        let tickets = raw.ticket_keys.as_deref().map(|name| {
+            let at = path(base, &[Seg::Key("ticket_keys")]);
+            let bytes = self.file(&at, name, "ticket key file", read::TICKET_KEYS_LIMIT);
+            let keys = bytes.and_then(|b| self.check(&at, rules::ticket_keys(&b).map(|()| b)));
+            (read::resolve(self.base, name), keys)
+        });
         // With both keys given, both files are read, so that a problem with
         // each is reported.
         let (cert, key) = (cert?, key?);
@@ -84,10 +141,23 @@ impl Checker<'_, '_> {
             read::resolve(self.base, key),
         );
         let (cert_name, key_name) = (cert.display().to_string(), key.display().to_string());
-        match crate::tls::server_config_from_pem(&cert_pem?, &key_pem?, &cert_name, &key_name) {
+        let (ticket_keys, ticketer) = match tickets {
+            None => (None, None),
+            Some((path, keys)) => {
+                let built = crate::tls::SharedTicketer::from_file_bytes(&keys?);
+                let ticketer =
+                    self.check(&path_ticket_keys(base), built.map_err(|e| e.to_string()))?;
+                (Some(path), Some(ticketer))
+            }
+        };
+        let (cert_pem, key_pem) = (cert_pem?, key_pem?);
+        match crate::tls::server_config_from_pem(
+            &cert_pem, &key_pem, &cert_name, &key_name, ticketer,
+        ) {
             Ok(server_config) => Some(TlsConfig {
                 cert,
                 key,
+                ticket_keys,
                 server_config,
             }),
             Err(err) => {
@@ -139,6 +209,10 @@ fn tls_error_key(err: &TlsError) -> Option<&'static str> {
         }
         TlsError::Ticketer { .. } | TlsError::Versions { .. } => None,
     }
+}
+
+fn path_ticket_keys<'a>(base: &[Seg<'a>]) -> Vec<Seg<'a>> {
+    path(base, &[Seg::Key("ticket_keys")])
 }
 
 /// Whether two listen addresses would fight over the same socket. Port 0
