@@ -83,9 +83,11 @@ pub struct Metrics {
     pub registry: Registry,
     pub connections_active: IntGaugeVec,
     pub connections_refused: IntCounterVec,
+    pub client_connections: IntCounterVec,
     pub requests_rejected: IntCounterVec,
     pub ws_connections_active: IntGaugeVec,
     pub ws_upgrades: IntCounterVec,
+    pub ws_opened: IntCounterVec,
     pub ws_duration: HistogramVec,
     pub ws_messages: IntCounterVec,
     pub ws_frames: IntCounterVec,
@@ -164,6 +166,12 @@ impl Metrics {
                 "Client connections closed right after accept, unread, by reason: fd_limit, listener_full or per_ip.",
                 &["listener", "reason"],
             )?,
+            client_connections: counter(
+                &r,
+                "berth_client_connections_total",
+                "Client connections served, by the protocol they spoke (http1, http2), counted once the first request head (HTTP/1.1) or the connection preface (HTTP/2) has arrived.",
+                &["listener", "protocol"],
+            )?,
             requests_rejected: counter(
                 &r,
                 "berth_requests_rejected_total",
@@ -181,6 +189,12 @@ impl Metrics {
                 "berth_websocket_upgrades_total",
                 "WebSocket upgrade attempts by result.",
                 &["pool", "backend", "result"],
+            )?,
+            ws_opened: counter(
+                &r,
+                "berth_websocket_opened_total",
+                "WebSockets established, by the protocol the client used (http1: an HTTP/1.1 upgrade; http2: an RFC 8441 extended CONNECT).",
+                &["pool", "protocol"],
             )?,
             ws_duration: histogram(
                 &r,

@@ -45,6 +45,9 @@ pub struct FileListener {
     pub max_connections: Option<i64>,
     pub max_connections_per_ip: Option<i64>,
     pub max_header_bytes: Option<FileSize>,
+    pub http2: Option<bool>,
+    /// Signed, so that a negative count gets a range message.
+    pub max_concurrent_streams: Option<i64>,
 }
 
 /// A listener's `tls = { cert = "...", key = "..." }`.
@@ -210,6 +213,8 @@ const LISTENER_KEYS: &[&str] = &[
     "max_connections",
     "max_connections_per_ip",
     "max_header_bytes",
+    "http2",
+    "max_concurrent_streams",
 ];
 const TLS_KEYS: &[&str] = &["cert", "key"];
 const ADMIN_KEYS: &[&str] = &["bind", "token"];
@@ -307,6 +312,8 @@ fn listener(t: &Fields<'_>, report: &mut Report<'_>) -> FileListener {
         max_connections: t.get(report, "max_connections"),
         max_connections_per_ip: t.get(report, "max_connections_per_ip"),
         max_header_bytes: t.get(report, "max_header_bytes"),
+        http2: t.get(report, "http2"),
+        max_concurrent_streams: t.get(report, "max_concurrent_streams"),
     }
 }
 

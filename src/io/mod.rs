@@ -1,11 +1,15 @@
-//! The client side of a connection as one byte-stream type, and the
-//! reading of its first request head (`head`).
+//! The client side of a connection as one byte-stream type, the reading of
+//! its first request head (`head`) or of its HTTP/2 connection preface
+//! (`preface`), and the frame-level guard an HTTP/2 connection runs behind
+//! (`h2guard`).
 //!
 //! A bottom-layer module so that the listener (which makes client streams)
 //! and the proxy's tunnel (which relays over them after an upgrade) both
 //! name [`ClientStream`] without importing each other. It owns no tasks.
 
+pub mod h2guard;
 pub mod head;
+pub mod preface;
 
 use std::io;
 use std::pin::Pin;
@@ -54,6 +58,14 @@ impl ClientStream {
 
     pub fn is_tls(&self) -> bool {
         matches!(self.transport, Transport::Tls(_))
+    }
+
+    /// Whether the TLS handshake chose `h2` in ALPN.
+    pub fn alpn_is_h2(&self) -> bool {
+        match &self.transport {
+            Transport::Tls(tls) => tls.alpn_is_h2(),
+            Transport::Plain(_) => false,
+        }
     }
 }
 

@@ -43,6 +43,24 @@ pub struct ProxyContext {
     pub lifecycle: Arc<Lifecycle>,
 }
 
+/// The HTTP version a client connection speaks: the `protocol` label of
+/// `berth_client_connections_total` and `berth_websocket_opened_total`, and
+/// the access log's `protocol`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+impl Protocol {
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "http2",
+        }
+    }
+}
+
 /// Facts about the client connection a request arrived on. It lives as
 /// long as the connection does, upgraded ones included (the relay task holds
 /// it), so dropping it is what lowers `berth_connections_active`.
@@ -51,6 +69,11 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     pub listener: Arc<str>,
     pub tls: bool,
+    pub protocol: Protocol,
+    /// WebSockets relaying on this connection now (one at most on
+    /// HTTP/1.1; any number of streams on HTTP/2): shutdown sends an
+    /// HTTP/2 connection its `GOAWAY` once they have closed.
+    pub websockets: std::sync::atomic::AtomicUsize,
     /// Lowers the listener's open-connections gauge when dropped.
     pub open_gauge: prometheus::IntGauge,
     /// The connection's place under the listener's caps and the descriptor
@@ -303,7 +326,14 @@ pub async fn serve(
             count_rejected(&ctx, &conn, StatusCode::BAD_REQUEST);
             text_response(
                 StatusCode::BAD_REQUEST,
-                "berth proxies only WebSocket upgrades (GET, HTTP/1.1, Upgrade: websocket)\n",
+                match conn.protocol {
+                    Protocol::Http1 => {
+                        "berth proxies only WebSocket upgrades (GET, HTTP/1.1, Upgrade: websocket)\n"
+                    }
+                    Protocol::Http2 => {
+                        "berth proxies only WebSocket tunnels over HTTP/2 (CONNECT with :protocol websocket)\n"
+                    }
+                },
             )
         }
         UpgradeKind::None => forward::handle(req, &conn, &ctx, &id).await,
@@ -349,6 +379,8 @@ pub(crate) mod testing {
             peer: "127.0.0.1:40000".parse().unwrap(),
             listener: Arc::from("test"),
             tls,
+            protocol: super::Protocol::Http1,
+            websockets: Default::default(),
             open_gauge,
             slot: None,
         }

@@ -1,5 +1,6 @@
 //! Validation of `[[listeners]]`: each listener's keys (bind address, TLS
-//! files, handshake timeout, connection caps, `max_header_bytes`) with the
+//! files, handshake timeout, connection caps, `max_header_bytes`, `http2`,
+//! `max_concurrent_streams`) with the
 //! per-value rules of `rules.rs`, and the cross-listener rules (unique
 //! names, binds that do not collide).
 
@@ -46,12 +47,27 @@ impl Checker<'_, '_> {
             raw.max_header_bytes.as_ref(),
             rules::MAX_HEADER_BYTES,
         );
+        let http2 = raw.http2.unwrap_or(true);
+        let max_concurrent_streams = self
+            .int(
+                &path(&base, &[Seg::Key("max_concurrent_streams")]),
+                raw.max_concurrent_streams,
+                rules::MAX_CONCURRENT_STREAMS_DEFAULT,
+                rules::MAX_CONCURRENT_STREAMS,
+            )
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(100);
         // A TLS failure is already a problem, so the (then unused) listener
         // is kept without TLS to let the uniqueness checks still see it.
+        // With HTTP/2 off, ALPN offers only http/1.1.
         let tls = raw
             .tls
             .as_ref()
-            .and_then(|tls| self.tls(&path(&base, &[Seg::Key("tls")]), tls));
+            .and_then(|tls| self.tls(&path(&base, &[Seg::Key("tls")]), tls))
+            .map(|mut tls| {
+                tls.server_config = crate::tls::for_listener(&tls.server_config, http2);
+                tls
+            });
         Some(ListenerConfig {
             name: name?.to_string(),
             bind: bind?,
@@ -62,6 +78,8 @@ impl Checker<'_, '_> {
             max_connections: max_connections.flatten(),
             max_connections_per_ip: max_connections_per_ip.flatten(),
             max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
+            http2,
+            max_concurrent_streams,
         })
     }
 
