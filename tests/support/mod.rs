@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod h2c;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
