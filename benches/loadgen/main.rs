@@ -24,6 +24,7 @@
 //! a few in-process checks of its framing code and exits.
 
 mod backend;
+mod h2;
 mod modes;
 mod net;
 mod report;
@@ -215,6 +216,11 @@ struct ClientArgs {
     /// Report CPU time and RSS of these processes over the measurement.
     #[arg(long)]
     watch_pid: Vec<u32>,
+    /// WebSockets over HTTP/2 (RFC 8441 extended CONNECT), this many on
+    /// each HTTP/2 connection: prior knowledge over ws://, ALPN h2 over
+    /// wss://. Without it, each WebSocket is an HTTP/1.1 upgrade.
+    #[arg(long)]
+    h2_streams: Option<usize>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -266,6 +272,9 @@ fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
 }
 
 async fn client(args: ClientArgs, default_sources: &str) -> anyhow::Result<modes::Client> {
+    if let Some(n) = args.h2_streams {
+        h2::check_streams(n)?;
+    }
     let target = modes::Client {
         target: Arc::new(
             net::Target::parse(
@@ -273,6 +282,7 @@ async fn client(args: ClientArgs, default_sources: &str) -> anyhow::Result<modes
                 args.ca.as_deref(),
                 args.resume,
                 args.kx.as_deref(),
+                args.h2_streams,
             )
             .await?,
         ),
