@@ -121,6 +121,9 @@ enum Command {
         /// Connections opened at once.
         #[arg(long, default_value_t = 128)]
         concurrency: usize,
+        /// One echo on each connection as it opens (then it goes quiet).
+        #[arg(long)]
+        echo_first: bool,
     },
     /// Connect (TCP + TLS + upgrade), one echo, close; as fast as possible.
     Handshake {
@@ -388,11 +391,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             connections,
             hold,
             concurrency,
+            echo_first,
         } => {
             let opts = modes::IdleOpts {
                 connections,
                 hold: secs(hold, "hold")?,
                 concurrency,
+                echo_first,
             };
             modes::idle(client(c, "127.0.0.2-127.0.0.250").await?, opts).await?
         }
