@@ -812,3 +812,28 @@ async fn a_half_sent_preface_times_out_and_holds_nothing_else() {
     assert_eq!(metric(&proxy, series).await, 0.0);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_idle_connection_gets_goaway_after_handshake_timeout_but_not_one_with_a_websocket() {
+    let b1 = WsBackend::start("b1").await;
+    let toml = config_for(&[b1.addr], "").replacen(
+        "bind = \"127.0.0.1:0\"\n",
+        "bind = \"127.0.0.1:0\"\nhandshake_timeout = \"300ms\"\n",
+        1,
+    );
+    let proxy = Proxy::start(&toml).await;
+    let idle = H2Conn::plain(proxy.addr).await;
+    let mut busy = H2Conn::plain(proxy.addr).await;
+    let (_, mut ws) = busy.ws("/", &[]).await;
+    // Idle for more than two handshake_timeouts: closed cleanly (GOAWAY).
+    let ended = tokio::time::timeout(Duration::from_secs(5), idle.task)
+        .await
+        .expect("the idle connection is closed")
+        .unwrap();
+    assert!(ended.is_ok(), "{ended:?}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The one carrying a quiet WebSocket stays.
+    echo(&mut ws, "still open").await;
+    assert!(!busy.task.is_finished());
+    proxy.shutdown().await;
+}

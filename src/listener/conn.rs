@@ -104,6 +104,8 @@ pub(super) async fn serve(
         slot: Some(slot),
         protocol: Protocol::Http1,
         websockets: Default::default(),
+        requests: Default::default(),
+        started: Default::default(),
     };
 
     let mut stream = match &settings.tls {
@@ -236,6 +238,11 @@ async fn serve_h2(
     tokio::pin!(conn);
     let result = tokio::select! {
         res = conn.as_mut() => res,
+        () = idle(&info, settings.handshake_timeout) => {
+            tracing::debug!(client = %peer, listener = %info.listener, "HTTP/2 connection idle for handshake_timeout: GOAWAY");
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
         _ = tripped.wait() => {
             tracing::warn!(client = %peer, listener = %info.listener, "HTTP/2 connection flooded berth with control frames: GOAWAY sent, connection closed");
             let _ = tokio::time::timeout(GOAWAY_GRACE, conn.as_mut()).await;
@@ -261,6 +268,25 @@ async fn serve_h2(
     };
     if let Err(e) = result {
         tracing::debug!(client = %peer, error = %e, "HTTP/2 connection ended with an error");
+    }
+}
+
+/// Returns once an HTTP/2 connection has had no request in flight, no
+/// WebSocket and no new request for a whole `timeout` (so between one and
+/// two `timeout`s after its last stream ended), as an idle HTTP/1.1
+/// keep-alive connection is closed after `handshake_timeout`. One timer per
+/// connection, woken once per `timeout`.
+async fn idle(info: &ConnInfo, timeout: Duration) {
+    let mut seen = info.started.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(timeout).await;
+        let started = info.started.load(Ordering::Relaxed);
+        let busy = info.requests.load(Ordering::Relaxed) > 0
+            || info.websockets.load(Ordering::Relaxed) > 0;
+        if !busy && started == seen {
+            return;
+        }
+        seen = started;
     }
 }
 

@@ -20,7 +20,10 @@ pub mod upgrade;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode};
@@ -73,7 +76,13 @@ pub struct ConnInfo {
     /// WebSockets relaying on this connection now (one at most on
     /// HTTP/1.1; any number of streams on HTTP/2): shutdown sends an
     /// HTTP/2 connection its `GOAWAY` once they have closed.
-    pub websockets: std::sync::atomic::AtomicUsize,
+    pub websockets: AtomicUsize,
+    /// HTTP/2 only: requests in flight (from the request's start to the
+    /// end of its response body), and how many have started so far. The
+    /// listener closes a connection that has had neither a request nor a
+    /// WebSocket for `handshake_timeout`.
+    pub requests: AtomicUsize,
+    pub started: AtomicU64,
     /// Lowers the listener's open-connections gauge when dropped.
     pub open_gauge: prometheus::IntGauge,
     /// The connection's place under the listener's caps and the descriptor
@@ -316,6 +325,7 @@ pub async fn serve(
     ctx: Arc<ProxyContext>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let id = request_id(req.headers());
+    let in_flight = (conn.protocol == Protocol::Http2).then(|| InFlight::start(&conn));
     let mut resp = match classify(&req) {
         UpgradeKind::WebSocket => upgrade::handle(req, &conn, &ctx, &id).await,
         UpgradeKind::Unsupported => {
@@ -340,7 +350,59 @@ pub async fn serve(
     };
     // A backend's own X-Request-Id is left alone.
     resp.headers_mut().entry(X_REQUEST_ID).or_insert(id);
-    Ok(resp)
+    Ok(match in_flight {
+        None => resp,
+        Some(in_flight) => resp.map(|body| {
+            http_body_util::BodyExt::boxed_unsync(Counted {
+                body,
+                _in_flight: in_flight,
+            })
+        }),
+    })
+}
+
+/// A request in flight on an HTTP/2 connection, from its start until its
+/// response body ends or is dropped (a reset stream included).
+struct InFlight(Arc<ConnInfo>);
+
+impl InFlight {
+    fn start(conn: &Arc<ConnInfo>) -> InFlight {
+        conn.requests.fetch_add(1, Ordering::Relaxed);
+        conn.started.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(conn))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its request counted while it lasts.
+struct Counted {
+    body: ProxyBody,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Contexts built from a config text, for the unit tests of this layer
@@ -381,6 +443,8 @@ pub(crate) mod testing {
             tls,
             protocol: super::Protocol::Http1,
             websockets: Default::default(),
+            requests: Default::default(),
+            started: Default::default(),
             open_gauge,
             slot: None,
         }
