@@ -837,3 +837,76 @@ async fn an_idle_connection_gets_goaway_after_handshake_timeout_but_not_one_with
     assert!(!busy.task.is_finished());
     proxy.shutdown().await;
 }
+
+/// Reads frames from a raw stream until a Close (its code) or `limit`;
+/// counts the Pings seen on the way.
+async fn close_after_pings(io: &mut h2c::H2Io, limit: Duration) -> (Option<u16>, usize) {
+    let mut pings = 0;
+    let code = tokio::time::timeout(limit, async {
+        while let Some((_, op, payload)) = support::read_frame(io).await {
+            match op {
+                0x9 => pings += 1,
+                0x8 => {
+                    return Some(if payload.len() >= 2 {
+                        u16::from_be_bytes([payload[0], payload[1]])
+                    } else {
+                        1005
+                    })
+                }
+                _ => {}
+            }
+        }
+        None
+    })
+    .await
+    .unwrap_or(None);
+    (code, pings)
+}
+
+#[tokio::test]
+async fn the_relays_guarantees_hold_on_a_stream() {
+    let b1 = WsBackend::start("b1").await;
+    let extra =
+        "idle_timeout = \"600ms\"\nping_interval = \"100ms\"\nmax_message_size = \"1 KiB\"\n";
+    let proxy = Proxy::start(&config_for(&[b1.addr], extra)).await;
+    let mut conn = H2Conn::plain(proxy.addr).await;
+
+    // A Ping from berth while the stream carries no data, then Close 1001
+    // after idle_timeout.
+    let (_, io) = conn.connect_ws("/", &[]).await;
+    let mut quiet = io.unwrap();
+    let (code, pings) = close_after_pings(&mut quiet, Duration::from_secs(5)).await;
+    assert_eq!(code, Some(1001), "idle_timeout");
+    // One Ping at a time: the next waits for its Pong (not sent here).
+    assert_eq!(pings, 1, "berth's Ping reached the stream");
+
+    // A message over max_message_size: 1009.
+    let (_, io) = conn.connect_ws("/", &[]).await;
+    let mut big = io.unwrap();
+    big.write_all(&support::client_frame(true, 1, &[b'x'; 2048]))
+        .await
+        .unwrap();
+    let (code, _) = close_after_pings(&mut big, Duration::from_secs(5)).await;
+    assert_eq!(code, Some(1009));
+
+    // An unmasked client frame breaks RFC 6455: 1002.
+    let (_, io) = conn.connect_ws("/", &[]).await;
+    let mut bad = io.unwrap();
+    bad.write_all(&[0x81, 2, b'h', b'i']).await.unwrap();
+    let (code, _) = close_after_pings(&mut bad, Duration::from_secs(5)).await;
+    assert_eq!(code, Some(1002));
+
+    // Counted in the same metrics as HTTP/1.1.
+    let closes = "berth_websocket_closes_total{code=\"1009\",initiator=\"proxy\",pool=\"main\"}";
+    wait_for("the 1009 in the metrics", async || {
+        metric(&proxy, closes).await >= 1.0
+    })
+    .await;
+    let frames = "berth_websocket_frames_total{direction=\"backend_to_client\",opcode=\"ping\",pool=\"main\"}";
+    assert_eq!(
+        metric(&proxy, frames).await,
+        0.0,
+        "berth's own pings are not relayed frames"
+    );
+    proxy.shutdown().await;
+}
