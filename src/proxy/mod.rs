@@ -1,9 +1,14 @@
 //! The per-request service: routes each request and hands it to the plain
-//! HTTP path (`forward`) or the WebSocket path (`upgrade`).
+//! HTTP path (`forward`) or the WebSocket path (`upgrade`: an HTTP/1.1
+//! upgrade, or an HTTP/2 extended CONNECT; [`ConnInfo::protocol`] says
+//! which the connection speaks).
 //!
 //! [`ProxyContext`] is everything the service may touch. [`serve`] runs
-//! inside the listener's connection task; the only task the proxy starts
-//! is a `tunnel` per upgraded connection, tracked by the lifecycle's tracker.
+//! inside the listener's connection task (on HTTP/2, in a task per stream);
+//! the only task the proxy starts is a `tunnel` per upgraded connection or
+//! stream, tracked by the lifecycle's tracker. On HTTP/2 it also counts
+//! each request from its start to the end of its response body, for the
+//! listener's idle check.
 //! [`ProxyError::status`], [`ProxyError::upgrade_result`] and
 //! [`ProxyError::public_message`] are the one place that maps errors to a
 //! status code, a metric label and the words a client is told: generic
