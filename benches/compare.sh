@@ -36,7 +36,10 @@
 #   TARGETS       targets, in column order [berth berth-ring nginx haproxy direct]
 #   TESTS         tests to run [all: tp64-ws ir64-ws tp64-wss ir64-wss
 #                 tp64k-wss lat-c1-wss lat-c100-wss hs-c50-wss
-#                 hs-c50-wss-resume hs-c50-wss-pq idle-ws idle-wss storm-wss]
+#                 hs-c50-wss-resume hs-c50-wss-pq idle-ws idle-wss storm-wss
+#                 tp64-wss-h2 idle-wss-h2-1 idle-wss-h2-100]
+#                 (the *-h2* tests: WebSockets over HTTP/2, RFC 8441; berth
+#                 and HAProxy only)
 #   RING_TESTS    the tests berth-ring runs [tp64-wss ir64-wss tp64k-wss
 #                 hs-c50-wss hs-c50-wss-resume idle-wss]
 #   PROXY_CORE    core for the proxy [0];  LOAD_CORE: core for load + backends [1]
@@ -77,7 +80,7 @@ fi
 IR_CONNS=${IR_CONNS:-4}
 IR_REPS=${IR_REPS:-1}
 read -r -a TARGETS <<<"${TARGETS:-berth berth-ring nginx haproxy direct}"
-read -r -a TESTS <<<"${TESTS:-tp64-ws ir64-ws tp64-wss ir64-wss tp64k-wss lat-c1-wss lat-c100-wss hs-c50-wss hs-c50-wss-resume hs-c50-wss-pq idle-ws idle-wss storm-wss}"
+read -r -a TESTS <<<"${TESTS:-tp64-ws ir64-ws tp64-wss ir64-wss tp64k-wss lat-c1-wss lat-c100-wss hs-c50-wss hs-c50-wss-resume hs-c50-wss-pq idle-ws idle-wss storm-wss tp64-wss-h2 idle-wss-h2-1 idle-wss-h2-100}"
 RING_TESTS=" ${RING_TESTS:-tp64-wss ir64-wss tp64k-wss hs-c50-wss hs-c50-wss-resume idle-wss} "
 PROXY_CORE=${PROXY_CORE:-0}
 LOAD_CORE=${LOAD_CORE:-1}
@@ -343,7 +346,10 @@ sed 's/^master_process on;/master_process off;/' "$WORK/nginx.conf" >"$WORK/ngin
 # the 20,000 hard limit ("Cannot raise FD limit to 40015, limit is 20000").
 # 9,990 sessions (19,995 descriptors) is the most that fits: about what nginx
 # can proxy within its 20,000 descriptors too, and above the 9,900 of the idle
-# test.
+# test. The TLS bind offers h2 for the *-h2* tests: HAProxy (since 2.4)
+# accepts WebSockets over HTTP/2 (RFC 8441) on an h2 front end with nothing
+# more to configure, and speaks HTTP/1.1 to the backends; the HTTP/1.1 tests'
+# clients offer only http/1.1, so they are unaffected.
 cat "$CERT" "$KEY" >"$WORK/combined.pem"
 cat >"$WORK/haproxy.cfg" <<EOF
 global
@@ -363,7 +369,7 @@ defaults
 
 frontend fe
     bind 127.0.0.1:$PHAP
-    bind 127.0.0.1:$PHAPS ssl crt $WORK/combined.pem alpn http/1.1
+    bind 127.0.0.1:$PHAPS ssl crt $WORK/combined.pem alpn h2,http/1.1
     default_backend echo
 
 backend echo
@@ -469,6 +475,9 @@ describe() {
     idle-wss) echo "$IDLE_CONNS idle connections held ${IDLE_HOLD}s, wss" ;;
     ir64-ws | ir64-wss) echo "user-space instructions per 64 B message (callgrind, instrumentation on for the ${IR_DURATION}s measured window only, after ${IR_WARMUP}s of warm-up), $IR_CONNS connections × 8 in flight, ${1#ir64-}" ;;
     hs-c50-wss-pq) echo "handshakes as hs-c50-wss, the client offering only the post-quantum hybrid X25519MLKEM768" ;;
+    tp64-wss-h2) echo "64 B messages over HTTP/2 (RFC 8441, TLS with ALPN h2): 100 WebSockets × 8 in flight, 10 per HTTP/2 connection" ;;
+    idle-wss-h2-1) echo "$IDLE_CONNS idle WebSockets over HTTP/2 (RFC 8441, wss), one per HTTP/2 connection, held ${IDLE_HOLD}s" ;;
+    idle-wss-h2-100) echo "$IDLE_CONNS idle WebSockets over HTTP/2 (RFC 8441, wss), 100 per HTTP/2 connection, held ${IDLE_HOLD}s" ;;
     storm-wss) echo "reconnect storm: $STORM_CONNS wss clients, each with its own TLS session cache, cut at once by the backend (SIGUSR1: it closes every connection), reconnect at once resuming their sessions" ;;
     *) die "unknown test $1" ;;
     esac
@@ -490,6 +499,9 @@ loadgen_args() {
     idle-ws | idle-wss) echo idle "${common[@]}" --connections "$IDLE_CONNS" --hold "$IDLE_HOLD" --source-ips "$SOURCE_IPS" ;;
     ir64-ws | ir64-wss) echo throughput "${common[@]}" --connections "$IR_CONNS" --window 8 --size 64 --warmup "$IR_WARMUP" --duration "$IR_DURATION" ;;
     storm-wss) echo storm "${common[@]}" --connections "$STORM_CONNS" --source-ips "$SOURCE_IPS" ;;
+    tp64-wss-h2) echo throughput "${common[@]}" --connections 100 --window 8 --size 64 --duration "$DURATION" --h2-streams 10 ;;
+    idle-wss-h2-1) echo idle "${common[@]}" --connections "$IDLE_CONNS" --hold "$IDLE_HOLD" --source-ips "$SOURCE_IPS" --h2-streams 1 ;;
+    idle-wss-h2-100) echo idle "${common[@]}" --connections "$IDLE_CONNS" --hold "$IDLE_HOLD" --source-ips "$SOURCE_IPS" --h2-streams 100 ;;
     esac
 }
 
@@ -497,6 +509,8 @@ loadgen_args() {
 skip_reason() {
     case $2:$1 in
     direct:ir64-* | direct:storm-*) echo "no proxy" ;;
+    direct:*-h2*) echo "the echo backend speaks HTTP/1.1 only" ;;
+    nginx:*-h2*) echo "no WebSockets over HTTP/2 (RFC 8441; nginx ticket 1428)" ;;
     direct:hs-c50-wss-pq) echo "the echo backend's own TLS" ;;
     berth-ring:hs-c50-wss-pq) echo "ring has no X25519MLKEM768" ;;
     nginx:hs-c50-wss-pq | haproxy:hs-c50-wss-pq) echo "cannot offer X25519MLKEM768 (Debian's build on OpenSSL 3.0)" ;;

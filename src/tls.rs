@@ -1,5 +1,6 @@
 //! TLS material: PEM loading and the rustls server configuration used by TLS
-//! listeners (TLS 1.2 and 1.3 only, ALPN `http/1.1`). The crypto provider is
+//! listeners (TLS 1.2 and 1.3 only, ALPN `h2` and `http/1.1`, or only
+//! `http/1.1` on a listener with `http2 = false`). The crypto provider is
 //! aws-lc-rs (the default `aws-lc` feature), which also offers the
 //! post-quantum hybrid key exchange X25519MLKEM768, preferred when a client
 //! sends its key share; or ring, built with `--no-default-features`. Nothing
@@ -186,11 +187,24 @@ fn build_server_config(
         .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(Arc::new(
             certified,
         ))));
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Both, in berth's order of preference; a client that offers neither
+    // (or no ALPN at all) gets HTTP/1.1.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let resumption = resumption()?;
     config.session_storage = Arc::clone(&resumption.cache);
     config.ticketer = Arc::clone(&resumption.ticketer);
     Ok(config)
+}
+
+/// The server config of a listener: as built, or offering only `http/1.1`
+/// in ALPN when the listener has HTTP/2 turned off.
+pub fn for_listener(config: &Arc<ServerConfig>, http2: bool) -> Arc<ServerConfig> {
+    if http2 {
+        return Arc::clone(config);
+    }
+    let mut only_h1 = ServerConfig::clone(config);
+    only_h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(only_h1)
 }
 
 /// A client config that trusts the certificates in the PEM file `cert` (the

@@ -152,6 +152,11 @@ impl ServerTlsStream {
         self.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
     }
 
+    /// Whether the client and berth agreed on HTTP/2 in ALPN.
+    pub fn alpn_is_h2(&self) -> bool {
+        self.conn.alpn_protocol() == Some(b"h2")
+    }
+
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TlsStreamError>> {
         loop {
             let reached = match self.process_carried(Goal::Read, None) {

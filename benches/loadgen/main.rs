@@ -26,6 +26,7 @@
 //! a few in-process checks of its framing code and exits.
 
 mod backend;
+mod h2;
 mod modes;
 mod net;
 mod report;
@@ -123,6 +124,9 @@ enum Command {
         /// Connections opened at once.
         #[arg(long, default_value_t = 128)]
         concurrency: usize,
+        /// One echo on each connection as it opens (then it goes quiet).
+        #[arg(long)]
+        echo_first: bool,
     },
     /// Connect (TCP + TLS + upgrade), one echo, close; as fast as possible.
     Handshake {
@@ -258,6 +262,11 @@ struct ClientArgs {
     /// Report CPU time and RSS of these processes over the measurement.
     #[arg(long)]
     watch_pid: Vec<u32>,
+    /// WebSockets over HTTP/2 (RFC 8441 extended CONNECT), this many on
+    /// each HTTP/2 connection: prior knowledge over ws://, ALPN h2 over
+    /// wss://. Without it, each WebSocket is an HTTP/1.1 upgrade.
+    #[arg(long)]
+    h2_streams: Option<usize>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -309,6 +318,9 @@ fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
 }
 
 async fn client(args: ClientArgs, default_sources: &str) -> anyhow::Result<modes::Client> {
+    if let Some(n) = args.h2_streams {
+        h2::check_streams(n)?;
+    }
     let target = modes::Client {
         target: Arc::new(
             net::Target::parse(
@@ -316,6 +328,7 @@ async fn client(args: ClientArgs, default_sources: &str) -> anyhow::Result<modes
                 args.ca.as_deref(),
                 args.resume,
                 args.kx.as_deref(),
+                args.h2_streams,
             )
             .await?,
         ),
@@ -369,7 +382,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if !(duration.is_finite() && duration > 0.0 && duration <= 7.0 * 86400.0) {
                 bail!("--duration must be between 0 and 7 days (in seconds)");
             }
-            let target = net::Target::parse(&url, None, false, None).await?;
+            let target = net::Target::parse(&url, None, false, None, None).await?;
             if target.tls.is_some() {
                 bail!("the soak mode speaks ws:// only");
             }
@@ -471,11 +484,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             connections,
             hold,
             concurrency,
+            echo_first,
         } => {
             let opts = modes::IdleOpts {
                 connections,
                 hold: secs(hold, "hold")?,
                 concurrency,
+                echo_first,
             };
             modes::idle(client(c, "127.0.0.2-127.0.0.250").await?, opts).await?
         }

@@ -755,6 +755,9 @@ pub struct IdleOpts {
     pub hold: Duration,
     /// Connections being opened at once.
     pub concurrency: usize,
+    /// One echo on each connection as it opens, so that the hold measures
+    /// connections that have carried a message (and gone quiet).
+    pub echo_first: bool,
 }
 
 pub async fn idle(c: Client, o: IdleOpts) -> anyhow::Result<Value> {
@@ -762,11 +765,19 @@ pub async fn idle(c: Client, o: IdleOpts) -> anyhow::Result<Value> {
     let sem = Arc::new(Semaphore::new(o.concurrency.max(1)));
     let t0 = Instant::now();
     let mut set = tokio::task::JoinSet::new();
+    let first = Arc::new(Pattern::new(64));
     for i in 0..o.connections {
         let (target, source, sem) = (c.target.clone(), c.source(i), sem.clone());
+        let (first, echo_first) = (first.clone(), o.echo_first);
         set.spawn(async move {
             let _permit = sem.acquire_owned().await;
-            target.connect_timeout(source, CONNECT_LIMIT).await
+            let (mut conn, mut buf) = target.connect_timeout(source, CONNECT_LIMIT).await?;
+            if echo_first {
+                let mut out = Vec::with_capacity(80);
+                let mut rng = Rng::new(i as u64 + 7);
+                echo_once(&mut conn, &mut buf, &first, &mut out, i as u64, rng.mask()).await?;
+            }
+            Ok::<_, StageError>((conn, buf))
         });
     }
     let mut conns = Vec::with_capacity(o.connections);

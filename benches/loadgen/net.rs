@@ -72,17 +72,19 @@ pub fn provider(kx: Option<&str>) -> anyhow::Result<rustls::crypto::CryptoProvid
     Ok(p)
 }
 
-/// A plain or TLS client stream.
+/// A plain or TLS client stream, or one stream of an HTTP/2 connection
+/// (`--h2-streams`).
 pub enum Conn {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    H2(Box<crate::h2::Stream>),
 }
 
 impl Conn {
     /// The key exchange group the TLS handshake used (None over ws).
     pub fn kx_group(&self) -> Option<rustls::NamedGroup> {
         match self {
-            Conn::Plain(_) => None,
+            Conn::Plain(_) | Conn::H2(_) => None,
             Conn::Tls(s) => s
                 .get_ref()
                 .1
@@ -94,7 +96,7 @@ impl Conn {
     /// Whether the TLS handshake resumed an earlier session (false over ws).
     pub fn resumed(&self) -> bool {
         match self {
-            Conn::Plain(_) => false,
+            Conn::Plain(_) | Conn::H2(_) => false,
             Conn::Tls(s) => s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
         }
     }
@@ -109,6 +111,7 @@ impl AsyncRead for Conn {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::H2(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -122,18 +125,21 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::H2(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_flush(cx),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::H2(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::H2(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -147,6 +153,9 @@ pub struct Target {
     pub tls: Option<(TlsConnector, ServerName<'static>)>,
     /// Whether TLS sessions are resumed (`--resume`).
     resume: bool,
+    /// WebSockets over HTTP/2 (`--h2-streams`), shared by the clones of
+    /// this target.
+    pub h2: Option<std::sync::Arc<crate::h2::Pool>>,
 }
 
 /// What a client stage failed at (handshake mode counts errors by stage).
@@ -201,6 +210,7 @@ impl Target {
         ca: Option<&Path>,
         resume: bool,
         kx: Option<&str>,
+        h2_streams: Option<usize>,
     ) -> anyhow::Result<Target> {
         let (tls, rest) = if let Some(r) = url.strip_prefix("wss://") {
             (true, r)
@@ -255,7 +265,11 @@ impl Target {
                     .with_custom_certificate_verifier(Arc::new(NoVerify))
                     .with_no_client_auth(),
             };
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            config.alpn_protocols = if h2_streams.is_some() {
+                vec![b"h2".to_vec()]
+            } else {
+                vec![b"http/1.1".to_vec()]
+            };
             if !resume {
                 config.resumption = rustls::client::Resumption::disabled();
             }
@@ -271,6 +285,7 @@ impl Target {
             path: path.to_string(),
             tls,
             resume,
+            h2: h2_streams.map(|n| std::sync::Arc::new(crate::h2::Pool::new(n))),
         })
     }
 
@@ -292,6 +307,7 @@ impl Target {
             path: self.path.clone(),
             tls,
             resume: self.resume,
+            h2: self.h2.clone(),
         }
     }
 
@@ -310,12 +326,17 @@ impl Target {
             path: self.path.clone(),
             tls,
             resume: true,
+            h2: self.h2.clone(),
         }
     }
 
     /// TCP connect (from `source` if given), TLS, and the WebSocket upgrade.
     /// Returns the stream and any bytes that arrived after the `101` head.
     pub async fn connect(&self, source: Option<Ipv4Addr>) -> Result<(Conn, BytesMut), StageError> {
+        if let Some(pool) = &self.h2 {
+            let stream = pool.open(self, source).await?;
+            return Ok((Conn::H2(Box::new(stream)), BytesMut::new()));
+        }
         let tcp = self.tcp(source).await?;
         let mut conn = match &self.tls {
             Some((connector, name)) => Conn::Tls(Box::new(

@@ -52,6 +52,16 @@ fn the_token_comes_from_the_first_source_that_has_one() {
         ),
         (&[("x-token", "Bearer raw")], "/", Some("raw")),
         (&[("cookie", "a=1; session=\"c00k\"")], "/", Some("c00k")),
+        // HTTP/2 may send each cookie in a field of its own.
+        (
+            &[
+                ("cookie", "a=1"),
+                ("cookie", "session=h2"),
+                ("cookie", "b=2"),
+            ],
+            "/",
+            Some("h2"),
+        ),
         (&[], "/ws?x=1&access_token=a%2Eb%2Ec", Some("a.b.c")),
         (
             &[("cookie", "session=c"), ("authorization", "Bearer h")],

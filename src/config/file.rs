@@ -48,6 +48,9 @@ pub struct FileListener {
     pub proxy_protocol: Option<String>,
     pub proxy_protocol_from: Option<Vec<String>>,
     pub reuse_port: Option<bool>,
+    pub http2: Option<bool>,
+    /// Signed, so that a negative count gets a range message.
+    pub max_concurrent_streams: Option<i64>,
 }
 
 /// A listener's `tls = { cert = "...", key = "...", ticket_keys = "..." }`.
@@ -240,6 +243,8 @@ const LISTENER_KEYS: &[&str] = &[
     "proxy_protocol",
     "proxy_protocol_from",
     "reuse_port",
+    "http2",
+    "max_concurrent_streams",
 ];
 const TLS_KEYS: &[&str] = &["cert", "key", "ticket_keys"];
 const ADMIN_KEYS: &[&str] = &["bind", "token"];
@@ -370,6 +375,8 @@ fn listener(t: &Fields<'_>, report: &mut Report<'_>) -> FileListener {
         proxy_protocol: t.get(report, "proxy_protocol"),
         proxy_protocol_from: t.get(report, "proxy_protocol_from"),
         reuse_port: t.get(report, "reuse_port"),
+        http2: t.get(report, "http2"),
+        max_concurrent_streams: t.get(report, "max_concurrent_streams"),
     }
 }
 

@@ -65,8 +65,14 @@ pub struct ListenerConfig {
     pub max_connections: Option<u64>,
     /// Cap on open connections from one client address (IPv6: one /64).
     pub max_connections_per_ip: Option<u64>,
-    /// The largest request head (request line plus headers) accepted.
+    /// The largest request head (request line plus headers) accepted; on
+    /// HTTP/2, the largest decoded header list (`SETTINGS_MAX_HEADER_LIST_SIZE`).
     pub max_header_bytes: usize,
+    /// Whether the listener speaks HTTP/2: ALPN `h2` on TLS, prior
+    /// knowledge on plain TCP.
+    pub http2: bool,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub max_concurrent_streams: u32,
     /// `proxy_protocol` (with `proxy_protocol_from`): every connection
     /// starts with a PROXY header naming the client; `None`: off.
     pub proxy_protocol: Option<ProxyProtocolConfig>,

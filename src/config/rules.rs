@@ -177,6 +177,15 @@ pub(super) const DNS_PORT: IntKey = IntKey {
     min: 1,
     max: 65535,
 };
+/// Streams open at once on one HTTP/2 connection (each WebSocket is one).
+/// Below 1 a connection could do nothing; above 1,000 one client could hold
+/// a thousand backend connections through a single TCP connection.
+pub(super) const MAX_CONCURRENT_STREAMS: IntKey = IntKey {
+    name: "max_concurrent_streams",
+    min: 1,
+    max: 1000,
+};
+pub(super) const MAX_CONCURRENT_STREAMS_DEFAULT: i64 = 100;
 
 /// Every integer key.
 #[cfg(test)]
@@ -189,6 +198,7 @@ pub(super) const NUMBERS: &[IntKey] = &[
     MAX_UPGRADES_PER_SECOND,
     UPGRADE_BURST,
     DNS_PORT,
+    MAX_CONCURRENT_STREAMS,
 ];
 
 const KIB: u64 = 1024;

@@ -87,7 +87,10 @@ fn example_config_validates() {
         .expect("public-tls has TLS");
     assert_eq!(tls.cert, Path::new(CONFIG_DIR).join("../certs/example.crt"));
     assert_eq!(tls.key, Path::new(CONFIG_DIR).join("../certs/example.key"));
-    assert_eq!(tls.server_config.alpn_protocols, vec![b"http/1.1".to_vec()]);
+    assert_eq!(
+        tls.server_config.alpn_protocols,
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    );
     let admin = config.admin.as_ref().expect("admin table");
     assert_eq!(admin.bind, "127.0.0.1:9900".parse().unwrap());
     assert_eq!(admin.token.as_deref(), Some("change-me"));
@@ -220,7 +223,7 @@ fn unknown_nested_keys() {
         errors(&text),
         "berth.toml:3: listeners[0].bnd: unknown field `bnd`, expected one of \
          `name`, `bind`, `tls`, `handshake_timeout`, `max_connections`, \
-         `max_connections_per_ip`, `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`"
+         `max_connections_per_ip`, `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`, `http2`, `max_concurrent_streams`"
     );
     let text = BASE.replace("address = ", "weight = 2\nadress = ");
     assert_eq!(
@@ -730,7 +733,7 @@ fn numbers_outside_their_range_are_rejected_with_the_range() {
                 "rise" | "fall" => health(&line),
                 "max_upgrades_per_second" => pool(&line),
                 "upgrade_burst" => pool(&format!("max_upgrades_per_second = 1\n{line}")),
-                "max_connections_per_ip" => listener(&line),
+                "max_connections_per_ip" | "max_concurrent_streams" => listener(&line),
                 "port" => BASE.replace(
                     "[pools.chat]",
                     &format!("[pools.chat]\n\n[pools.chat.dns]\nname = \"chat.internal\"\n{line}"),
@@ -939,7 +942,7 @@ weight = "heavy"
             "berth.toml:6: listeners[0].bind: invalid type: integer `8080`, expected a string",
             "berth.toml:7: listeners[0].handshake_timout: unknown field `handshake_timout`, \
              expected one of `name`, `bind`, `tls`, `handshake_timeout`, `max_connections`, \
-             `max_connections_per_ip`, `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`",
+             `max_connections_per_ip`, `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`, `http2`, `max_concurrent_streams`",
             "berth.toml:10: routes[0].pool: unknown pool \"nope\" (defined pools: chat)",
             "berth.toml:11: routes[0].weight: unknown field `weight`, expected one of `host`, \
              `path_prefix`, `pool`",
@@ -1000,10 +1003,10 @@ fn a_misspelt_required_key_is_reported_once() {
         errors(&text),
         "berth.toml:2: listeners[0].nmae: unknown field `nmae`, expected one of `name`, `bind`, \
          `tls`, `handshake_timeout`, `max_connections`, `max_connections_per_ip`, \
-         `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`\n\
+         `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`, `http2`, `max_concurrent_streams`\n\
          berth.toml:3: listeners[0].tsl: unknown field `tsl`, expected one of `name`, `bind`, \
          `tls`, `handshake_timeout`, `max_connections`, `max_connections_per_ip`, \
-         `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`"
+         `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`, `http2`, `max_concurrent_streams`"
     );
     // A key that is nothing like the missing one does not excuse it.
     let text = BASE.replace("name = \"public\"", "colour = \"blue\"");
@@ -1012,7 +1015,7 @@ fn a_misspelt_required_key_is_reported_once() {
         "berth.toml:1: listeners[0].name: required key is missing (add e.g. name = \"public\")\n\
          berth.toml:2: listeners[0].colour: unknown field `colour`, expected one of `name`, \
          `bind`, `tls`, `handshake_timeout`, `max_connections`, `max_connections_per_ip`, \
-         `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`"
+         `max_header_bytes`, `proxy_protocol`, `proxy_protocol_from`, `reuse_port`, `http2`, `max_concurrent_streams`"
     );
 }
 

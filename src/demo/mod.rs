@@ -6,7 +6,9 @@
 //! one TLS listener and the admin API. The pool is sticky (cookie affinity,
 //! with a secret made for the run; new clients are placed round robin), so
 //! a reload of the page comes back to the same backend and a drain shows
-//! the re-pin; heartbeats every 20s. The config goes through the same
+//! the re-pin; heartbeats every 20s. The listener speaks HTTP/2 (the
+//! default), so a browser loads the page and opens its WebSocket (RFC 8441)
+//! over one connection. The config goes through the same
 //! validation as a config file. On shutdown berth drains first, then the
 //! backends stop and the temp directory is removed.
 
@@ -154,7 +156,14 @@ impl Demo {
             g,
             "cookie {COOKIE} (new browsers are spread round robin); reloads and the"
         );
-        let _ = writeln!(g, "page's WebSocket stay on that backend.");
+        let _ = writeln!(
+            g,
+            "page's WebSocket stay on that backend. Browsers load the page over HTTP/2"
+        );
+        let _ = writeln!(
+            g,
+            "and open its WebSocket inside the same connection (RFC 8441)."
+        );
         if let Some(admin) = self.admin {
             let backend = format!("http://{admin}/admin/pools/{POOL}/backends/ID");
             let _ = writeln!(
@@ -406,7 +415,11 @@ mod tests {
         assert_eq!(pool.ping_interval, Some(Duration::from_secs(20)));
         assert_eq!(pool.idle_timeout, Some(Duration::from_secs(300)));
         assert_eq!(pool.backends.len(), 2);
-        assert!(config.listeners[0].tls.is_some());
+        let listener = &config.listeners[0];
+        let tls = listener.tls.as_ref().unwrap();
+        // HTTP/2 for the page and its WebSocket: one connection.
+        assert!(listener.http2);
+        assert_eq!(tls.server_config.alpn_protocols[0], b"h2");
         assert!(matches!(pool.affinity, crate::config::Affinity::Cookie(_)));
     }
 

@@ -1,12 +1,16 @@
 //! The client side of a connection as one byte-stream type, the reading of
-//! its first request head (`head`), and the PROXY protocol header that may
-//! come before everything else (`proxy_header`).
+//! its first request head (`head`) or of its HTTP/2 connection preface
+//! (`preface`), the frame-level guard an HTTP/2 connection runs behind
+//! (`h2guard`), and the PROXY protocol header that may come before
+//! everything else (`proxy_header`).
 //!
 //! A bottom-layer module so that the listener (which makes client streams)
 //! and the proxy's tunnel (which relays over them after an upgrade) both
 //! name [`ClientStream`] without importing each other. It owns no tasks.
 
+pub mod h2guard;
 pub mod head;
+pub mod preface;
 pub mod proxy_header;
 
 use std::io;
@@ -59,6 +63,14 @@ impl ClientStream {
 
     pub fn is_tls(&self) -> bool {
         matches!(self.transport, Transport::Tls(_))
+    }
+
+    /// Whether the TLS handshake chose `h2` in ALPN.
+    pub fn alpn_is_h2(&self) -> bool {
+        match &self.transport {
+            Transport::Tls(tls) => tls.alpn_is_h2(),
+            Transport::Plain(_) => false,
+        }
     }
 }
 

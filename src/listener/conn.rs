@@ -1,28 +1,49 @@
 //! One client connection, from the accept to its end: the PROXY header
 //! (on a listener with `proxy_protocol`), the TLS handshake and the first
-//! request head within `handshake_timeout`, then hyper's HTTP/1.1 server
-//! (with upgrades) until the client leaves or shutdown.
+//! request head (or the HTTP/2 preface and first `SETTINGS`) within
+//! `handshake_timeout`, then hyper's HTTP/1.1 server (with upgrades) or its
+//! HTTP/2 server (with extended CONNECT) until the client leaves or
+//! shutdown.
 //!
-//! Until its first request head is complete a connection holds little: the
-//! task, the socket, the TLS state and the bytes it has sent. The TLS
-//! handshake and hyper's connection are boxed futures, so each takes memory
-//! only while it runs, and hyper (with its 8 KiB read and write buffers)
-//! starts only once the head is complete (`io::head`).
+//! Which protocol: on TLS, what ALPN chose (`h2` is offered only where the
+//! listener has `http2` on); on plain TCP, HTTP/2 when the connection starts
+//! with the HTTP/2 preface (prior knowledge) and `http2` is on.
+//!
+//! Until its first request head (or its preface and `SETTINGS`) is
+//! complete a connection holds little: the task, the socket, the TLS state
+//! and the bytes it has sent. The TLS handshake and hyper's connection are
+//! boxed futures, so each takes memory only while it runs, and hyper (with
+//! its 8 KiB read and write buffers on HTTP/1.1, 16 KiB and 8 KiB on
+//! HTTP/2) starts only once that is complete (`io::head`, `io::preface`).
+//!
+//! An HTTP/2 connection runs behind `io::h2guard`, which ends a flood of
+//! control frames with a `GOAWAY`; its flow-control windows and buffers are
+//! sized for WebSockets and pages, not bulk downloads (below). Its stream
+//! tasks (hyper's) are spawned on the lifecycle's tracker. On shutdown it
+//! keeps serving until its WebSockets have closed (each gets its Close 1001
+//! from the shutdown's spread), then sends `GOAWAY` and finishes its
+//! in-flight requests.
 
+use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::task::TaskTracker;
 
 use super::{ListenerSettings, ListenerSpec, ProxyProtocol, Refused};
+use crate::io::h2guard::H2Guard;
 use crate::io::head::{self, Head};
+use crate::io::preface::{self, Preface};
 use crate::io::proxy_header;
 use crate::io::ClientStream;
 use crate::limits::{Refusal, Slot};
-use crate::proxy::{self, ConnInfo, ProxyContext};
+use crate::proxy::{self, ConnInfo, Protocol, ProxyContext};
 use crate::tls_stream;
 
 /// hyper's own read-buffer cap (`max_buf_size`) unless raised: 8 KiB plus
@@ -35,6 +56,30 @@ const HYPER_DEFAULT_MAX_BUF: usize = 8192 + 4096 * 100;
 const LINGER: Duration = Duration::from_secs(1);
 /// How much of the rest of a refused request is read and dropped meanwhile.
 const LINGER_BYTES: usize = 256 * 1024;
+
+// HTTP/2 sizes. hyper's defaults (1 MiB windows, a 400 KiB send buffer per
+// stream) are for bulk transfers; a WebSocket or a page needs far less, and
+// what a stream may buffer in berth is bounded by these. Idle, a stream
+// holds none of them: buffers exist only while data is in flight.
+/// What a client may send on one stream before berth reads it (RFC 9113's
+/// default).
+const H2_STREAM_WINDOW: u32 = 65_535;
+/// ...and on all streams of a connection together.
+const H2_CONN_WINDOW: u32 = 512 * 1024;
+/// What berth queues for one stream beyond what the client's window takes.
+const H2_SEND_BUF: usize = 64 * 1024;
+/// Streams a client may open and reset before berth accepted them, at any
+/// time (rapid reset, CVE-2023-44487): one more is a `GOAWAY`.
+const H2_PENDING_ACCEPT_RESETS: usize = 20;
+/// Streams berth may reset for a client's protocol errors over the
+/// connection's life (the "MadeYouReset" variant): one more is a `GOAWAY`.
+const H2_LOCAL_ERROR_RESETS: usize = 200;
+/// How long a `GOAWAY` from the guard has to leave before the connection
+/// is dropped.
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
+/// How often shutdown looks whether an HTTP/2 connection's WebSockets have
+/// all closed.
+const WEBSOCKETS_POLL: Duration = Duration::from_millis(50);
 
 pub(super) async fn serve(
     tcp: TcpStream,
@@ -62,6 +107,10 @@ pub(super) async fn serve(
         tls: settings.tls.is_some(),
         open_gauge,
         slot: Some(slot),
+        protocol: Protocol::Http1,
+        websockets: Default::default(),
+        requests: Default::default(),
+        started: Default::default(),
     };
     let mut tcp = tcp;
 
@@ -95,10 +144,22 @@ pub(super) async fn serve(
     };
     info.tls = stream.is_tls();
 
+    // ALPN chose h2 (offered only with `http2` on): the preface comes next.
+    if stream.alpn_is_h2() {
+        start_h2(stream, Bytes::new(), info, deadline, settings, ctx).await;
+        return;
+    }
     let max = settings.max_header_bytes;
     let status = match tokio::time::timeout_at(deadline, head::read_head(&mut stream, max)).await {
         Ok(Head::Ready(bytes)) => {
+            // HTTP/2 with prior knowledge: "PRI * HTTP/2.0" and an empty
+            // line read as a head; the rest of the preface follows.
+            if settings.http2 && !info.tls && bytes.starts_with(preface::PREFACE_LINE) {
+                start_h2(stream, bytes, info, deadline, settings, ctx).await;
+                return;
+            }
             stream.unread(bytes);
+            count_connection(&ctx, &info);
             Box::pin(serve_http(stream, Arc::new(info), settings, ctx)).await;
             return;
         }
@@ -152,6 +213,141 @@ async fn proxy_header(
         })?;
     }
     Ok(received.rest)
+}
+
+/// `berth_client_connections_total` for a connection about to be served.
+fn count_connection(ctx: &ProxyContext, info: &ConnInfo) {
+    ctx.metrics
+        .client_connections
+        .with_label_values(&[&info.listener, info.protocol.label()])
+        .inc();
+}
+
+/// Reads the rest of an HTTP/2 connection's start (the preface and the
+/// client's first `SETTINGS`, after `already`) within the deadline, then
+/// serves it; a connection that fails to start so is closed.
+async fn start_h2(
+    mut stream: ClientStream,
+    already: Bytes,
+    mut info: ConnInfo,
+    deadline: tokio::time::Instant,
+    settings: Arc<ListenerSettings>,
+    ctx: Arc<ProxyContext>,
+) {
+    let read = tokio::time::timeout_at(deadline, preface::read_preface(&mut stream, already));
+    match read.await {
+        Ok(Preface::Ready(bytes)) => {
+            stream.unread(bytes);
+            info.protocol = Protocol::Http2;
+            count_connection(&ctx, &info);
+            Box::pin(serve_h2(stream, Arc::new(info), settings, ctx)).await;
+        }
+        Ok(Preface::Bad) => {
+            tracing::debug!(client = %info.peer, listener = %info.listener, "not an HTTP/2 connection preface; closed");
+        }
+        Ok(Preface::Closed) => {}
+        Err(_) => {
+            tracing::debug!(client = %info.peer, listener = %info.listener, "no HTTP/2 preface within handshake_timeout");
+        }
+    }
+}
+
+/// Runs hyper's tasks for one HTTP/2 connection (its streams, and the
+/// writers of upgraded streams) on the lifecycle's tracker, so that
+/// shutdown waits for them.
+#[derive(Clone)]
+struct Tracked(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for Tracked
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut);
+    }
+}
+
+/// hyper's HTTP/2 server on a connection whose preface has arrived.
+async fn serve_h2(
+    stream: ClientStream,
+    info: Arc<ConnInfo>,
+    settings: Arc<ListenerSettings>,
+    ctx: Arc<ProxyContext>,
+) {
+    let peer = info.peer;
+    let guard = H2Guard::new(stream);
+    let tripped = guard.tripped();
+    let svc_ctx = Arc::clone(&ctx);
+    let svc_info = Arc::clone(&info);
+    let service =
+        service_fn(move |req| proxy::serve(req, Arc::clone(&svc_info), Arc::clone(&svc_ctx)));
+    let mut builder =
+        hyper::server::conn::http2::Builder::new(Tracked(ctx.lifecycle.tracker.clone()));
+    builder
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONN_WINDOW)
+        .max_send_buf_size(H2_SEND_BUF)
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(H2_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(H2_LOCAL_ERROR_RESETS);
+    let conn = builder.serve_connection(TokioIo::new(guard), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        res = conn.as_mut() => res,
+        () = idle(&info, settings.handshake_timeout) => {
+            tracing::debug!(client = %peer, listener = %info.listener, "HTTP/2 connection idle for handshake_timeout: GOAWAY");
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        _ = tripped.wait() => {
+            tracing::warn!(client = %peer, listener = %info.listener, "HTTP/2 connection flooded berth with control frames: GOAWAY sent, connection closed");
+            let _ = tokio::time::timeout(GOAWAY_GRACE, conn.as_mut()).await;
+            return;
+        }
+        _ = ctx.lifecycle.shutdown.cancelled() => {
+            // The WebSockets first (their 1001s come from the shutdown's
+            // spread), then GOAWAY; the connection is served meanwhile, as
+            // its WebSockets' frames travel in it.
+            let websockets_closed = async {
+                while info.websockets.load(Ordering::Relaxed) > 0 {
+                    tokio::time::sleep(WEBSOCKETS_POLL).await;
+                }
+            };
+            tokio::select! {
+                res = conn.as_mut() => res,
+                () = websockets_closed => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(client = %peer, error = %e, "HTTP/2 connection ended with an error");
+    }
+}
+
+/// Returns once an HTTP/2 connection has had no request in flight, no
+/// WebSocket and no new request for a whole `timeout` (so between one and
+/// two `timeout`s after its last stream ended), as an idle HTTP/1.1
+/// keep-alive connection is closed after `handshake_timeout`. One timer per
+/// connection, woken once per `timeout`.
+async fn idle(info: &ConnInfo, timeout: Duration) {
+    let mut seen = info.started.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(timeout).await;
+        let started = info.started.load(Ordering::Relaxed);
+        let busy = info.requests.load(Ordering::Relaxed) > 0
+            || info.websockets.load(Ordering::Relaxed) > 0;
+        if !busy && started == seen {
+            return;
+        }
+        seen = started;
+    }
 }
 
 /// Sends the refusal, closes the sending side, and reads (and drops) what

@@ -60,6 +60,9 @@ pub struct ListenerSettings {
     pub handshake_timeout: Duration,
     pub caps: Caps,
     pub max_header_bytes: usize,
+    /// HTTP/2 on (ALPN `h2`, prior knowledge on plain TCP).
+    pub http2: bool,
+    pub max_concurrent_streams: u32,
     /// `proxy_protocol`: which headers are read, and from which peers.
     pub proxy_protocol: Option<ProxyProtocol>,
 }
@@ -104,6 +107,8 @@ impl ListenerSettings {
                 max_connections_per_ip: config.max_connections_per_ip,
             },
             max_header_bytes: config.max_header_bytes,
+            http2: config.http2,
+            max_concurrent_streams: config.max_concurrent_streams,
         }
     }
 }

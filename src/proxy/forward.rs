@@ -68,7 +68,7 @@ pub async fn handle(
             if status == StatusCode::BAD_REQUEST {
                 count_rejected(ctx, conn, status);
             }
-            tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %access.method, path = %access.path, status = status.as_u16(), request_id = access.request_id(), error = %err, "request refused");
+            tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, protocol = conn.protocol.label(), method = %access.method, path = %access.path, status = status.as_u16(), request_id = access.request_id(), error = %err, "request refused");
             return err.response(DEFAULT_RETRY_AFTER_MAX);
         }
     };
@@ -206,7 +206,7 @@ fn respond(
     let Access {
         conn, method, path, ..
     } = access;
-    tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %method, path = %path, status, pool, backend = %backend, duration_ms = elapsed.as_secs_f64() * 1000.0, request_id = access.request_id(), "request");
+    tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, protocol = conn.protocol.label(), method = %method, path = %path, status, pool, backend = %backend, duration_ms = elapsed.as_secs_f64() * 1000.0, request_id = access.request_id(), "request");
     Response::from_parts(parts, body.boxed_unsync())
 }
 
@@ -229,7 +229,7 @@ fn refused(
     let Access {
         conn, method, path, ..
     } = access;
-    tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %method, path = %path, status, pool, request_id = access.request_id(), error = %err, "request refused");
+    tracing::info!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, protocol = conn.protocol.label(), method = %method, path = %path, status, pool, request_id = access.request_id(), error = %err, "request refused");
     resp
 }
 
@@ -253,6 +253,6 @@ fn fail(
     let Access {
         conn, method, path, ..
     } = access;
-    tracing::warn!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, method = %method, path = %path, status, pool = name, backend, error = %err, request_id = access.request_id(), "request failed");
+    tracing::warn!(target: "berth::access", kind = "http", client = %conn.peer, listener = %conn.listener, protocol = conn.protocol.label(), method = %method, path = %path, status, pool = name, backend, error = %err, request_id = access.request_id(), "request failed");
     resp
 }

@@ -1,9 +1,14 @@
 //! The per-request service: routes each request and hands it to the plain
-//! HTTP path (`forward`) or the WebSocket path (`upgrade`).
+//! HTTP path (`forward`) or the WebSocket path (`upgrade`: an HTTP/1.1
+//! upgrade, or an HTTP/2 extended CONNECT; [`ConnInfo::protocol`] says
+//! which the connection speaks).
 //!
 //! [`ProxyContext`] is everything the service may touch. [`serve`] runs
-//! inside the listener's connection task; the only task the proxy starts
-//! is a `tunnel` per upgraded connection, tracked by the lifecycle's tracker.
+//! inside the listener's connection task (on HTTP/2, in a task per stream);
+//! the only task the proxy starts is a `tunnel` per upgraded connection or
+//! stream, tracked by the lifecycle's tracker. On HTTP/2 it also counts
+//! each request from its start to the end of its response body, for the
+//! listener's idle check.
 //! [`ProxyError::status`], [`ProxyError::upgrade_result`] and
 //! [`ProxyError::public_message`] are the one place that maps errors to a
 //! status code, a metric label and the words a client is told: generic
@@ -20,7 +25,10 @@ pub mod upgrade;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode};
@@ -43,6 +51,24 @@ pub struct ProxyContext {
     pub lifecycle: Arc<Lifecycle>,
 }
 
+/// The HTTP version a client connection speaks: the `protocol` label of
+/// `berth_client_connections_total` and `berth_websocket_opened_total`, and
+/// the access log's `protocol`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+impl Protocol {
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "http2",
+        }
+    }
+}
+
 /// Facts about the client connection a request arrived on. It lives as
 /// long as the connection does, upgraded ones included (the relay task holds
 /// it), so dropping it is what lowers `berth_connections_active`.
@@ -56,6 +82,17 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     pub listener: Arc<str>,
     pub tls: bool,
+    pub protocol: Protocol,
+    /// WebSockets relaying on this connection now (one at most on
+    /// HTTP/1.1; any number of streams on HTTP/2): shutdown sends an
+    /// HTTP/2 connection its `GOAWAY` once they have closed.
+    pub websockets: AtomicUsize,
+    /// HTTP/2 only: requests in flight (from the request's start to the
+    /// end of its response body), and how many have started so far. The
+    /// listener closes a connection that has had neither a request nor a
+    /// WebSocket for `handshake_timeout`.
+    pub requests: AtomicUsize,
+    pub started: AtomicU64,
     /// Lowers the listener's open-connections gauge when dropped.
     pub open_gauge: prometheus::IntGauge,
     /// The connection's place under the listener's caps and the descriptor
@@ -298,6 +335,7 @@ pub async fn serve(
     ctx: Arc<ProxyContext>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let id = request_id(req.headers());
+    let in_flight = (conn.protocol == Protocol::Http2).then(|| InFlight::start(&conn));
     let mut resp = match classify(&req) {
         UpgradeKind::WebSocket => upgrade::handle(req, &conn, &ctx, &id).await,
         UpgradeKind::Unsupported => {
@@ -308,14 +346,73 @@ pub async fn serve(
             count_rejected(&ctx, &conn, StatusCode::BAD_REQUEST);
             text_response(
                 StatusCode::BAD_REQUEST,
-                "berth proxies only WebSocket upgrades (GET, HTTP/1.1, Upgrade: websocket)\n",
+                match conn.protocol {
+                    Protocol::Http1 => {
+                        "berth proxies only WebSocket upgrades (GET, HTTP/1.1, Upgrade: websocket)\n"
+                    }
+                    Protocol::Http2 => {
+                        "berth proxies only WebSocket tunnels over HTTP/2 (CONNECT with :protocol websocket)\n"
+                    }
+                },
             )
         }
         UpgradeKind::None => forward::handle(req, &conn, &ctx, &id).await,
     };
     // A backend's own X-Request-Id is left alone.
     resp.headers_mut().entry(X_REQUEST_ID).or_insert(id);
-    Ok(resp)
+    Ok(match in_flight {
+        None => resp,
+        Some(in_flight) => resp.map(|body| {
+            http_body_util::BodyExt::boxed_unsync(Counted {
+                body,
+                _in_flight: in_flight,
+            })
+        }),
+    })
+}
+
+/// A request in flight on an HTTP/2 connection, from its start until its
+/// response body ends or is dropped (a reset stream included).
+struct InFlight(Arc<ConnInfo>);
+
+impl InFlight {
+    fn start(conn: &Arc<ConnInfo>) -> InFlight {
+        conn.requests.fetch_add(1, Ordering::Relaxed);
+        conn.started.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(conn))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its request counted while it lasts.
+struct Counted {
+    body: ProxyBody,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Contexts built from a config text, for the unit tests of this layer
@@ -355,6 +452,10 @@ pub(crate) mod testing {
             local: "127.0.0.1:8080".parse().unwrap(),
             listener: Arc::from("test"),
             tls,
+            protocol: super::Protocol::Http1,
+            websockets: Default::default(),
+            requests: Default::default(),
+            started: Default::default(),
             open_gauge,
             slot: None,
         }

@@ -127,6 +127,7 @@ impl Prepared {
         if let Some(name) = pool.sticky.cookie_name() {
             crate::affinity::strip_cookie(&mut headers, name);
         }
+        join_cookies(&mut headers);
         // The backend sees the host berth routed on.
         match &target.host {
             Some(host) => {
@@ -188,6 +189,28 @@ impl Prepared {
         }
         parts.extensions.insert(verified);
         Ok(self)
+    }
+}
+
+/// Makes several `Cookie` fields one, joined with `"; "`: HTTP/2 clients
+/// may send each cookie in a field of its own (RFC 9113 §8.2.3), which an
+/// HTTP/1.1 backend (or auth service) must get as one header (RFC 6265
+/// §5.4). One field, or none, is left as it is.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut fields = headers.get_all(http::header::COOKIE).iter();
+    if fields.next().is_none() || fields.next().is_none() {
+        return;
+    }
+    let mut joined: Vec<u8> = Vec::new();
+    for value in headers.get_all(http::header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    // Valid field values joined by "; " are a valid field value.
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(http::header::COOKIE, value);
     }
 }
 
@@ -395,6 +418,29 @@ fall = 1
             facts(&parts, &conn).headers["cookie"],
             parts.headers["cookie"]
         );
+    }
+
+    #[test]
+    fn split_cookie_fields_reach_the_backend_as_one() {
+        let ctx = testing::context(&chat(&[refusing()]));
+        let conn = testing::conn(&ctx, true);
+        let mut parts = parts("chat.example.com");
+        parts.headers.remove("cookie");
+        for field in ["app=1", "sticky=abc", "theme=dark"] {
+            parts
+                .headers
+                .append("cookie", HeaderValue::from_static(field));
+        }
+        let prepared = Prepared::new(&ctx.routing, &conn, &parts).unwrap();
+        let sent: Vec<_> = prepared.headers.get_all("cookie").iter().collect();
+        assert_eq!(sent, ["app=1; theme=dark"]);
+        let mut one = HeaderMap::new();
+        one.insert("cookie", HeaderValue::from_static("a=1;b=2"));
+        join_cookies(&mut one);
+        assert_eq!(one["cookie"], "a=1;b=2");
+        let mut none = HeaderMap::new();
+        join_cookies(&mut none);
+        assert!(none.is_empty());
     }
 
     #[test]

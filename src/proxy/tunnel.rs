@@ -1,6 +1,8 @@
 //! The task that owns one upgraded connection: it waits for hyper to hand
-//! over the client's socket after the `101`, runs the relay, then records how
-//! the connection ended (metrics and the access log).
+//! over the client's side after the `101` (the socket itself on HTTP/1.1,
+//! or the stream after the `200` on HTTP/2: a [`ClientSide`] either way),
+//! runs the relay, then records how the connection ended (metrics and the
+//! access log).
 //!
 //! It is written as one small state machine rather than an `async` block so
 //! that an idle connection's task holds the relay and little else: an async
@@ -8,22 +10,73 @@
 //! connection's whole life.
 
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use hyper::upgrade::OnUpgrade;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::{ConnInfo, ProxyContext};
+use super::{ConnInfo, Protocol, ProxyContext};
 use crate::balancer::ConnectionGuard;
 use crate::io::ClientStream;
 use crate::lifecycle::{RelayId, RelayTag};
 use crate::metrics::close_code_label;
 use crate::ws::relay::{relay, Deadline, EndReason, Relay, RelayConfig, RelayOutcome, Source};
+
+/// The client's side of a relayed WebSocket: its whole connection (an
+/// HTTP/1.1 upgrade), or one stream of an HTTP/2 connection (RFC 8441),
+/// which hyper's HTTP/2 server carries in frames of that connection.
+pub enum ClientSide {
+    Conn(ClientStream),
+    Stream(TokioIo<Upgraded>),
+}
+
+impl AsyncRead for ClientSide {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientSide::Conn(s) => Pin::new(s).poll_read(cx, buf),
+            ClientSide::Stream(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientSide {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientSide::Conn(s) => Pin::new(s).poll_write(cx, buf),
+            ClientSide::Stream(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientSide::Conn(s) => Pin::new(s).poll_flush(cx),
+            ClientSide::Stream(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientSide::Conn(s) => Pin::new(s).poll_shutdown(cx),
+            ClientSide::Stream(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
 
 /// One upgraded connection, from the `101` to its end.
 pub struct Tunnel {
@@ -55,7 +108,7 @@ pub struct Terms {
 enum State {
     /// The `101` is on its way to the client; hyper hands the socket over next.
     Upgrading(Box<Pending>),
-    Relaying(Relay<ClientStream, TcpStream>),
+    Relaying(Relay<ClientSide, TcpStream>),
     Done,
 }
 
@@ -138,6 +191,7 @@ impl Tunnel {
             kind = "websocket",
             client = %self.conn.peer,
             listener = %self.conn.listener,
+            protocol = self.conn.protocol.label(),
             pool,
             backend = %backend.id,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
@@ -176,18 +230,28 @@ impl Future for Tunnel {
                         tag,
                         ..
                     } = *pending;
-                    let client = match upgraded.map(|u| u.downcast::<TokioIo<ClientStream>>()) {
-                        Ok(Ok(parts)) => parts,
-                        Ok(Err(_)) => {
-                            // berth's own failure: hyper handed back a stream
-                            // other than the one the listener gave it.
-                            tracing::error!(client = %this.conn.peer, "upgraded client connection is not a ClientStream");
-                            return Poll::Ready(());
-                        }
+                    let upgraded = match upgraded {
+                        Ok(u) => u,
                         Err(e) => {
                             tracing::debug!(client = %this.conn.peer, error = %e, "client upgrade did not complete");
                             return Poll::Ready(());
                         }
+                    };
+                    let (client, client_prefix) = match this.conn.protocol {
+                        // hyper's stream of the HTTP/2 connection is the
+                        // client's side as it is.
+                        Protocol::Http2 => {
+                            (ClientSide::Stream(TokioIo::new(upgraded)), Bytes::new())
+                        }
+                        Protocol::Http1 => match upgraded.downcast::<TokioIo<ClientStream>>() {
+                            Ok(parts) => (ClientSide::Conn(parts.io.into_inner()), parts.read_buf),
+                            Err(_) => {
+                                // berth's own failure: hyper handed back a
+                                // stream other than the one the listener gave it.
+                                tracing::error!(client = %this.conn.peer, "upgraded client connection is not a ClientStream");
+                                return Poll::Ready(());
+                            }
+                        },
                     };
                     this.started = Instant::now();
                     let (id, stop) = this
@@ -195,10 +259,11 @@ impl Future for Tunnel {
                         .lifecycle
                         .relay_started_with(this.guard.backend(), tag);
                     this.registered = Some(id);
+                    this.conn.websockets.fetch_add(1, Ordering::Relaxed);
                     this.state = State::Relaying(
                         relay(
-                            client.io.into_inner(),
-                            client.read_buf,
+                            client,
+                            client_prefix,
                             backend,
                             backend_prefix,
                             config,
@@ -217,6 +282,7 @@ impl Future for Tunnel {
                     this.state = State::Done;
                     if let Some(id) = this.registered.take() {
                         this.ctx.lifecycle.relay_ended(id);
+                        this.conn.websockets.fetch_sub(1, Ordering::Relaxed);
                     }
                     this.record(&outcome);
                     return Poll::Ready(());
@@ -233,6 +299,7 @@ impl Drop for Tunnel {
         // stale entry behind.
         if let Some(id) = self.registered.take() {
             self.ctx.lifecycle.relay_ended(id);
+            self.conn.websockets.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

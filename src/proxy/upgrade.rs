@@ -1,8 +1,11 @@
-//! The WebSocket path: validate the client's handshake (RFC 6455 §4.2.1),
-//! route it, authenticate it, admit it under the pool's upgrade rate,
-//! forward it to a backend, check the backend's `101` and accept key
-//! (§4.1), answer the client, then run the relay in a tunnel task tracked
-//! by the lifecycle's tracker. Authentication runs in the shared request
+//! The WebSocket path: validate the client's handshake (RFC 6455 §4.2.1,
+//! or an HTTP/2 extended CONNECT, RFC 8441 §5), route it, authenticate it,
+//! admit it under the pool's upgrade rate, forward it to a backend as an
+//! HTTP/1.1 upgrade (with a key of berth's own for an HTTP/2 client, which
+//! sends none), check the backend's `101` and accept key (§4.1), answer the
+//! client (`101`, or `200` on HTTP/2, with the backend's subprotocol,
+//! extensions and cookies either way), then run the relay in a tunnel task
+//! tracked by the lifecycle's tracker. Authentication runs in the shared request
 //! path (`Prepared::authenticate`); a token's expiry becomes the relay's
 //! deadline.
 //!
@@ -16,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CONNECTION, UPGRADE};
-use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -30,7 +33,8 @@ use super::request::{
 };
 use super::tunnel::{Terms, Tunnel};
 use super::{
-    count_rejected, ConnInfo, ProxyContext, ProxyError, DEFAULT_RETRY_AFTER_MAX, X_REQUEST_ID,
+    count_rejected, ConnInfo, Protocol, ProxyContext, ProxyError, DEFAULT_RETRY_AFTER_MAX,
+    X_REQUEST_ID,
 };
 use crate::auth::Verified;
 use crate::balancer::{Backend, Choice, Pool};
@@ -38,7 +42,7 @@ use crate::body::{empty, text_response, ProxyBody};
 use crate::io::proxy_header::{self, Addresses};
 use crate::lifecycle::RelayTag;
 use crate::ws::frame::close_code;
-use crate::ws::handshake::{accept_matches, validate, HandshakeError};
+use crate::ws::handshake::{accept_matches, new_key, validate, validate_h2, HandshakeError};
 use crate::ws::relay::Deadline;
 
 /// The backend's side of a switched connection: the stream and the bytes
@@ -52,9 +56,17 @@ pub async fn handle(
     request_id: &HeaderValue,
 ) -> Response<ProxyBody> {
     let rid = request_id.to_str().unwrap_or("");
-    // 1. The client's handshake, before any backend is touched.
-    let key = match validate(req.headers()) {
-        Ok(key) => key.to_string(),
+    let protocol = conn.protocol;
+    // 1. The client's handshake, before any backend is touched. An HTTP/2
+    //    client sends no key: the backend gets one of berth's own.
+    let h2 = req.version() == Version::HTTP_2;
+    let checked = if h2 {
+        validate_h2(req.headers()).map(|()| new_key())
+    } else {
+        validate(req.headers()).map(str::to_string)
+    };
+    let key = match checked {
+        Ok(key) => key,
         Err(err) => return refuse(ctx, conn, &err),
     };
     // 2. Route, authenticate, and the request the backend sees: end-to-end
@@ -78,7 +90,7 @@ pub async fn handle(
             if err.status() == StatusCode::BAD_REQUEST {
                 count_rejected(ctx, conn, err.status());
             }
-            tracing::info!(client = %conn.peer, request_id = rid, error = %err, "websocket upgrade refused");
+            tracing::info!(client = %conn.peer, protocol = protocol.label(), request_id = rid, error = %err, "websocket upgrade refused");
             return err.response(DEFAULT_RETRY_AFTER_MAX);
         }
     };
@@ -93,12 +105,12 @@ pub async fn handle(
         Ok(p) => p,
         Err(err) => {
             count(ctx, pool_name, "", err.upgrade_result());
-            tracing::info!(client = %conn.peer, pool = %pool_name, request_id = rid, error = %err, "websocket upgrade refused");
+            tracing::info!(client = %conn.peer, protocol = protocol.label(), pool = %pool_name, request_id = rid, error = %err, "websocket upgrade refused");
             return err.response(retry_after_max);
         }
     };
     prepared.headers.insert(X_REQUEST_ID, request_id.clone());
-    let out = match handshake_request(prepared) {
+    let out = match handshake_request(prepared, h2.then_some(key.as_str())) {
         Ok(out) => out,
         Err(err) => {
             count(ctx, pool_name, "", err.upgrade_result());
@@ -110,7 +122,7 @@ pub async fn handle(
     if !pool.admit_upgrade() {
         let err = ProxyError::RateLimited(pool_name.to_string());
         count(ctx, pool_name, "", err.upgrade_result());
-        tracing::debug!(client = %conn.peer, pool = %pool_name, request_id = rid, "websocket upgrade rate limited");
+        tracing::debug!(client = %conn.peer, protocol = protocol.label(), pool = %pool_name, request_id = rid, "websocket upgrade rate limited");
         return err.response(retry_after_max);
     }
 
@@ -147,7 +159,7 @@ pub async fn handle(
                 err.backend().unwrap_or(""),
                 err.upgrade_result(),
             );
-            tracing::warn!(client = %conn.peer, pool = %pool_name, request_id = rid, error = %err, "websocket upgrade failed");
+            tracing::warn!(client = %conn.peer, protocol = protocol.label(), pool = %pool_name, request_id = rid, error = %err, "websocket upgrade failed");
             return err.response(retry_after_max);
         }
     };
@@ -166,14 +178,15 @@ pub async fn handle(
                 &format!("answered a handshake with {status}"),
             );
             count(ctx, pool_name, &backend.id, "backend_refused");
-            let (parts, body) = resp.into_parts();
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
             return Response::from_parts(parts, body.boxed_unsync());
         }
         Err(err) => {
             if !matches!(err, ProxyError::Handover(_)) {
                 pool.observe(&backend, false, &format!("handshake failed: {err}"));
             }
-            return fail(ctx, &pool, &backend, err, rid);
+            return fail(ctx, &pool, &backend, err, rid, protocol);
         }
     };
     pool.observe(&backend, true, "switched protocols");
@@ -211,8 +224,13 @@ fn refuse(ctx: &ProxyContext, conn: &ConnInfo, err: &HandshakeError) -> Response
     text_response(StatusCode::BAD_REQUEST, &format!("{err}\n"))
 }
 
-/// The handshake as the backend receives it.
-fn handshake_request(prepared: Prepared) -> Result<Request<Empty<Bytes>>, ProxyError> {
+/// The handshake as the backend receives it: an HTTP/1.1 upgrade, with
+/// `key` as its `Sec-WebSocket-Key` when berth makes it (for an HTTP/2
+/// client), else the client's own.
+fn handshake_request(
+    prepared: Prepared,
+    key: Option<&str>,
+) -> Result<Request<Empty<Bytes>>, ProxyError> {
     let Prepared {
         mut headers,
         path_and_query,
@@ -221,6 +239,10 @@ fn handshake_request(prepared: Prepared) -> Result<Request<Empty<Bytes>>, ProxyE
     let uri: Uri = path_and_query.parse().map_err(|_| ProxyError::BadTarget)?;
     headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    if let Some(key) = key {
+        let key = HeaderValue::from_str(key).map_err(|_| ProxyError::BadTarget)?;
+        headers.insert("sec-websocket-key", key);
+    }
     let mut out = Request::new(Empty::new());
     *out.uri_mut() = uri;
     *out.headers_mut() = headers;
@@ -294,13 +316,28 @@ fn switch(
     expires: Option<SystemTime>,
 ) -> Response<ProxyBody> {
     let mut client_resp = Response::new(empty());
-    *client_resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let mut out_headers = resp.headers().clone();
     strip_hop_by_hop(&mut out_headers);
-    out_headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
-    out_headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    match conn.protocol {
+        Protocol::Http1 => {
+            *client_resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            out_headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+            out_headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        Protocol::Http2 => {
+            // RFC 8441 §5: a 2xx opens the tunnel; the accept key was for
+            // berth's own key, and a tunnel has no length.
+            *client_resp.status_mut() = StatusCode::OK;
+            out_headers.remove("sec-websocket-accept");
+            out_headers.remove(http::header::CONTENT_LENGTH);
+        }
+    }
     append_set_cookie(choice, &mut out_headers);
     *client_resp.headers_mut() = out_headers;
+    ctx.metrics
+        .ws_opened
+        .with_label_values(&[&pool.config.name, conn.protocol.label()])
+        .inc();
 
     let guard = choice.backend.track_websocket();
     // The connection ends at the earlier of its token's expiry and its
@@ -398,10 +435,11 @@ fn fail(
     backend: &Backend,
     err: ProxyError,
     request_id: &str,
+    protocol: Protocol,
 ) -> Response<ProxyBody> {
     let name = pool.config.name.as_str();
     count(ctx, name, &backend.id, err.upgrade_result());
-    tracing::warn!(pool = name, backend = %backend.id, request_id, error = %err, "websocket upgrade failed");
+    tracing::warn!(pool = name, backend = %backend.id, protocol = protocol.label(), request_id, error = %err, "websocket upgrade failed");
     err.response(pool.config.limits.retry_after_max)
 }
 

@@ -1,5 +1,7 @@
 //! The opening handshake (RFC 6455 §4): recognizing an upgrade request,
-//! validating it before any backend is touched (§4.2.1), and checking the
+//! or an HTTP/2 extended CONNECT (RFC 8441 §4), validating it before any
+//! backend is touched (§4.2.1; RFC 8441 §5), making the key of the
+//! HTTP/1.1 handshake berth sends for an HTTP/2 client, and checking the
 //! backend's `Sec-WebSocket-Accept` (§4.2.2, §4.1 step 4).
 
 use base64::engine::general_purpose::STANDARD;
@@ -47,8 +49,21 @@ pub fn header_has_token(headers: &HeaderMap, name: http::header::HeaderName, tok
 }
 
 /// Classifies a request: `Connection` contains the `upgrade` token, and
-/// `Upgrade` names websocket on a GET over HTTP/1.1 (§4.2.1 items 1–4).
+/// `Upgrade` names websocket on a GET over HTTP/1.1 (§4.2.1 items 1–4); or,
+/// over HTTP/2, a `CONNECT` whose `:protocol` is `websocket` (RFC 8441 §4).
+/// Any other HTTP/2 `CONNECT` is unsupported.
 pub fn classify<B>(req: &Request<B>) -> UpgradeKind {
+    if req.version() == Version::HTTP_2 && req.method() == Method::CONNECT {
+        let websocket = req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+        return if websocket {
+            UpgradeKind::WebSocket
+        } else {
+            UpgradeKind::Unsupported
+        };
+    }
     if !header_has_token(req.headers(), CONNECTION, "upgrade") {
         return UpgradeKind::None;
     }
@@ -67,14 +82,28 @@ pub fn classify<B>(req: &Request<B>) -> UpgradeKind {
     }
 }
 
-/// Validates version and key (§4.2.1 items 5–6) and returns the key.
-pub fn validate(headers: &HeaderMap) -> Result<&str, HandshakeError> {
+/// Validates the version of an HTTP/2 extended CONNECT (RFC 8441 §5: it
+/// carries no key; berth makes one for the backend, [`new_key`]).
+pub fn validate_h2(headers: &HeaderMap) -> Result<(), HandshakeError> {
     let version_ok = headers
         .get("sec-websocket-version")
         .is_some_and(|v| v.as_bytes() == b"13");
-    if !version_ok {
-        return Err(HandshakeError::BadVersion);
+    if version_ok {
+        Ok(())
+    } else {
+        Err(HandshakeError::BadVersion)
     }
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 random bytes in base64 (§4.1).
+pub fn new_key() -> String {
+    let bytes: [u8; 16] = rand::random();
+    STANDARD.encode(bytes)
+}
+
+/// Validates version and key (§4.2.1 items 5–6) and returns the key.
+pub fn validate(headers: &HeaderMap) -> Result<&str, HandshakeError> {
+    validate_h2(headers)?;
     let key = headers
         .get("sec-websocket-key")
         .ok_or(HandshakeError::MissingKey)?;
@@ -138,6 +167,53 @@ mod tests {
         assert_eq!(classify(&ws), UpgradeKind::WebSocket);
         let h2c = request(&[("connection", "upgrade"), ("upgrade", "h2c")]);
         assert_eq!(classify(&h2c), UpgradeKind::Unsupported);
+    }
+
+    #[test]
+    fn extended_connect_is_a_websocket_only_with_its_protocol() {
+        let connect = |protocol: Option<&str>| {
+            let mut req = Request::builder()
+                .method(Method::CONNECT)
+                .version(Version::HTTP_2)
+                .uri("https://chat.example.com/ws")
+                .body(())
+                .unwrap();
+            if let Some(p) = protocol {
+                req.extensions_mut().insert(hyper::ext::Protocol::from(p));
+            }
+            req
+        };
+        assert_eq!(
+            classify(&connect(Some("websocket"))),
+            UpgradeKind::WebSocket
+        );
+        assert_eq!(
+            classify(&connect(Some("WebSocket"))),
+            UpgradeKind::WebSocket
+        );
+        assert_eq!(
+            classify(&connect(Some("connect-udp"))),
+            UpgradeKind::Unsupported
+        );
+        assert_eq!(classify(&connect(None)), UpgradeKind::Unsupported);
+        // HTTP/1.1's CONNECT is left to the plain path, as before.
+        let mut h1 = connect(Some("websocket"));
+        *h1.version_mut() = Version::HTTP_11;
+        assert_eq!(classify(&h1), UpgradeKind::None);
+    }
+
+    #[test]
+    fn new_keys_are_valid_and_differ() {
+        let (a, b) = (new_key(), new_key());
+        assert_ne!(a, b);
+        for key in [a, b] {
+            let r = request(&[("sec-websocket-version", "13"), ("sec-websocket-key", &key)]);
+            assert_eq!(validate(r.headers()), Ok(key.as_str()));
+        }
+        let r = request(&[("sec-websocket-version", "8")]);
+        assert_eq!(validate_h2(r.headers()), Err(HandshakeError::BadVersion));
+        let r = request(&[("sec-websocket-version", "13")]);
+        assert_eq!(validate_h2(r.headers()), Ok(()));
     }
 
     #[test]

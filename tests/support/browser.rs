@@ -207,6 +207,30 @@ impl Browser {
             .unwrap_or_else(|e| panic!("WebDriver {method} {tail}: {e}"))
     }
 
+    /// Types `text` into the element `css` selects, as keystrokes
+    /// (WebDriver's Element Send Keys).
+    pub async fn type_into(&self, css: &str, text: &str) {
+        let found = self
+            .command(
+                "POST",
+                "/element",
+                Some(json!({ "using": "css selector", "value": css })),
+            )
+            .await;
+        let id = found
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no element {css}: {found}"))
+            .to_string();
+        self.command(
+            "POST",
+            &format!("/element/{id}/value"),
+            Some(json!({ "text": text })),
+        )
+        .await;
+    }
+
     /// Navigates to `url` and waits for the page to load.
     pub async fn goto(&self, url: &str) {
         self.command("POST", "/url", Some(json!({ "url": url })))

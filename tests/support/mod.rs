@@ -8,6 +8,7 @@
 pub mod browser;
 pub mod dns;
 pub mod fleet;
+pub mod h2c;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

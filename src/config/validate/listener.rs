@@ -1,6 +1,7 @@
 //! Validation of `[[listeners]]`: each listener's keys (bind address, TLS
 //! files and ticket keys, handshake timeout, connection caps,
-//! `max_header_bytes`, the PROXY protocol, `reuse_port`) with the
+//! `max_header_bytes`, `http2`, `max_concurrent_streams`, the PROXY
+//! protocol, `reuse_port`) with the
 //! per-value rules of `rules.rs`, and the cross-listener rules (unique
 //! names, binds that do not collide).
 
@@ -47,12 +48,27 @@ impl Checker<'_, '_> {
             raw.max_header_bytes.as_ref(),
             rules::MAX_HEADER_BYTES,
         );
+        let http2 = raw.http2.unwrap_or(true);
+        let max_concurrent_streams = self
+            .int(
+                &path(&base, &[Seg::Key("max_concurrent_streams")]),
+                raw.max_concurrent_streams,
+                rules::MAX_CONCURRENT_STREAMS_DEFAULT,
+                rules::MAX_CONCURRENT_STREAMS,
+            )
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(100);
         // A TLS failure is already a problem, so the (then unused) listener
         // is kept without TLS to let the uniqueness checks still see it.
+        // With HTTP/2 off, ALPN offers only http/1.1.
         let tls = raw
             .tls
             .as_ref()
-            .and_then(|tls| self.tls(&path(&base, &[Seg::Key("tls")]), tls));
+            .and_then(|tls| self.tls(&path(&base, &[Seg::Key("tls")]), tls))
+            .map(|mut tls| {
+                tls.server_config = crate::tls::for_listener(&tls.server_config, http2);
+                tls
+            });
         let proxy_protocol = self.proxy_protocol(&base, raw);
         Some(ListenerConfig {
             name: name?.to_string(),
@@ -68,6 +84,8 @@ impl Checker<'_, '_> {
             // without it.
             proxy_protocol: proxy_protocol.flatten(),
             reuse_port: raw.reuse_port.unwrap_or(false),
+            http2,
+            max_concurrent_streams,
         })
     }
 

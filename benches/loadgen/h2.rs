@@ -1,0 +1,222 @@
+//! WebSockets over HTTP/2 (RFC 8441 extended CONNECT) for the client modes:
+//! with `--h2-streams N`, every N WebSockets share one HTTP/2 connection
+//! (prior knowledge over ws://, ALPN `h2` over wss://), each on a stream of
+//! its own. A stream is a byte stream like a TCP connection, so every mode
+//! runs over it unchanged.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use bytes::{Buf, Bytes};
+use h2::client::SendRequest;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Mutex;
+
+use crate::net::{stage, Stage, StageError, Target};
+
+/// The HTTP/2 connection new WebSockets go on, and how many it carries.
+pub struct Pool {
+    per_conn: usize,
+    current: Mutex<Option<(SendRequest<Bytes>, usize)>>,
+}
+
+impl Pool {
+    pub fn new(per_conn: usize) -> Pool {
+        Pool {
+            per_conn: per_conn.max(1),
+            current: Mutex::new(None),
+        }
+    }
+
+    /// A WebSocket on the current connection, or on a new one once the
+    /// current one carries `per_conn`.
+    pub async fn open(
+        &self,
+        target: &Target,
+        source: Option<Ipv4Addr>,
+    ) -> Result<Stream, StageError> {
+        let send = {
+            let mut current = self.current.lock().await;
+            match current.as_mut() {
+                Some((send, n)) if *n < self.per_conn => {
+                    *n += 1;
+                    send.clone()
+                }
+                _ => {
+                    let send = connect(target, source).await?;
+                    *current = Some((send.clone(), 1));
+                    send
+                }
+            }
+        };
+        let mut send = send.ready().await.map_err(stage(Stage::Upgrade))?;
+        let scheme = if target.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(format!("{scheme}://{}{}", target.host, target.path))
+            .extension(h2::ext::Protocol::from_static("websocket"))
+            .header("sec-websocket-version", "13")
+            .body(())
+            .map_err(stage(Stage::Upgrade))?;
+        let (resp, send_stream) = send
+            .send_request(req, false)
+            .map_err(stage(Stage::Upgrade))?;
+        let resp = resp.await.map_err(stage(Stage::Upgrade))?;
+        if resp.status() != 200 {
+            return Err(StageError {
+                stage: Stage::Upgrade,
+                error: anyhow!(
+                    "expected 200 to the extended CONNECT, got {}",
+                    resp.status()
+                ),
+            });
+        }
+        Ok(Stream {
+            send: send_stream,
+            recv: resp.into_body(),
+            buf: Bytes::new(),
+        })
+    }
+}
+
+/// A new HTTP/2 connection whose server allows extended CONNECT.
+async fn connect(
+    target: &Target,
+    source: Option<Ipv4Addr>,
+) -> Result<SendRequest<Bytes>, StageError> {
+    let tcp = target.tcp(source).await?;
+    let builder = {
+        let mut b = h2::client::Builder::new();
+        b.initial_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20);
+        b
+    };
+    let send = match &target.tls {
+        Some((connector, name)) => {
+            let tls = connector
+                .connect(name.clone(), tcp)
+                .await
+                .map_err(stage(Stage::Tls))?;
+            if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                return Err(StageError {
+                    stage: Stage::Tls,
+                    error: anyhow!("the server did not choose h2 in ALPN"),
+                });
+            }
+            let (send, conn) = builder
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(stage(Stage::Upgrade))?;
+            tokio::spawn(conn);
+            send
+        }
+        None => {
+            let (send, conn) = builder
+                .handshake::<_, Bytes>(tcp)
+                .await
+                .map_err(stage(Stage::Upgrade))?;
+            tokio::spawn(conn);
+            send
+        }
+    };
+    // The server's SETTINGS (ENABLE_CONNECT_PROTOCOL) arrive with its first
+    // flight; the connection task reads them.
+    for _ in 0..5000 {
+        if send.is_extended_connect_protocol_enabled() {
+            return Ok(send);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Err(StageError {
+        stage: Stage::Upgrade,
+        error: anyhow!("the server did not enable extended CONNECT (RFC 8441) within 5 s"),
+    })
+}
+
+/// One WebSocket's HTTP/2 stream as a byte stream.
+pub struct Stream {
+    send: h2::SendStream<Bytes>,
+    recv: h2::RecvStream,
+    buf: Bytes,
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.buf.is_empty() {
+            match ready!(self.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Err(e)) if e.reason() == Some(h2::Reason::CANCEL) => {
+                    return Poll::Ready(Ok(()))
+                }
+                Some(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.buf = data;
+                }
+            }
+        }
+        let n = self.buf.len().min(out.remaining());
+        out.put_slice(&self.buf[..n]);
+        self.buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        // Only what the stream's window takes now, so that the writer
+        // feels the server's flow control.
+        self.send.reserve_capacity(buf.len());
+        loop {
+            let cap = self.send.capacity();
+            if cap > 0 {
+                let n = cap.min(buf.len());
+                self.send
+                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                    .map_err(io::Error::other)?;
+                return Poll::Ready(Ok(n));
+            }
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let _ = self.send.send_data(Bytes::new(), true);
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// `--h2-streams` must be at least 1.
+pub fn check_streams(n: usize) -> anyhow::Result<()> {
+    if n == 0 {
+        bail!("--h2-streams must be at least 1");
+    }
+    Ok(())
+}
