@@ -10,13 +10,14 @@
 //! `failure` (no answer, a server failure, no usable resolver). Only a
 //! success changes anything: a failed or empty lookup keeps the last known
 //! set, so a DNS outage never drains a pool. A success with another set
-//! of addresses goes to [`PoolRunner::apply_discovered`], which replaces
+//! of addresses goes to the pool runner (`Apply`, implemented in `pools.rs`), which replaces
 //! the pool (its new task takes over from there).
 //!
 //! The task starts with its pool and stops with it (its `stop` token) or
 //! at shutdown. Its first lookup is at once when the pool has no answer
 //! yet (at start, or a new name), else after the known set's wait.
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,21 +30,45 @@ use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::xfer::Protocol;
 use hickory_resolver::proto::ProtoErrorKind;
 use hickory_resolver::{ResolveError, TokioResolver};
+use tokio_util::sync::CancellationToken;
 
-use super::pools::PoolRunner;
 use crate::balancer::{Discovered, Pool};
 use crate::config::DnsConfig;
+use crate::metrics::Metrics;
 
 /// The shortest wait a short TTL may bring about (a longer `interval`
 /// than this is shortened to the TTL, but not below it).
 const MIN_TTL_WAIT: Duration = Duration::from_secs(1);
 
-/// Starts `pool`'s discovery, if it has `[pools.NAME.dns]`.
-pub(super) fn start(runner: &PoolRunner, pool: &Arc<Pool>) {
+/// Where discovery hands what it found: the pool runner, which swaps the
+/// pool in (a trait, so that this module does not depend on the runner
+/// that starts it).
+pub(super) trait Apply: Send + Sync + 'static {
+    /// Puts `found` into force for `asked`, unless `asked` was replaced
+    /// meanwhile.
+    fn apply(&self, asked: &Arc<Pool>, found: Discovered) -> impl Future<Output = ()> + Send;
+}
+
+/// Starts `pool`'s discovery, if it has `[pools.NAME.dns]`; it ends with
+/// the pool (its stop token), at shutdown, or once it has handed a change
+/// to `apply` (the new pool's own discovery carries on).
+pub(super) fn start<A: Apply>(
+    apply: A,
+    pool: &Arc<Pool>,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) {
     let Some(dns) = pool.config.dns.clone() else {
         return;
     };
-    tokio::spawn(discover(runner.clone(), Arc::clone(pool), dns));
+    let task = discover(
+        apply,
+        Arc::clone(pool),
+        dns,
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    tokio::spawn(task);
 }
 
 /// What one lookup found.
@@ -65,7 +90,13 @@ impl Outcome {
     }
 }
 
-async fn discover(runner: PoolRunner, pool: Arc<Pool>, dns: DnsConfig) {
+async fn discover<A: Apply>(
+    apply: A,
+    pool: Arc<Pool>,
+    dns: DnsConfig,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
     let name = pool.config.name.clone();
     let resolver = resolver(&dns).map_err(|e| e.to_string());
     if let Err(e) = &resolver {
@@ -75,7 +106,7 @@ async fn discover(runner: PoolRunner, pool: Arc<Pool>, dns: DnsConfig) {
         Some(known) if known.name == dns.name => next_wait(dns.interval, known.ttl),
         _ => Duration::ZERO,
     };
-    let (stop, shutdown) = (pool.stop.clone(), runner.lifecycle.shutdown.clone());
+    let stop = pool.stop.clone();
     let mut failing = false;
     loop {
         tokio::select! {
@@ -91,8 +122,7 @@ async fn discover(runner: PoolRunner, pool: Arc<Pool>, dns: DnsConfig) {
             },
             Err(e) => Outcome::Failed(e.clone()),
         };
-        runner
-            .metrics
+        metrics
             .dns_lookups
             .with_label_values(&[&name, outcome.label()])
             .inc();
@@ -116,7 +146,7 @@ async fn discover(runner: PoolRunner, pool: Arc<Pool>, dns: DnsConfig) {
                     };
                     // The pool is replaced (or was already): its successor's
                     // task carries on.
-                    runner.apply_discovered(&pool, found).await;
+                    apply.apply(&pool, found).await;
                     return;
                 }
             }

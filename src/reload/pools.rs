@@ -39,7 +39,7 @@ impl PoolRunner {
             crate::auth::start(auth, &pool.stop, &self.lifecycle.shutdown);
         }
         crate::rebalance::start(pool, &self.lifecycle);
-        dns::start(self, pool);
+        dns::start(self.clone(), pool, &self.metrics, &self.lifecycle.shutdown);
     }
 
     /// Puts what DNS discovery `asked` for found into force: `asked`,
@@ -97,5 +97,11 @@ impl PoolRunner {
             }
             backend.forget_metrics();
         });
+    }
+}
+
+impl dns::Apply for PoolRunner {
+    async fn apply(&self, asked: &Arc<Pool>, found: Discovered) {
+        self.apply_discovered(asked, found).await;
     }
 }
