@@ -123,6 +123,7 @@ impl App {
                 lifecycle: Arc::clone(&lifecycle),
                 reload: Arc::clone(&reload),
                 status,
+                event_streams: Default::default(),
             });
             (l, addr, ctx, sampler)
         });
