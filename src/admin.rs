@@ -18,7 +18,10 @@
 //! descriptor reserve, so it works while client listeners refuse at their
 //! descriptor limit), a request-head timeout, one request per connection,
 //! and at the cap a new connection evicts the one that has waited longest
-//! for its request head.
+//! for its request head. Event streams, which hold their connection for as
+//! long as they are open, have a smaller cap of their own
+//! ([`ADMIN_MAX_EVENT_STREAMS`]), so open status pages cannot take every
+//! place.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -58,6 +61,29 @@ pub struct AdminContext {
     pub reload: Arc<ReloadContext>,
     /// The status page's snapshots.
     pub status: Feed,
+    /// The places for open `/admin/events` streams.
+    pub event_streams: EventStreams,
+}
+
+/// `/admin/events` streams open at once. Each holds an admin connection
+/// for as long as it is open, so they get well under
+/// [`ADMIN_MAX_CONNECTIONS`]: the rest stay for `/metrics`, `/readyz` and
+/// drains whatever number of status pages is left open.
+pub const ADMIN_MAX_EVENT_STREAMS: usize = 8;
+/// The `Retry-After` of a refused event stream, in seconds.
+const EVENT_STREAM_RETRY_AFTER: &str = "5";
+
+/// The places for event streams: a stream holds one from its answer until
+/// its body is dropped (the client went away, or the sampler stopped).
+#[derive(Clone)]
+pub struct EventStreams(Arc<tokio::sync::Semaphore>);
+
+impl Default for EventStreams {
+    fn default() -> Self {
+        EventStreams(Arc::new(tokio::sync::Semaphore::new(
+            ADMIN_MAX_EVENT_STREAMS,
+        )))
+    }
 }
 
 /// Admin connections open at once. The descriptor reserve has room for
@@ -376,12 +402,31 @@ fn page(ctx: &AdminContext) -> Response<ProxyBody> {
     resp
 }
 
-/// `/admin/events`: the sampler's snapshots as Server-Sent Events.
+/// `/admin/events`: the sampler's snapshots as Server-Sent Events; `503`
+/// with `Retry-After` when [`ADMIN_MAX_EVENT_STREAMS`] are open already.
 fn events(ctx: &AdminContext) -> Response<ProxyBody> {
-    let frames = ctx
-        .status
-        .events()
-        .map(|event| Ok::<_, hyper::Error>(Frame::data(event)));
+    let Ok(place) = Arc::clone(&ctx.event_streams.0).try_acquire_owned() else {
+        ctx.metrics
+            .requests_rejected
+            .with_label_values(&["admin", "503"])
+            .inc();
+        let mut resp = text_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "too many event streams open (at most {ADMIN_MAX_EVENT_STREAMS}), try again later\n"
+            ),
+        );
+        resp.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from_static(EVENT_STREAM_RETRY_AFTER),
+        );
+        return resp;
+    };
+    // The place goes with the body: dropped when the stream ends.
+    let frames = ctx.status.events().map(move |event| {
+        let _held = &place;
+        Ok::<_, hyper::Error>(Frame::data(event))
+    });
     let mut resp = Response::new(StreamBody::new(frames).boxed_unsync());
     let headers = resp.headers_mut();
     headers.insert(
@@ -541,6 +586,7 @@ weight = 3
             lifecycle: Arc::clone(&proxy.lifecycle),
             reload,
             status,
+            event_streams: EventStreams::default(),
         }
     }
 

@@ -16,7 +16,8 @@
 //!
 //! Shutdown: the token is cancelled; accept loops stop; HTTP connections
 //! finish their in-flight request; every WebSocket relay sends Close 1001,
-//! the closes spread over `shutdown_window`; once all tracked tasks are done
+//! the closes spread over `shutdown_window` (the value in force when
+//! shutdown starts, so a reload's change applies); once all tracked tasks are done
 //! (or after the window plus the longest `close_timeout`), the admin API
 //! and the status sampler stop (which ends every event stream), and `run`
 //! returns.
@@ -60,7 +61,6 @@ pub struct App {
     reload: Arc<ReloadContext>,
     admin: Option<(TcpListener, SocketAddr, Arc<AdminContext>, Sampler)>,
     pending: Vec<BoundListener>,
-    shutdown_window: Duration,
 }
 
 impl App {
@@ -94,7 +94,6 @@ impl App {
         metrics.config_reloads.with_label_values(&["failure"]);
         metrics.config_last_reload_success.set(unix_now());
 
-        let shutdown_window = config.shutdown_window;
         let config_path = config.source.clone();
         let routing = Arc::new(Routing::new(Runtime::new(Arc::new(config), &metrics, None)));
         let lifecycle = Arc::new(Lifecycle::new());
@@ -124,6 +123,7 @@ impl App {
                 lifecycle: Arc::clone(&lifecycle),
                 reload: Arc::clone(&reload),
                 status,
+                event_streams: Default::default(),
             });
             (l, addr, ctx, sampler)
         });
@@ -134,7 +134,6 @@ impl App {
             reload,
             admin,
             pending,
-            shutdown_window,
         })
     }
 
@@ -172,7 +171,6 @@ impl App {
             reload,
             admin,
             pending,
-            shutdown_window,
         } = self;
         // Backends the config drains take no connection, from the first.
         crate::drain::apply_config_drains(&lifecycle, &routing.load());
@@ -195,6 +193,8 @@ impl App {
 
         shutdown.await;
         lifecycle.set_ready(false);
+        // Read now, not at start: a reload may have changed the window.
+        let shutdown_window = routing.load().config.shutdown_window;
         let live = lifecycle.live_websockets();
         tracing::info!(websocket_connections = live, window = ?shutdown_window, "shutting down");
         lifecycle.shutdown.cancel();

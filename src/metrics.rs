@@ -178,7 +178,7 @@ impl Metrics {
             requests_rejected: counter(
                 &r,
                 "berth_requests_rejected_total",
-                "Requests berth answered itself before routing, by status (400, 414, 431).",
+                "Requests berth answered itself before routing, by status (400, 414, 431); on the admin listener, 503 for an /admin/events stream over its cap.",
                 &["listener", "status"],
             )?,
             ws_connections_active: gauge(

@@ -1351,3 +1351,44 @@ async fn refused_upgrades_spend_no_token_of_the_upgrade_rate_limit() {
     );
     assert_eq!(backend.accepts.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn forward_auth_is_sent_the_request_id_the_backend_and_client_get() {
+    let service = Service::forward_auth().await;
+    let backend = Backend::start("b1").await;
+    let proxy = Proxy::start(&config_for(
+        &[backend.addr],
+        &forward_table(service.addr, "timeout = \"1s\""),
+    ))
+    .await;
+    let last_asked = || service.seen.lock().unwrap().last().cloned().unwrap();
+    let allow = bearer("allow-u1");
+    // No id from the client: berth's own, the same at both.
+    let _ws = ws(proxy.addr, "/ws", &[("authorization", &allow)])
+        .await
+        .unwrap();
+    let asked = last_asked();
+    let ids: Vec<_> = asked.get_all("x-request-id").iter().collect();
+    assert_eq!(ids.len(), 1, "{asked:?}");
+    assert_eq!(ids[0].len(), 32);
+    assert_eq!(backend.last().headers["x-request-id"], ids[0]);
+    // The client's own id goes to both.
+    let _ws = ws(
+        proxy.addr,
+        "/ws",
+        &[("authorization", &allow), ("x-request-id", "join-me-7")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(last_asked()["x-request-id"], "join-me-7");
+    assert_eq!(backend.last().headers["x-request-id"], "join-me-7");
+    // Plain HTTP, refused by the service: the id the client gets back is
+    // the one the service was sent.
+    let deny = bearer("deny403");
+    let (status, h, _) = get(proxy.addr, "/x", &[("authorization", &deny)]).await;
+    assert_eq!(status, 403);
+    let asked = last_asked();
+    assert_eq!(asked.get_all("x-request-id").iter().count(), 1);
+    assert_eq!(h["x-request-id"], asked["x-request-id"]);
+    assert_ne!(asked["x-request-id"], "join-me-7");
+}

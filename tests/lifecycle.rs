@@ -708,3 +708,62 @@ async fn the_binary_purges_freed_memory_in_the_background() {
     let purgers = names.iter().filter(|n| *n == "jemalloc_bg_thd").count();
     assert_eq!(purgers, 1, "threads: {names:?}");
 }
+
+#[tokio::test]
+async fn a_reloaded_shutdown_window_applies_to_the_next_shutdown() {
+    let b1 = WsBackend::start("b1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("berth.toml");
+    let write = |window: &str| {
+        let text = config_for(&[b1.addr], "close_timeout = \"1s\"")
+            .replace(
+                "shutdown_window = \"500ms\"",
+                &format!("shutdown_window = \"{window}\""),
+            )
+            .replace("{CERT}", CERT)
+            .replace("{KEY}", KEY);
+        std::fs::write(&path, text).unwrap();
+    };
+    // Started with every close at once; reloaded to a 2 s spread.
+    write("0s");
+    let proxy = Proxy::start_file(&path).await;
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(ws_connect(proxy.addr, false, "/").await);
+    }
+    write("2s");
+    let (status, body) = admin_request(proxy.admin.unwrap(), "POST", "/admin/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("shutdown_window 0s -> 2s (applies to the next shutdown)"),
+        "{body}"
+    );
+    let started = Instant::now();
+    let waiters: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| tokio::spawn(async move { (next_close(&mut ws).await, started.elapsed()) }))
+        .collect();
+    proxy.shutdown().await;
+    let mut times = Vec::new();
+    for w in waiters {
+        let (code, at) = tokio::time::timeout(Duration::from_secs(5), w)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(code, Some(1001));
+        times.push(at);
+    }
+    times.sort();
+    // Spread over the new window: the closes start early and end late in
+    // it (with "0s" they all come within a few milliseconds).
+    let (first, last) = (times[0], times[times.len() - 1]);
+    assert!(
+        first < Duration::from_millis(800),
+        "first close at {first:?}"
+    );
+    assert!(
+        last > Duration::from_millis(1200),
+        "last close at {last:?}: not spread over 2 s"
+    );
+    assert!(last < Duration::from_millis(3500), "last close at {last:?}");
+}

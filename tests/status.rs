@@ -1,6 +1,7 @@
 //! The admin API's status feed over plain HTTP: `/admin/events` snapshots
 //! a second apart with live rates, an event stream that does not hold up
-//! shutdown, and `405` with `Allow` on wrong methods. Real proxy, real
+//! shutdown, a cap on open streams that leaves the rest of the API
+//! answering, and `405` with `Allow` on wrong methods. Real proxy, real
 //! backends, real WebSocket clients.
 
 mod support;
@@ -275,5 +276,56 @@ async fn wrong_methods_get_405_and_allow() {
     assert!(head_of(admin, "GET", "/admin/nowhere")
         .await
         .starts_with("http/1.1 404"));
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn event_streams_are_capped_so_the_rest_of_the_admin_api_answers() {
+    let b1 = WsBackend::start("b1").await;
+    let proxy = Proxy::start(&config_for(&[b1.addr], "")).await;
+    let admin = proxy.admin.unwrap();
+    // The documented cap: 8 streams at once.
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        let (mut events, parts) = Events::open(admin).await;
+        assert_eq!(parts.status, 200);
+        assert!(events.next().await.is_some());
+        open.push(events);
+    }
+    let (refused, parts) = Events::open(admin).await;
+    assert_eq!(parts.status, 503);
+    assert_eq!(parts.headers["retry-after"], "5");
+    let body = refused.body.collect().await.unwrap().to_bytes();
+    assert_eq!(
+        &body[..],
+        b"too many event streams open (at most 8), try again later\n"
+    );
+    // Meanwhile the rest of the API answers, and the refusal is counted.
+    let (status, metrics) = admin_request(admin, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("berth_requests_rejected_total{listener=\"admin\",status=\"503\"} 1\n"),
+        "{metrics}"
+    );
+    assert_eq!(admin_request(admin, "GET", "/readyz", None).await.0, 200);
+    // The streams still open keep streaming.
+    for events in open.iter_mut() {
+        assert!(events.next().await.is_some());
+    }
+    // Closing one gives its place back (once berth notices, at the latest
+    // with the next event a second later).
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (mut events, parts) = Events::open(admin).await;
+        if parts.status == 200 {
+            assert!(events.next().await.is_some());
+            break;
+        }
+        assert_eq!(parts.status, 503);
+        assert!(Instant::now() < deadline, "no place after closing a stream");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(open);
     proxy.shutdown().await;
 }

@@ -3,7 +3,8 @@
 //! berth sends `GET url` with the client's `Cookie` and `Authorization`,
 //! the `X-Forwarded-For`, `-Proto` and `-Host` the backend would get, and
 //! the original method and target (`X-Forwarded-Method`,
-//! `X-Forwarded-Uri`, a query token already removed). A `2xx` lets the
+//! `X-Forwarded-Uri`, a query token already removed), and the request's
+//! `X-Request-Id` (the one the backend gets). A `2xx` lets the
 //! request through with the `copy_headers` of the answer; any other answer
 //! goes back to the client as it is (status, headers, body up to
 //! [`BODY_LIMIT`]). No answer within `timeout`, or none at all, is a
@@ -36,12 +37,13 @@ const CACHE_ENTRIES: usize = 10_000;
 
 /// The headers of the client's request that berth sends on, besides the
 /// method and target.
-const SENT: [&str; 5] = [
+const SENT: [&str; 6] = [
     "cookie",
     "authorization",
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
+    "x-request-id",
 ];
 
 /// Headers to add to an allowed request.

@@ -73,10 +73,11 @@ pub async fn handle(
         }
     };
     let pool = Arc::clone(&prepared.pool);
-    let mut prepared = match prepared.authenticate(&mut parts).await {
+    let mut prepared = match prepared.authenticate(&mut parts, request_id).await {
         Ok(p) => p,
         Err(err) => return refused(ctx, &access, &pool, &err),
     };
+    // Again after auth: `copy_headers` cannot replace berth's id.
     prepared.headers.insert(X_REQUEST_ID, request_id.clone());
     // A request without a body can be sent again if the first backend
     // could not be reached at all.

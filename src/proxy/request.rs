@@ -28,7 +28,7 @@ use http::{HeaderMap, HeaderValue};
 use tokio::net::TcpStream;
 
 use super::headers::{add_forwarded, strip_hop_by_hop};
-use super::{target, ConnInfo, ProxyError};
+use super::{target, ConnInfo, ProxyError, X_REQUEST_ID};
 use crate::auth::{AuthRequest, Verified};
 use crate::balancer::{Backend, Choice, Pool, RequestFacts};
 use crate::metrics::Metrics;
@@ -151,12 +151,19 @@ impl Prepared {
     /// client's copies of the headers auth sets are gone and a query token
     /// is out of `parts.uri` and the target; a request that passed carries
     /// its [`Verified`] in `parts.extensions` (for affinity and the relay)
-    /// and the headers auth sets.
-    pub async fn authenticate(mut self, parts: &mut Parts) -> Result<Prepared, ProxyError> {
+    /// and the headers auth sets. A forward-auth service is sent
+    /// `request_id` as `X-Request-Id`, so its log joins berth's and the
+    /// backend's.
+    pub async fn authenticate(
+        mut self,
+        parts: &mut Parts,
+        request_id: &HeaderValue,
+    ) -> Result<Prepared, ProxyError> {
         let Some(auth) = self.pool.auth.clone() else {
             return Ok(self);
         };
         auth.strip_headers(&mut self.headers);
+        self.headers.insert(X_REQUEST_ID, request_id.clone());
         // The token leaves both the normalized target the backend gets and
         // the request as the client sent it (what affinity reads).
         if let Some(target) = auth.strip_query(&self.path_and_query) {

@@ -101,7 +101,7 @@ pub async fn handle(
         count(ctx, pool_name, "", "origin_rejected");
         return text_response(StatusCode::FORBIDDEN, "origin not allowed\n");
     }
-    let mut prepared = match prepared.authenticate(&mut parts).await {
+    let mut prepared = match prepared.authenticate(&mut parts, request_id).await {
         Ok(p) => p,
         Err(err) => {
             count(ctx, pool_name, "", err.upgrade_result());
@@ -109,6 +109,7 @@ pub async fn handle(
             return err.response(retry_after_max);
         }
     };
+    // Again after auth: `copy_headers` cannot replace berth's id.
     prepared.headers.insert(X_REQUEST_ID, request_id.clone());
     let out = match handshake_request(prepared, h2.then_some(key.as_str())) {
         Ok(out) => out,

@@ -80,7 +80,7 @@ pub fn setting_changes(old: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
     if old.shutdown_window != new.shutdown_window {
         out.push(format!(
-            "shutdown_window {} -> {} (applies from the next start)",
+            "shutdown_window {} -> {} (applies to the next shutdown)",
             human(old.shutdown_window),
             human(new.shutdown_window)
         ));
@@ -527,7 +527,7 @@ max_connections = 100
         assert_eq!(
             settings,
             [
-                "shutdown_window 10s -> 1m 30s (applies from the next start)",
+                "shutdown_window 10s -> 1m 30s (applies to the next shutdown)",
                 "[admin] token changed",
                 "route any host /feed -> pool \"feed\" added",
                 "pool \"feed\" added",

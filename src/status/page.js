@@ -415,20 +415,31 @@
   // --- the live feed -----------------------------------------------------
 
   const conn = $("conn");
-  const events = new EventSource("/admin/events");
-  events.onopen = () => { conn.className = "conn live"; };
-  events.onerror = () => {
-    conn.className = "conn lost";
-    conn.textContent = "disconnected; reconnecting…";
+  // EventSource reconnects by itself after a dropped stream, but gives up
+  // after a refusal (a 503 when too many streams are open): then the page
+  // opens a new one after a pause.
+  const connect = () => {
+    const events = new EventSource("/admin/events");
+    events.onopen = () => { conn.className = "conn live"; };
+    events.onerror = () => {
+      conn.className = "conn lost";
+      if (events.readyState === EventSource.CLOSED) {
+        conn.textContent = "disconnected; trying again in 5 s…";
+        setTimeout(connect, 5000);
+      } else {
+        conn.textContent = "disconnected; reconnecting…";
+      }
+    };
+    events.onmessage = (e) => {
+      try {
+        snap = JSON.parse(e.data);
+      } catch (err) {
+        return;
+      }
+      conn.className = "conn live";
+      conn.textContent = "live · " + new Date(snap.time * 1000).toLocaleTimeString();
+      render();
+    };
   };
-  events.onmessage = (e) => {
-    try {
-      snap = JSON.parse(e.data);
-    } catch (err) {
-      return;
-    }
-    conn.className = "conn live";
-    conn.textContent = "live · " + new Date(snap.time * 1000).toLocaleTimeString();
-    render();
-  };
+  connect();
 })();
