@@ -258,9 +258,10 @@ CLIENTS=$(jq -s '
 echo "$CLIENTS" >"$WORK/clients.json"
 
 # Figures from the samples.
-stats=$(awk -v w="$WINDOW" -v b1="${BEFORE[0]}" -v b2="${BEFORE[1]}" -v b3="${BEFORE[2]}" -v b4="${BEFORE[3]}" '
+base=$((BEFORE[4] + BEFORE[5] + BEFORE[6] + BEFORE[7]))
+stats=$(awk -v w="$WINDOW" -v base="$base" '
     { n++; for (i = 1; i <= 4; i++) if ($(i + 1) > max[i]) max[i] = $(i + 1)
-      r = $6 + $7 + $8 + $9; t[n] = $1; c[n] = r
+      r = $6 + $7 + $8 + $9 - base; t[n] = $1; c[n] = r
       if (r > 0 && first == "") first = $1
       if (r > last_r) { last_r = r; last = $1 } }
     END {
@@ -299,8 +300,9 @@ for i in 0 1 2; do
         verdict+=("b$((i + 1)) reached ${MAX[$i]}, above its ${BEFORE[$i]} at the reload")
 done
 [ "${AFTER[8]}" -gt "${BEFORE[8]}" ] || verdict+=("the reload did not succeed (berth_config_reloads_total{result=\"success\"} ${BEFORE[8]} -> ${AFTER[8]})")
-[ "$rebalanced" -eq "$client_1012" ] ||
-    verdict+=("berth counted $rebalanced rebalance closes, the clients $client_1012 Close 1012")
+[ "$base" -eq 0 ] || verdict+=("berth rebalanced $base connections before the reload")
+[ $((rebalanced + base)) -eq "$client_1012" ] ||
+    verdict+=("berth counted $((rebalanced + base)) rebalance closes, the clients $client_1012 Close 1012")
 twice=$(jq '[.by_closes | to_entries[] | select((.key | tonumber) > 1) | .value] | add // 0' <<<"$CLIENTS")
 [ "$twice" -eq 0 ] || verdict+=("$twice clients were closed more than once")
 bad=$(jq '.duplicated + .reordered + .corrupted + .lost_open' <<<"$CLIENTS")
@@ -321,7 +323,7 @@ report=$(cat <<EOF
 - closes per tenth of the window: $tenths; after the window: $after_window
 - clients: Close codes received $(jq -c .closed <<<"$CLIENTS"), $(jq .dropped <<<"$CLIENTS") dropped without a Close; clients by how many times berth closed them: $(jq -c .by_closes <<<"$CLIENTS") (closed twice or more: $twice)
 - clients' verification: $(jq .sessions <<<"$CLIENTS") sessions, $(jq .sent <<<"$CLIENTS") messages; lost $(jq .lost <<<"$CLIENTS") (on connections open to the end: $(jq .lost_open <<<"$CLIENTS"); the rest were in flight when berth closed), duplicated $(jq .duplicated <<<"$CLIENTS"), reordered $(jq .reordered <<<"$CLIENTS"), corrupted $(jq .corrupted <<<"$CLIENTS"); $(jq .connected_at_end <<<"$CLIENTS") connected at the end, $(jq .connect_errors <<<"$CLIENTS") failed connects
-- berth's figures against the clients': $rebalanced rebalance closes counted by berth, $client_1012 Close 1012 received by the clients
+- berth's figures against the clients': $((rebalanced + base)) rebalance closes counted by berth since it started ($base before the reload), $client_1012 Close 1012 received by the clients
 - verdict: $verdict_text
 EOF
 )
