@@ -29,6 +29,14 @@
 #   SAMPLE         seconds between two /metrics samples (default 0.15)
 #   MARGIN         seconds sampled after window + close_timeout (default 5)
 #   INTERVAL       seconds between two messages of one client (default 1)
+#   CONCURRENCY    connects in progress at once per soak process (default 1).
+#                  berth counts a WebSocket for least connections only once
+#                  the backend's 101 is back, so upgrades in flight together
+#                  all see the same counts and pile onto one backend: with
+#                  128 (the soak mode's default) the three backends started
+#                  uneven enough (379 against ~257 at 900) for a rebalance
+#                  before the reload. One at a time per process, as
+#                  tests/rebalance.rs connects, keeps them within a few.
 #   BERTH_WORKERS  berth's worker threads (default 1)
 #   OUT            also write the report (markdown) to this file
 #   KEEP_WORK=1    keep the work directory (logs, config, samples, JSON)
@@ -47,6 +55,7 @@ THRESHOLD=${THRESHOLD:-1.2}
 SAMPLE=${SAMPLE:-0.15}
 MARGIN=${MARGIN:-5}
 INTERVAL=${INTERVAL:-1}
+CONCURRENCY=${CONCURRENCY:-1}
 OUT=${OUT:-}
 export BERTH_WORKERS=${BERTH_WORKERS:-1}
 SETTLE=5 # seconds after READY before the reload (counts settle)
@@ -179,7 +188,7 @@ for ((i = 0; i < LOADGENS; i++)); do
     lo=$((2 + i * 249 / LOADGENS)); hi=$((1 + (i + 1) * 249 / LOADGENS))
     "$LOADGEN" soak --url "ws://127.0.0.1:$P_BERTH/" --cookie unused \
         --source-ips "127.0.0.$lo-127.0.0.$hi" --connections "$n" \
-        --duration "$DURATION" --interval "$INTERVAL" \
+        --duration "$DURATION" --interval "$INTERVAL" --concurrency "$CONCURRENCY" \
         >"$WORK/soak$i.json" 2>"$WORK/soak$i.err" &
     LG_PIDS+=($!)
     PIDS+=($!)
@@ -314,7 +323,7 @@ kill -0 "$BERTH_PID" 2>/dev/null || verdict+=("berth exited")
 report=$(cat <<EOF
 #### Rebalance at scale (\`benches/rebalance.sh\`)
 
-- run: $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); \`CONNECTIONS=$CONNECTIONS LOADGENS=$LOADGENS WINDOW=$WINDOW CLOSE_TIMEOUT=$CLOSE_TIMEOUT THRESHOLD=$THRESHOLD BERTH_WORKERS=$BERTH_WORKERS\`
+- run: $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); \`CONNECTIONS=$CONNECTIONS LOADGENS=$LOADGENS WINDOW=$WINDOW CLOSE_TIMEOUT=$CLOSE_TIMEOUT THRESHOLD=$THRESHOLD CONCURRENCY=$CONCURRENCY BERTH_WORKERS=$BERTH_WORKERS\`
 - scenario: one berth, least connections, \`threshold = $THRESHOLD\`, \`window = "${WINDOW}s"\`, \`close_timeout = "${CLOSE_TIMEOUT}s"\`; $connected soak clients (a ${INTERVAL}s message each, every echo checked; a client closed by berth reconnects after 0.25-2 s); a fourth backend added by SIGHUP
 - live WebSockets per backend (b1, b2, b3, b4) before the reload: ${BEFORE[0]}, ${BEFORE[1]}, ${BEFORE[2]}, ${BEFORE[3]}
 - after window + close_timeout + ${MARGIN}s: ${AFTER[0]}, ${AFTER[1]}, ${AFTER[2]}, ${AFTER[3]} (total $total_after; a quarter is $fair)
