@@ -329,7 +329,7 @@ report=$(cat <<EOF
 - after window + close_timeout + ${MARGIN}s: ${AFTER[0]}, ${AFTER[1]}, ${AFTER[2]}, ${AFTER[3]} (total $total_after; a quarter is $fair)
 - highest sampled during the run ($samples samples of /metrics, every ${SAMPLE}s, longest gap ${gap}s): ${MAX[0]}, ${MAX[1]}, ${MAX[2]}, ${MAX[3]}
 - rebalance closes (\`berth_websocket_rebalanced_total\`): $rebalanced (b1 ${MOVED[0]}, b2 ${MOVED[1]}, b3 ${MOVED[2]}, b4 ${MOVED[3]}); first seen at $first s, last at $last s after the SIGHUP
-- closes per tenth of the window: $tenths; after the window: $after_window
+- closes per tenth of the window (the counter at the last sample before each tenth's end, so a close within a sample of the end counts in the next): $tenths; after the window: $after_window
 - clients: Close codes received $(jq -c .closed <<<"$CLIENTS"), $(jq .dropped <<<"$CLIENTS") dropped without a Close; clients by how many times berth closed them: $(jq -c .by_closes <<<"$CLIENTS") (closed twice or more: $twice)
 - clients' verification: $(jq .sessions <<<"$CLIENTS") sessions, $(jq .sent <<<"$CLIENTS") messages; lost $(jq .lost <<<"$CLIENTS") (on connections open to the end: $(jq .lost_open <<<"$CLIENTS"); the rest were in flight when berth closed), duplicated $(jq .duplicated <<<"$CLIENTS"), reordered $(jq .reordered <<<"$CLIENTS"), corrupted $(jq .corrupted <<<"$CLIENTS"); $(jq .connected_at_end <<<"$CLIENTS") connected at the end, $(jq .connect_errors <<<"$CLIENTS") failed connects
 - berth's figures against the clients': $((rebalanced + base)) rebalance closes counted by berth since it started ($base before the reload), $client_1012 Close 1012 received by the clients
