@@ -29,14 +29,16 @@
 #   SAMPLE         seconds between two /metrics samples (default 0.15)
 #   MARGIN         seconds sampled after window + close_timeout (default 5)
 #   INTERVAL       seconds between two messages of one client (default 1)
-#   CONCURRENCY    connects in progress at once per soak process (default 1).
-#                  berth counts a WebSocket for least connections only once
-#                  the backend's 101 is back, so upgrades in flight together
-#                  all see the same counts and pile onto one backend: with
-#                  128 (the soak mode's default) the three backends started
-#                  uneven enough (379 against ~257 at 900) for a rebalance
-#                  before the reload. One at a time per process, as
-#                  tests/rebalance.rs connects, keeps them within a few.
+#   CONCURRENCY    connects in progress at once per soak process (default 1,
+#                  as tests/rebalance.rs connects). berth counts a WebSocket
+#                  for least connections only once the backend's 101 is back,
+#                  so upgrades in flight together pick from the same counts:
+#                  at 900 with 128 (the soak mode's default; 450 connects per
+#                  process in 0.2 s) the three backends started uneven (379,
+#                  ~257, ~257 in one run, 342, 256, 302 in another), and the
+#                  rebalance, which sheds only backends above the threshold,
+#                  left them outside ±10 %. At 9,000 with 128 they started at
+#                  3,003, 2,994 and 3,003.
 #   BERTH_WORKERS  berth's worker threads (default 1)
 #   OUT            also write the report (markdown) to this file
 #   KEEP_WORK=1    keep the work directory (logs, config, samples, JSON)
