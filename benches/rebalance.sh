@@ -34,8 +34,8 @@
 #                  for least connections only once the backend's 101 is back,
 #                  so upgrades in flight together pick from the same counts:
 #                  at 900 with 128 (the soak mode's default; 450 connects per
-#                  process in 0.2 s) the three backends started uneven (379,
-#                  ~257, ~257 in one run, 342, 256, 302 in another), and the
+#                  process in 0.2 s) the three backends started uneven (b1
+#                  held 379 of 900 in one run; 342, 256, 302 in another), and the
 #                  rebalance, which sheds only backends above the threshold,
 #                  left them outside ±10 %. At 9,000 with 128 they started at
 #                  3,003, 2,994 and 3,003.
