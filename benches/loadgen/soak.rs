@@ -226,8 +226,13 @@ pub async fn run(opts: SoakOpts) -> anyhow::Result<Value> {
     let mut sessions = Vec::new();
     let mut connect_errors = 0u64;
     let mut first_errors = Vec::new();
+    // Clients by how many times berth closed them (any code): a client
+    // closed twice by one rebalance shows in the entries above 1.
+    let mut clients_by_closes: BTreeMap<usize, u64> = BTreeMap::new();
     while let Some(r) = clients.join_next().await {
         let (s, errors) = r.context("a client task failed")?;
+        let closes = s.iter().filter(|s| matches!(s.end, End::Closed(_))).count();
+        *clients_by_closes.entry(closes).or_default() += 1;
         sessions.extend(s);
         connect_errors += errors.len() as u64;
         for e in errors {
@@ -251,6 +256,7 @@ pub async fn run(opts: SoakOpts) -> anyhow::Result<Value> {
             open_secs,
             connect_errors,
             first_errors,
+            clients_by_closes,
         },
         [idle, start, end, after],
     ))
@@ -567,6 +573,7 @@ struct Counts {
     open_secs: f64,
     connect_errors: u64,
     first_errors: Vec<String>,
+    clients_by_closes: BTreeMap<usize, u64>,
 }
 
 /// Totals for a group of sessions.
@@ -579,6 +586,9 @@ struct Group {
     dropped: u64,
     sent: u64,
     lost: u64,
+    /// Lost on sessions open to the end (the rest were in flight when the
+    /// connection ended).
+    lost_open: u64,
     duplicated: u64,
     reordered: u64,
     corrupted: u64,
@@ -601,6 +611,9 @@ impl Group {
         }
         self.sent += s.sent;
         self.lost += s.lost();
+        if matches!(s.end, End::Completed { .. }) {
+            self.lost_open += s.lost();
+        }
         self.duplicated += s.duplicated;
         self.reordered += s.reordered;
         self.corrupted += s.corrupted;
@@ -616,6 +629,7 @@ impl Group {
             "first_drop": self.first_drop,
             "messages_sent": self.sent,
             "lost": self.lost,
+            "lost_open_to_the_end": self.lost_open,
             "duplicated": self.duplicated,
             "reordered": self.reordered,
             "corrupted": self.corrupted,
@@ -731,6 +745,7 @@ fn verdict(o: &SoakOpts, sessions: &[Session], c: Counts, usage: [Option<Usage>;
         "connect_errors": c.connect_errors,
         "first_connect_errors": c.first_errors,
         "connected_at_end": c.live_at_end,
+        "clients_by_closes": c.clients_by_closes.iter().map(|(k, n)| (k.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
         "untouched": untouched.json(),
         "drained": drained.json(),
         "killed": killed.json(),
