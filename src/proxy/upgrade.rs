@@ -135,6 +135,11 @@ pub async fn handle(
     };
     let chosen = choose_and_connect(&ctx.metrics, &pool, &facts(&parts, conn), 2, |b| {
         let backend = Arc::clone(b);
+        // The upgrade counts as load from the moment it is placed, so that
+        // a burst of upgrades does not all pick from the same counts
+        // (least connections, `bounded_load`); the WebSocket's own count
+        // takes over once it is established.
+        let pending = b.track_request();
         async move {
             let mut stream = connect(&backend.address, timeout)
                 .await
@@ -147,11 +152,11 @@ pub async fn handle(
                     .await
                     .map_err(|e| AttemptError::Connect(e.into()))?;
             }
-            Ok(stream)
+            Ok((stream, pending))
         }
     })
     .await;
-    let (choice, stream) = match chosen {
+    let (choice, (stream, pending)) = match chosen {
         Ok(pair) => pair,
         Err(err) => {
             count(
@@ -196,7 +201,7 @@ pub async fn handle(
     // 5. The client gets the backend's 101; the relay starts once hyper
     //    hands over the client's socket, and ends when its token expires.
     let expires = parts.extensions.get::<Verified>().and_then(|v| v.close_at);
-    switch(
+    let response = switch(
         ctx,
         conn,
         &pool,
@@ -205,7 +210,11 @@ pub async fn handle(
         client_upgrade,
         backend_io,
         expires,
-    )
+    );
+    // The WebSocket is counted now (or the upgrade ended): the pending
+    // count goes.
+    drop(pending);
+    response
 }
 
 /// The answer to a client handshake that is not valid.
