@@ -65,15 +65,6 @@ impl ClientStream {
         matches!(self.transport, Transport::Tls(_))
     }
 
-    /// The TCP socket, when the connection is plain and nothing read ahead
-    /// is left to return first: the relay then reads and writes it directly.
-    pub fn plain_tcp(&self) -> Option<&TcpStream> {
-        match (&self.transport, &self.read_ahead) {
-            (Transport::Plain(tcp), None) => Some(tcp),
-            _ => None,
-        }
-    }
-
     /// Whether the TLS handshake chose `h2` in ALPN.
     pub fn alpn_is_h2(&self) -> bool {
         match &self.transport {

@@ -28,9 +28,7 @@ use crate::balancer::ConnectionGuard;
 use crate::io::ClientStream;
 use crate::lifecycle::{RelayId, RelayTag};
 use crate::metrics::close_code_label;
-use crate::ws::relay::{
-    relay, Deadline, EndReason, Relay, RelayConfig, RelayIo, RelayOutcome, Source,
-};
+use crate::ws::relay::{relay, Deadline, EndReason, Relay, RelayConfig, RelayOutcome, Source};
 
 /// The client's side of a relayed WebSocket: its whole connection (an
 /// HTTP/1.1 upgrade), or one stream of an HTTP/2 connection (RFC 8441),
@@ -76,16 +74,6 @@ impl AsyncWrite for ClientSide {
         match self.get_mut() {
             ClientSide::Conn(s) => Pin::new(s).poll_shutdown(cx),
             ClientSide::Stream(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
-impl RelayIo for ClientSide {
-    #[inline]
-    fn tcp(&self) -> Option<&TcpStream> {
-        match self {
-            ClientSide::Conn(s) => s.plain_tcp(),
-            ClientSide::Stream(_) => None,
         }
     }
 }

@@ -15,9 +15,6 @@
 //! direction's state and its polling live in `dir.rs`.
 
 mod dir;
-mod fastio;
-
-pub use fastio::RelayIo;
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -26,6 +23,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
 use super::processor::{Inject, Report, Source, PING_TOKEN_LEN};
@@ -39,12 +37,6 @@ use dir::{poll_dir, Dir};
 /// Size of the per-thread read buffer: the most one read passes on, and so
 /// the most a slow destination's pending buffer holds.
 pub(super) const SCRATCH_LEN: usize = 32 * 1024;
-
-/// Passes over both directions in one poll before the relay yields. Plain
-/// TCP sockets are read and written past tokio's coop budget (see
-/// `fastio`), so a pair of streams that never run dry must not keep the
-/// thread: each pass reads each direction at most `READS_PER_TURN` times.
-const PASSES_PER_POLL: usize = 4;
 
 thread_local! {
     /// Shared read buffer: borrowed only inside one poll, never across awaits.
@@ -68,8 +60,8 @@ pub fn relay<C, B>(
     counters: Option<Arc<RelayCounters>>,
 ) -> Relay<C, B>
 where
-    C: RelayIo,
-    B: RelayIo,
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
 {
     let config = config.into();
     let now = Instant::now();
@@ -151,8 +143,8 @@ impl<C, B> Relay<C, B> {
 
 impl<C, B> Future for Relay<C, B>
 where
-    C: RelayIo,
-    B: RelayIo,
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
 {
     type Output = RelayOutcome;
 
@@ -169,8 +161,8 @@ where
 
 impl<C, B> Relay<C, B>
 where
-    C: RelayIo,
-    B: RelayIo,
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
 {
     fn poll_relay(&mut self, cx: &mut Context<'_>, scratch: &mut [u8]) -> Poll<RelayOutcome> {
         // Once per poll: a stop that comes later wakes the task.
@@ -180,7 +172,7 @@ where
                 self.end(reason.ending());
             }
         }
-        for _ in 0..PASSES_PER_POLL {
+        loop {
             if self.poll_timers(cx) {
                 return Poll::Ready(self.finish());
             }
@@ -226,9 +218,6 @@ where
                 return Poll::Pending;
             }
         }
-        // Still busy: let the other tasks run, and come back at once.
-        cx.waker().wake_by_ref();
-        Poll::Pending
     }
 
     /// Reacts to what a direction saw in its latest read.

@@ -51,7 +51,7 @@ pub mod processor;
 #[cfg(test)]
 mod tests;
 
-pub use driver::{relay, Relay, RelayIo};
+pub use driver::{relay, Relay};
 pub use processor::{FrameProcessor, Inject, ProtocolError, Report, Sink, Source, PING_TOKEN_LEN};
 
 /// Per-pool timing and limits of a relayed connection.

@@ -1,6 +1,6 @@
 //! The relay's unit tests: the processor's table and property tests (no
 //! sockets), the driver's timers on tokio's paused clock over in-memory
-//! duplex pipes, and the driver over real TCP sockets (its direct path).
+//! duplex pipes, and the driver over real TCP sockets.
 
 mod driver;
 mod processor;

@@ -9,10 +9,8 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use tokio::io::ReadBuf;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
-
-use super::fastio::{self, RelayIo};
 
 use crate::metrics::DirCounters;
 use crate::ws::relay::processor::{FrameProcessor, Inject, Report, Sink, Source, PING_TOKEN_LEN};
@@ -77,21 +75,6 @@ pub(super) struct Dir {
     /// Since when berth has held bytes for the destination without it
     /// accepting any (tracked only with `send_timeout`).
     pub(super) stall: Option<Instant>,
-    /// The source's read waker is registered (see [`fastio::read`]).
-    read_armed: bool,
-}
-
-/// Writes to `dst`, directly when it is a plain TCP socket.
-#[inline]
-fn write<W: RelayIo>(
-    cx: &mut Context<'_>,
-    dst: &mut W,
-    buf: &[u8],
-) -> Poll<std::io::Result<usize>> {
-    match dst.tcp() {
-        Some(tcp) => fastio::write(cx, tcp, buf),
-        None => Pin::new(dst).poll_write(cx, buf),
-    }
 }
 
 impl Dir {
@@ -113,7 +96,6 @@ impl Dir {
             eof: false,
             shut: false,
             stall: None,
-            read_armed: false,
         }
     }
 
@@ -195,14 +177,14 @@ struct Out<'a, 'c, W> {
     failed: bool,
 }
 
-impl<W: RelayIo> Out<'_, '_, W> {
+impl<W: AsyncWrite + Unpin> Out<'_, '_, W> {
     fn emit(&mut self, mut bytes: &[u8]) {
         if bytes.is_empty() || self.failed {
             return;
         }
         if !self.state.has_pending() {
             while !bytes.is_empty() {
-                match write(self.cx, &mut *self.dst, bytes) {
+                match Pin::new(&mut *self.dst).poll_write(self.cx, bytes) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                         self.failed = true;
                         return;
@@ -225,7 +207,7 @@ impl<W: RelayIo> Out<'_, '_, W> {
     }
 }
 
-impl<W: RelayIo> Sink for Out<'_, '_, W> {
+impl<W: AsyncWrite + Unpin> Sink for Out<'_, '_, W> {
     #[inline]
     fn forward(&mut self, bytes: &[u8]) {
         self.emit(bytes);
@@ -277,8 +259,8 @@ pub(super) fn poll_dir<R, W>(
     report: &mut Report,
 ) -> bool
 where
-    R: RelayIo,
-    W: RelayIo,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
 {
     let mut bytes = 0;
     let mut changed = true;
@@ -323,8 +305,8 @@ fn step<R, W>(
     bytes: &mut usize,
 ) -> Step
 where
-    R: RelayIo,
-    W: RelayIo,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
 {
     if dir.finished() {
         return Step::Waiting;
@@ -334,7 +316,7 @@ where
         if dir.out.has_pending() {
             while dir.out.has_pending() {
                 let rest = &dir.out.pending[dir.out.pending_pos..];
-                match write(cx, &mut *dst, rest) {
+                match Pin::new(&mut *dst).poll_write(cx, rest) {
                     Poll::Ready(Ok(n)) if n > 0 => {
                         dir.out.pending_pos += n;
                         dir.out.needs_flush = true;
@@ -402,13 +384,6 @@ where
             dir.prefix = None;
         }
         n
-    } else if let Some(tcp) = src.tcp() {
-        match fastio::read(cx, tcp, &mut dir.read_armed, scratch) {
-            Poll::Ready(Ok(n)) => n,
-            // A reset reads as an abrupt end.
-            Poll::Ready(Err(_)) => 0,
-            Poll::Pending => return Step::Waiting,
-        }
     } else {
         let mut buf = ReadBuf::new(scratch);
         match Pin::new(&mut *src).poll_read(cx, &mut buf) {

@@ -355,8 +355,8 @@ struct Watch<'a, C, B> {
 
 impl<C, B> Future for Watch<'_, C, B>
 where
-    C: crate::ws::relay::RelayIo,
-    B: crate::ws::relay::RelayIo,
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     type Output = RelayOutcome;
 

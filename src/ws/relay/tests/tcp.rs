@@ -1,8 +1,8 @@
-//! The relay over real TCP sockets on 127.0.0.1, where it reads and writes
-//! the sockets through their readiness (`driver::fastio`): every byte
-//! arrives, in order, both ways at once, through short reads, full socket
-//! buffers and a reader that starts late, and the closing handshake ends
-//! the relay with exact counts.
+//! The relay over real TCP sockets on 127.0.0.1 (the sockets' own
+//! readiness, not in-memory pipes): every byte arrives, in order, both
+//! ways at once, through short reads, full socket buffers and a reader
+//! that starts late, and the closing handshake ends the relay with exact
+//! counts.
 
 use std::time::Duration;
 
