@@ -1,9 +1,10 @@
 //! The relay's unit tests: the processor's table and property tests (no
-//! sockets) and the driver's timers on tokio's paused clock over in-memory
-//! duplex pipes.
+//! sockets), the driver's timers on tokio's paused clock over in-memory
+//! duplex pipes, and the driver over real TCP sockets.
 
 mod driver;
 mod processor;
+mod tcp;
 
 /// Encodes a frame the way a peer would (7, 16 or 64-bit length, masked
 /// when a key is given). Written here, not taken from `ws::frame`, so that
