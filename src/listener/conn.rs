@@ -13,8 +13,9 @@
 //! complete a connection holds little: the task, the socket, the TLS state
 //! and the bytes it has sent. The TLS handshake and hyper's connection are
 //! boxed futures, so each takes memory only while it runs, and hyper (with
-//! its 8 KiB read and write buffers on HTTP/1.1, 16 KiB and 8 KiB on
-//! HTTP/2) starts only once that is complete (`io::head`, `io::preface`).
+//! its 8 KiB read and write buffers on HTTP/1.1; on HTTP/2 `h2`'s 16 KiB
+//! write, 8 KiB read and 4 KiB HPACK buffers, which no setting sizes)
+//! starts only once that is complete (`io::head`, `io::preface`).
 //!
 //! An HTTP/2 connection runs behind `io::h2guard`, which ends a flood of
 //! control frames with a `GOAWAY`; its flow-control windows and buffers are
