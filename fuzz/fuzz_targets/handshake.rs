@@ -3,7 +3,10 @@
 //! answers agree with RFC 6455 §4.2.1: only a GET over HTTP/1.1 with the
 //! `upgrade` token in `Connection` and `websocket` in `Upgrade` is a
 //! WebSocket upgrade; only version 13 with a 16-byte base64 key passes, and
-//! the accept key computed for it is the one berth then expects.
+//! the accept key computed for it is the one berth then expects. An HTTP/2
+//! `CONNECT` is an extended CONNECT (RFC 8441) whatever its headers: these
+//! requests carry no `:protocol`, so it is an unsupported one
+//! (`tests/http2.rs` covers `:protocol = websocket`).
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -71,7 +74,9 @@ fuzz_target!(|input: Input| {
     };
     let headers = req.headers();
 
+    let h2_connect = version == Version::HTTP_2 && method == Method::CONNECT;
     match classify(&req) {
+        _ if h2_connect => assert_eq!(classify(&req), UpgradeKind::Unsupported),
         UpgradeKind::WebSocket => {
             assert_eq!(method, Method::GET);
             assert_eq!(version, Version::HTTP_11);
