@@ -18,30 +18,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use sha1::{Digest, Sha1};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 const PER_BACKEND: usize = 1_000;
 const WINDOW: Duration = Duration::from_secs(4);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Reads an HTTP head (up to the blank line) in chunks; nothing follows
-/// it until a Close, on either side.
-async fn read_head(s: &mut TcpStream) -> String {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-    String::from_utf8_lossy(&got).into_owned()
-}
 
 /// A backend that accepts WebSockets, holds them, answers a Close with a
 /// Close, and counts the live ones.
@@ -62,19 +46,10 @@ async fn backend() -> Backend {
             };
             let live = Arc::clone(&counter);
             tokio::spawn(async move {
-                let head = read_head(&mut s).await;
-                let Some(key) = head.lines().find_map(|l| {
-                    let (name, value) = l.split_once(':')?;
-                    name.eq_ignore_ascii_case("sec-websocket-key")
-                        .then(|| value.trim().to_string())
-                }) else {
+                let head = read_head_chunked(&mut s).await;
+                let Some(reply) = switching_protocols(&head) else {
                     return;
                 };
-                let mut sha = Sha1::new();
-                sha.update(key.as_bytes());
-                sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
-                let accept = base64::engine::general_purpose::STANDARD.encode(sha.finalize());
-                let reply = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
                 if s.write_all(reply.as_bytes()).await.is_err() {
                     return;
                 }
@@ -99,7 +74,7 @@ async fn backend() -> Backend {
 async fn connect(addr: SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(upgrade_head("/", "").as_bytes()).await.unwrap();
-    let head = read_head(&mut s).await;
+    let head = read_head_chunked(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     s
 }

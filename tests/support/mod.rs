@@ -816,3 +816,30 @@ impl Drop for BerthProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Reads an HTTP head (up to the blank line) in chunks, for peers that send
+/// nothing after their head until they are answered (a raw WebSocket
+/// backend's handshake, a client's 101).
+pub async fn read_head_chunked(s: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// The `101 Switching Protocols` a WebSocket backend answers the handshake
+/// `head` with; None when the head has no `Sec-WebSocket-Key`.
+pub fn switching_protocols(head: &str) -> Option<String> {
+    let key = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("sec-websocket-key")
+            .then(|| value.trim().to_string())
+    })?;
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    Some(format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"))
+}
