@@ -26,7 +26,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use support::browser::Browser;
-use support::{admin_request, config_for, Proxy};
+use support::{admin_request, config_for, with_listener_key, Proxy};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -185,11 +185,7 @@ async fn the_five_steps(http2: bool) {
         "drain_window = \"100ms\"\naffinity = \"cookie\"\n[pools.main.cookie]\nname = \"berth_main\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n",
     );
     if !http2 {
-        toml = toml.replacen(
-            "bind = \"127.0.0.1:0\"\n",
-            "bind = \"127.0.0.1:0\"\nhttp2 = false\n",
-            2,
-        );
+        toml = with_listener_key(&toml, "http2 = false", 2);
     }
     let proxy = Proxy::start(&toml).await;
     let tls = proxy.tls_addr.unwrap();

@@ -18,7 +18,9 @@ use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 
 use support::h2c::{self, frame, goaway_code, raw_h2, H2Conn, H2Ws};
-use support::{admin_request, config_for, http_backend, raw_backend, Proxy, WsBackend};
+use support::{
+    admin_request, config_for, http_backend, raw_backend, with_listener_key, Proxy, WsBackend,
+};
 
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 
@@ -680,11 +682,7 @@ async fn continuation_flood_and_hpack_bomb_get_goaway() {
 #[tokio::test]
 async fn settings_carry_connect_protocol_and_max_concurrent_streams() {
     let b1 = WsBackend::start("b1").await;
-    let toml = config_for(&[b1.addr], "").replacen(
-        "bind = \"127.0.0.1:0\"\n",
-        "bind = \"127.0.0.1:0\"\nmax_concurrent_streams = 7\n",
-        1,
-    );
+    let toml = with_listener_key(&config_for(&[b1.addr], ""), "max_concurrent_streams = 7", 1);
     let proxy = Proxy::start(&toml).await;
     let mut s = raw_h2(proxy.addr).await;
     let (kind, flags, stream, payload) = h2c::read_raw_frame(&mut s).await.unwrap();
@@ -760,11 +758,7 @@ async fn shutdown_closes_streams_with_1001_then_goaway() {
 async fn http2_false_keeps_a_listener_on_http1() {
     let b1 = WsBackend::start("b1").await;
     // Both listeners (the admin table's bind comes third).
-    let toml = config_for(&[b1.addr], "").replacen(
-        "bind = \"127.0.0.1:0\"\n",
-        "bind = \"127.0.0.1:0\"\nhttp2 = false\n",
-        2,
-    );
+    let toml = with_listener_key(&config_for(&[b1.addr], ""), "http2 = false", 2);
     let proxy = Proxy::start(&toml).await;
     // TLS: ALPN settles on http/1.1 even when the client prefers h2.
     let tcp = tokio::net::TcpStream::connect(proxy.tls_addr.unwrap())
@@ -796,9 +790,9 @@ async fn http2_false_keeps_a_listener_on_http1() {
 #[tokio::test]
 async fn a_half_sent_preface_times_out_and_holds_nothing_else() {
     let b1 = WsBackend::start("b1").await;
-    let toml = config_for(&[b1.addr], "").replacen(
-        "bind = \"127.0.0.1:0\"\n",
-        "bind = \"127.0.0.1:0\"\nhandshake_timeout = \"300ms\"\n",
+    let toml = with_listener_key(
+        &config_for(&[b1.addr], ""),
+        "handshake_timeout = \"300ms\"",
         1,
     );
     let proxy = Proxy::start(&toml).await;
@@ -816,9 +810,9 @@ async fn a_half_sent_preface_times_out_and_holds_nothing_else() {
 #[tokio::test]
 async fn an_idle_connection_gets_goaway_after_handshake_timeout_but_not_one_with_a_websocket() {
     let b1 = WsBackend::start("b1").await;
-    let toml = config_for(&[b1.addr], "").replacen(
-        "bind = \"127.0.0.1:0\"\n",
-        "bind = \"127.0.0.1:0\"\nhandshake_timeout = \"300ms\"\n",
+    let toml = with_listener_key(
+        &config_for(&[b1.addr], ""),
+        "handshake_timeout = \"300ms\"",
         1,
     );
     let proxy = Proxy::start(&toml).await;

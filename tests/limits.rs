@@ -112,15 +112,7 @@ async fn ws_when_room(addr: SocketAddr, what: &str) -> TcpStream {
 
 /// `config_for` with `extra` lines added to both listeners.
 fn with_listener_keys(backends: &[SocketAddr], extra: &str) -> String {
-    config_for(backends, "")
-        .replace(
-            "name = \"public\"\nbind = \"127.0.0.1:0\"\n",
-            &format!("name = \"public\"\nbind = \"127.0.0.1:0\"\n{extra}\n"),
-        )
-        .replace(
-            "name = \"tls\"\nbind = \"127.0.0.1:0\"\n",
-            &format!("name = \"tls\"\nbind = \"127.0.0.1:0\"\n{extra}\n"),
-        )
+    with_listener_key(&config_for(backends, ""), extra, 2)
 }
 
 #[tokio::test]

@@ -273,9 +273,9 @@ async fn at_the_open_file_limit_upgrades_get_503_and_no_backend_is_blamed() {
     let b1 = WsBackend::start("b1").await;
     let b2 = WsBackend::start("b2").await;
     // The waiting clients must outlast the flood: a long handshake_timeout.
-    let toml = config_for(&[b1.addr, b2.addr], "").replacen(
-        "bind = \"127.0.0.1:0\"\n",
-        "bind = \"127.0.0.1:0\"\nhandshake_timeout = \"5m\"\n",
+    let toml = with_listener_key(
+        &config_for(&[b1.addr, b2.addr], ""),
+        "handshake_timeout = \"5m\"",
         1,
     );
     let berth = BerthProcess::spawn(&toml, &[], std::process::Stdio::null()).await;

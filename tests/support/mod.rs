@@ -123,6 +123,13 @@ connect_timeout = "1s"
     s
 }
 
+/// `toml` (a [`config_for`] config) with `line` (`"http2 = false"`) added
+/// to its first `listeners` listeners: 1 for "public", 2 for "tls" too.
+pub fn with_listener_key(toml: &str, line: &str, listeners: usize) -> String {
+    let bind = "bind = \"127.0.0.1:0\"\n";
+    toml.replacen(bind, &format!("{bind}{line}\n"), listeners)
+}
+
 /// A tokio-tungstenite echo backend that answers the text "whoami" with its
 /// id, picks "superchat" when the client offers it as a subprotocol, and
 /// counts connections and Pong frames it receives.
