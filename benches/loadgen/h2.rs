@@ -4,8 +4,8 @@
 //! its own. A stream is a byte stream like a TCP connection, so every mode
 //! runs over it unchanged.
 
+use std::future::Future;
 use std::io;
-use std::net::Ipv4Addr;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -16,7 +16,7 @@ use h2::client::SendRequest;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Mutex;
 
-use crate::net::{stage, Stage, StageError, Target};
+use crate::stage::{stage, Stage, StageError};
 
 /// The HTTP/2 connection new WebSockets go on, and how many it carries.
 pub struct Pool {
@@ -34,11 +34,14 @@ impl Pool {
 
     /// A WebSocket on the current connection, or on a new one once the
     /// current one carries `per_conn`.
-    pub async fn open(
-        &self,
-        target: &Target,
-        source: Option<Ipv4Addr>,
-    ) -> Result<Stream, StageError> {
+    /// `uri` is the extended CONNECT's target; `dial` opens a new
+    /// connection when one is needed (the caller's TCP and TLS, then
+    /// [`handshake`]).
+    pub async fn open<F, Fut>(&self, uri: String, dial: F) -> Result<Stream, StageError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<SendRequest<Bytes>, StageError>>,
+    {
         let send = {
             let mut current = self.current.lock().await;
             match current.as_mut() {
@@ -47,21 +50,16 @@ impl Pool {
                     send.clone()
                 }
                 _ => {
-                    let send = connect(target, source).await?;
+                    let send = dial().await?;
                     *current = Some((send.clone(), 1));
                     send
                 }
             }
         };
         let mut send = send.ready().await.map_err(stage(Stage::Upgrade))?;
-        let scheme = if target.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
         let req = http::Request::builder()
             .method(http::Method::CONNECT)
-            .uri(format!("{scheme}://{}{}", target.host, target.path))
+            .uri(uri)
             .extension(h2::ext::Protocol::from_static("websocket"))
             .header("sec-websocket-version", "13")
             .body(())
@@ -87,46 +85,20 @@ impl Pool {
     }
 }
 
-/// A new HTTP/2 connection whose server allows extended CONNECT.
-async fn connect(
-    target: &Target,
-    source: Option<Ipv4Addr>,
-) -> Result<SendRequest<Bytes>, StageError> {
-    let tcp = target.tcp(source).await?;
-    let builder = {
-        let mut b = h2::client::Builder::new();
-        b.initial_window_size(1 << 20)
-            .initial_connection_window_size(4 << 20);
-        b
-    };
-    let send = match &target.tls {
-        Some((connector, name)) => {
-            let tls = connector
-                .connect(name.clone(), tcp)
-                .await
-                .map_err(stage(Stage::Tls))?;
-            if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-                return Err(StageError {
-                    stage: Stage::Tls,
-                    error: anyhow!("the server did not choose h2 in ALPN"),
-                });
-            }
-            let (send, conn) = builder
-                .handshake::<_, Bytes>(tls)
-                .await
-                .map_err(stage(Stage::Upgrade))?;
-            tokio::spawn(conn);
-            send
-        }
-        None => {
-            let (send, conn) = builder
-                .handshake::<_, Bytes>(tcp)
-                .await
-                .map_err(stage(Stage::Upgrade))?;
-            tokio::spawn(conn);
-            send
-        }
-    };
+/// The HTTP/2 handshake on an open transport (TCP, or TLS that chose `h2`),
+/// its connection task spawned; returns once the server has allowed
+/// extended CONNECT.
+pub async fn handshake<T>(io: T) -> Result<SendRequest<Bytes>, StageError>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(stage(Stage::Upgrade))?;
+    tokio::spawn(conn);
     // The server's SETTINGS (ENABLE_CONNECT_PROTOCOL) arrive with its first
     // flight; the connection task reads them.
     for _ in 0..5000 {

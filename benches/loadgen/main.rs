@@ -31,6 +31,7 @@ mod modes;
 mod net;
 mod report;
 mod soak;
+mod stage;
 mod stats;
 mod storm;
 mod ws;

@@ -15,7 +15,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch, Barrier, Notify, Semaphore};
 use tokio::time::{sleep_until, timeout};
 
-use crate::net::{self, stage, Conn, Stage, StageError, Target};
+use crate::net::{self, Conn, Target};
+use crate::stage::{stage, Stage, StageError};
 use crate::stats::{self, round3};
 use crate::ws::{self, Header, Pattern, Rng};
 

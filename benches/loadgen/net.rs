@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 
+use crate::stage::{stage, Stage, StageError};
 use crate::ws;
 
 // The loadgen's TLS provider follows berth's build: aws-lc-rs by default
@@ -158,48 +159,6 @@ pub struct Target {
     pub h2: Option<std::sync::Arc<crate::h2::Pool>>,
 }
 
-/// What a client stage failed at (handshake mode counts errors by stage).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Stage {
-    Tcp,
-    Tls,
-    Upgrade,
-    Echo,
-    Close,
-}
-
-impl Stage {
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Tcp => "tcp",
-            Stage::Tls => "tls",
-            Stage::Upgrade => "upgrade",
-            Stage::Echo => "echo",
-            Stage::Close => "close",
-        }
-    }
-}
-
-/// A failed client operation: the stage and the reason.
-#[derive(Debug)]
-pub struct StageError {
-    pub stage: Stage,
-    pub error: anyhow::Error,
-}
-
-impl std::fmt::Display for StageError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {:#}", self.stage.name(), self.error)
-    }
-}
-
-pub fn stage<E: Into<anyhow::Error>>(stage: Stage) -> impl FnOnce(E) -> StageError {
-    move |e: E| StageError {
-        stage,
-        error: e.into(),
-    }
-}
-
 impl Target {
     /// Parses the URL. `ca` is a PEM file of trusted certificates for `wss://`
     /// (without it the server certificate is not verified). `resume` keeps
@@ -334,7 +293,9 @@ impl Target {
     /// Returns the stream and any bytes that arrived after the `101` head.
     pub async fn connect(&self, source: Option<Ipv4Addr>) -> Result<(Conn, BytesMut), StageError> {
         if let Some(pool) = &self.h2 {
-            let stream = pool.open(self, source).await?;
+            let scheme = if self.tls.is_some() { "https" } else { "http" };
+            let uri = format!("{scheme}://{}{}", self.host, self.path);
+            let stream = pool.open(uri, || self.h2_connect(source)).await?;
             return Ok((Conn::H2(Box::new(stream)), BytesMut::new()));
         }
         let tcp = self.tcp(source).await?;
@@ -351,6 +312,31 @@ impl Target {
             .await
             .map_err(stage(Stage::Upgrade))?;
         Ok((conn, leftover))
+    }
+
+    /// A new HTTP/2 connection (TLS must choose `h2` in ALPN) whose server
+    /// allows extended CONNECT.
+    async fn h2_connect(
+        &self,
+        source: Option<Ipv4Addr>,
+    ) -> Result<h2::client::SendRequest<bytes::Bytes>, StageError> {
+        let tcp = self.tcp(source).await?;
+        match &self.tls {
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(stage(Stage::Tls))?;
+                if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                    return Err(StageError {
+                        stage: Stage::Tls,
+                        error: anyhow!("the server did not choose h2 in ALPN"),
+                    });
+                }
+                crate::h2::handshake(tls).await
+            }
+            None => crate::h2::handshake(tcp).await,
+        }
     }
 
     /// The TCP connection alone (from `source` if given), with TCP_NODELAY.

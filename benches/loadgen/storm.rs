@@ -19,7 +19,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::modes::{merge, read_frame, run_hook, source_for, Client, Errors, CONNECT_LIMIT};
-use crate::net::{Conn, Stage, StageError, Target};
+use crate::net::{Conn, Target};
+use crate::stage::{Stage, StageError};
 use crate::stats::{self, round3};
 use crate::ws;
 
