@@ -37,7 +37,7 @@
 #   TESTS         tests to run [all: tp64-ws ir64-ws tp64-wss ir64-wss
 #                 tp64k-wss lat-c1-wss lat-c100-wss hs-c50-wss
 #                 hs-c50-wss-resume hs-c50-wss-pq idle-ws idle-wss storm-wss
-#                 tp64-wss-h2 idle-wss-h2-1 idle-wss-h2-100]
+#                 tp64-wss-h2 idle-wss-h2-0 idle-wss-h2-1 idle-wss-h2-100]
 #                 (the *-h2* tests: WebSockets over HTTP/2, RFC 8441; berth
 #                 and HAProxy only)
 #   RING_TESTS    the tests berth-ring runs [tp64-wss ir64-wss tp64k-wss
@@ -80,7 +80,7 @@ fi
 IR_CONNS=${IR_CONNS:-4}
 IR_REPS=${IR_REPS:-1}
 read -r -a TARGETS <<<"${TARGETS:-berth berth-ring nginx haproxy direct}"
-read -r -a TESTS <<<"${TESTS:-tp64-ws ir64-ws tp64-wss ir64-wss tp64k-wss lat-c1-wss lat-c100-wss hs-c50-wss hs-c50-wss-resume hs-c50-wss-pq idle-ws idle-wss storm-wss tp64-wss-h2 idle-wss-h2-1 idle-wss-h2-100}"
+read -r -a TESTS <<<"${TESTS:-tp64-ws ir64-ws tp64-wss ir64-wss tp64k-wss lat-c1-wss lat-c100-wss hs-c50-wss hs-c50-wss-resume hs-c50-wss-pq idle-ws idle-wss storm-wss tp64-wss-h2 idle-wss-h2-0 idle-wss-h2-1 idle-wss-h2-100}"
 RING_TESTS=" ${RING_TESTS:-tp64-wss ir64-wss tp64k-wss hs-c50-wss hs-c50-wss-resume idle-wss} "
 PROXY_CORE=${PROXY_CORE:-0}
 LOAD_CORE=${LOAD_CORE:-1}
@@ -476,6 +476,7 @@ describe() {
     ir64-ws | ir64-wss) echo "user-space instructions per 64 B message (callgrind, instrumentation on for the ${IR_DURATION}s measured window only, after ${IR_WARMUP}s of warm-up), $IR_CONNS connections × 8 in flight, ${1#ir64-}" ;;
     hs-c50-wss-pq) echo "handshakes as hs-c50-wss, the client offering only the post-quantum hybrid X25519MLKEM768" ;;
     tp64-wss-h2) echo "64 B messages over HTTP/2 (RFC 8441, TLS with ALPN h2): 100 WebSockets × 8 in flight, 10 per HTTP/2 connection" ;;
+    idle-wss-h2-0) echo "$IDLE_CONNS idle HTTP/2 connections (wss, ALPN h2) that open no stream, held ${IDLE_HOLD}s: what the connection itself costs, before any WebSocket" ;;
     idle-wss-h2-1) echo "$IDLE_CONNS idle WebSockets over HTTP/2 (RFC 8441, wss), one per HTTP/2 connection, held ${IDLE_HOLD}s" ;;
     idle-wss-h2-100) echo "$IDLE_CONNS idle WebSockets over HTTP/2 (RFC 8441, wss), 100 per HTTP/2 connection, held ${IDLE_HOLD}s" ;;
     storm-wss) echo "reconnect storm: $STORM_CONNS wss clients, each with its own TLS session cache, cut at once by the backend (SIGUSR1: it closes every connection), reconnect at once resuming their sessions" ;;
@@ -500,6 +501,7 @@ loadgen_args() {
     ir64-ws | ir64-wss) echo throughput "${common[@]}" --connections "$IR_CONNS" --window 8 --size 64 --warmup "$IR_WARMUP" --duration "$IR_DURATION" ;;
     storm-wss) echo storm "${common[@]}" --connections "$STORM_CONNS" --source-ips "$SOURCE_IPS" ;;
     tp64-wss-h2) echo throughput "${common[@]}" --connections 100 --window 8 --size 64 --duration "$DURATION" --h2-streams 10 ;;
+    idle-wss-h2-0) echo idle "${common[@]}" --connections "$IDLE_CONNS" --hold "$IDLE_HOLD" --source-ips "$SOURCE_IPS" --h2-streams 0 ;;
     idle-wss-h2-1) echo idle "${common[@]}" --connections "$IDLE_CONNS" --hold "$IDLE_HOLD" --source-ips "$SOURCE_IPS" --h2-streams 1 ;;
     idle-wss-h2-100) echo idle "${common[@]}" --connections "$IDLE_CONNS" --hold "$IDLE_HOLD" --source-ips "$SOURCE_IPS" --h2-streams 100 ;;
     esac

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use bytes::{Buf, Bytes};
 use h2::client::SendRequest;
+use h2::{Ping, PingPong};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Mutex;
 
@@ -21,6 +22,8 @@ use crate::stage::{stage, Stage, StageError};
 /// The HTTP/2 connection new WebSockets go on, and how many it carries.
 pub struct Pool {
     per_conn: usize,
+    /// `--h2-streams 0`: every client is a connection without a stream.
+    bare: bool,
     current: Mutex<Option<(SendRequest<Bytes>, usize)>>,
 }
 
@@ -28,8 +31,14 @@ impl Pool {
     pub fn new(per_conn: usize) -> Pool {
         Pool {
             per_conn: per_conn.max(1),
+            bare: per_conn == 0,
             current: Mutex::new(None),
         }
+    }
+
+    /// Whether clients are bare connections (`--h2-streams 0`).
+    pub fn bare(&self) -> bool {
+        self.bare
     }
 
     /// A WebSocket on the current connection, or on a new one once the
@@ -87,23 +96,27 @@ impl Pool {
 
 /// The HTTP/2 handshake on an open transport (TCP, or TLS that chose `h2`),
 /// its connection task spawned; returns once the server has allowed
-/// extended CONNECT.
-pub async fn handshake<T>(io: T) -> Result<SendRequest<Bytes>, StageError>
+/// extended CONNECT, with the connection's PING handle.
+pub async fn handshake<T>(io: T) -> Result<(SendRequest<Bytes>, PingPong), StageError>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (send, conn) = h2::client::Builder::new()
+    let (send, mut conn) = h2::client::Builder::new()
         .initial_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
         .handshake::<_, Bytes>(io)
         .await
         .map_err(stage(Stage::Upgrade))?;
+    let ping = conn.ping_pong().ok_or_else(|| StageError {
+        stage: Stage::Upgrade,
+        error: anyhow!("the HTTP/2 connection's PING handle was already taken"),
+    })?;
     tokio::spawn(conn);
     // The server's SETTINGS (ENABLE_CONNECT_PROTOCOL) arrive with its first
     // flight; the connection task reads them.
     for _ in 0..5000 {
         if send.is_extended_connect_protocol_enabled() {
-            return Ok(send);
+            return Ok((send, ping));
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -111,6 +124,35 @@ where
         stage: Stage::Upgrade,
         error: anyhow!("the server did not enable extended CONNECT (RFC 8441) within 5 s"),
     })
+}
+
+/// An HTTP/2 connection that carries no stream (`--h2-streams 0`, idle mode
+/// only): what the server holds for the connection itself.
+pub struct Bare {
+    /// Kept so that the client does not end the connection.
+    _send: SendRequest<Bytes>,
+    ping: PingPong,
+}
+
+impl Bare {
+    pub fn new(send: SendRequest<Bytes>, ping: PingPong) -> Bare {
+        Bare { _send: send, ping }
+    }
+
+    /// Alive: a PING comes back within 5 s.
+    pub async fn check(&mut self) -> Result<(), StageError> {
+        match tokio::time::timeout(Duration::from_secs(5), self.ping.ping(Ping::opaque())).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(StageError {
+                stage: Stage::Echo,
+                error: e.into(),
+            }),
+            Err(_) => Err(StageError {
+                stage: Stage::Echo,
+                error: anyhow!("no PING answer within 5 s"),
+            }),
+        }
+    }
 }
 
 /// One WebSocket's HTTP/2 stream as a byte stream.
@@ -185,10 +227,11 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// `--h2-streams` must be at least 1.
-pub fn check_streams(n: usize) -> anyhow::Result<()> {
-    if n == 0 {
-        bail!("--h2-streams must be at least 1");
+/// `--h2-streams` is at least 1, or 0 (connections without a stream) in
+/// the idle mode only.
+pub fn check_streams(n: usize, idle: bool) -> anyhow::Result<()> {
+    if n == 0 && !idle {
+        bail!("--h2-streams 0 (HTTP/2 connections without a WebSocket) is for the idle mode only");
     }
     Ok(())
 }

@@ -265,7 +265,8 @@ struct ClientArgs {
     watch_pid: Vec<u32>,
     /// WebSockets over HTTP/2 (RFC 8441 extended CONNECT), this many on
     /// each HTTP/2 connection: prior knowledge over ws://, ALPN h2 over
-    /// wss://. Without it, each WebSocket is an HTTP/1.1 upgrade.
+    /// wss://. Without it, each WebSocket is an HTTP/1.1 upgrade. 0 (idle
+    /// mode only): HTTP/2 connections that open no stream at all.
     #[arg(long)]
     h2_streams: Option<usize>,
 }
@@ -319,8 +320,17 @@ fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
 }
 
 async fn client(args: ClientArgs, default_sources: &str) -> anyhow::Result<modes::Client> {
+    client_for(args, default_sources, false).await
+}
+
+/// The client of a mode; `idle` also accepts `--h2-streams 0`.
+async fn client_for(
+    args: ClientArgs,
+    default_sources: &str,
+    idle: bool,
+) -> anyhow::Result<modes::Client> {
     if let Some(n) = args.h2_streams {
-        h2::check_streams(n)?;
+        h2::check_streams(n, idle)?;
     }
     let target = modes::Client {
         target: Arc::new(
@@ -493,7 +503,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 concurrency,
                 echo_first,
             };
-            modes::idle(client(c, "127.0.0.2-127.0.0.250").await?, opts).await?
+            modes::idle(client_for(c, "127.0.0.2-127.0.0.250", true).await?, opts).await?
         }
         Command::HalfOpen {
             client: c,

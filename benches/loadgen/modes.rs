@@ -824,15 +824,20 @@ pub async fn idle(c: Client, o: IdleOpts) -> anyhow::Result<Value> {
             let _permit = sem.acquire_owned().await;
             let mut out = Vec::with_capacity(80);
             let mut rng = Rng::new(i as u64 + 1);
-            let r = echo_once(
-                &mut conn,
-                &mut buf,
-                &pattern,
-                &mut out,
-                i as u64,
-                rng.mask(),
-            )
-            .await;
+            let r = match &mut conn {
+                Conn::H2Bare(bare) => bare.check().await,
+                _ => {
+                    echo_once(
+                        &mut conn,
+                        &mut buf,
+                        &pattern,
+                        &mut out,
+                        i as u64,
+                        rng.mask(),
+                    )
+                    .await
+                }
+            };
             (r, conn)
         });
     }

@@ -79,13 +79,16 @@ pub enum Conn {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     H2(Box<crate::h2::Stream>),
+    /// An HTTP/2 connection without a stream (`--h2-streams 0`): it has no
+    /// bytes to read or write.
+    H2Bare(Box<crate::h2::Bare>),
 }
 
 impl Conn {
     /// The key exchange group the TLS handshake used (None over ws).
     pub fn kx_group(&self) -> Option<rustls::NamedGroup> {
         match self {
-            Conn::Plain(_) | Conn::H2(_) => None,
+            Conn::Plain(_) | Conn::H2(_) | Conn::H2Bare(_) => None,
             Conn::Tls(s) => s
                 .get_ref()
                 .1
@@ -97,7 +100,7 @@ impl Conn {
     /// Whether the TLS handshake resumed an earlier session (false over ws).
     pub fn resumed(&self) -> bool {
         match self {
-            Conn::Plain(_) | Conn::H2(_) => false,
+            Conn::Plain(_) | Conn::H2(_) | Conn::H2Bare(_) => false,
             Conn::Tls(s) => s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
         }
     }
@@ -113,6 +116,7 @@ impl AsyncRead for Conn {
             Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Conn::H2(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::H2Bare(_) => Poll::Ready(Err(no_stream())),
         }
     }
 }
@@ -127,6 +131,7 @@ impl AsyncWrite for Conn {
             Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Conn::H2(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::H2Bare(_) => Poll::Ready(Err(no_stream())),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -134,6 +139,7 @@ impl AsyncWrite for Conn {
             Conn::Plain(s) => Pin::new(s).poll_flush(cx),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Conn::H2(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::H2Bare(_) => Poll::Ready(Err(no_stream())),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -141,8 +147,16 @@ impl AsyncWrite for Conn {
             Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Conn::H2(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::H2Bare(_) => Poll::Ready(Err(no_stream())),
         }
     }
+}
+
+fn no_stream() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "an HTTP/2 connection without a stream has no bytes to move",
+    )
 }
 
 /// Where the load goes: parsed from `ws://` or `wss://` URLs, loopback only.
@@ -293,9 +307,17 @@ impl Target {
     /// Returns the stream and any bytes that arrived after the `101` head.
     pub async fn connect(&self, source: Option<Ipv4Addr>) -> Result<(Conn, BytesMut), StageError> {
         if let Some(pool) = &self.h2 {
+            if pool.bare() {
+                let (send, ping) = self.h2_connect(source).await?;
+                return Ok((
+                    Conn::H2Bare(Box::new(crate::h2::Bare::new(send, ping))),
+                    BytesMut::new(),
+                ));
+            }
             let scheme = if self.tls.is_some() { "https" } else { "http" };
             let uri = format!("{scheme}://{}{}", self.host, self.path);
-            let stream = pool.open(uri, || self.h2_connect(source)).await?;
+            let dial = || async { Ok(self.h2_connect(source).await?.0) };
+            let stream = pool.open(uri, dial).await?;
             return Ok((Conn::H2(Box::new(stream)), BytesMut::new()));
         }
         let tcp = self.tcp(source).await?;
@@ -319,7 +341,7 @@ impl Target {
     async fn h2_connect(
         &self,
         source: Option<Ipv4Addr>,
-    ) -> Result<h2::client::SendRequest<bytes::Bytes>, StageError> {
+    ) -> Result<(h2::client::SendRequest<bytes::Bytes>, h2::PingPong), StageError> {
         let tcp = self.tcp(source).await?;
         match &self.tls {
             Some((connector, name)) => {

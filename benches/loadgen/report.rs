@@ -213,9 +213,9 @@ fn metrics(mode: &str, test: &str) -> Vec<Metric> {
         ],
         "idle" => vec![
             // Over HTTP/2 a connection carries many WebSockets: the
-            // figure is per WebSocket.
+            // figure is per WebSocket (per connection when it carries none).
             median(
-                if test.contains("h2") {
+                if test.contains("h2") && !test.ends_with("-h2-0") {
                     "RSS growth KiB/WebSocket"
                 } else {
                     "RSS growth KiB/conn"
