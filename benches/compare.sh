@@ -132,25 +132,12 @@ trap 'rm -rf "$WORK"' EXIT
 # and loadgen$SUFFIX. Run copies: another cargo build in this tree must not
 # swap the binaries halfway through the suite (and the two provider builds
 # overwrite target/release/berth).
+. benches/lib.sh
 build() {
-    local flags=$1 suffix=$2 build_json
+    local flags=$1 suffix=$2
     log "building berth and the loadgen (release${flags:+, $flags})"
     # shellcheck disable=SC2086 # FLAGS is a list of cargo flags
-    cargo build --release $flags --bin berth --bench loadgen
-    # shellcheck disable=SC2086
-    build_json=$(cargo build --release $flags --bin berth --bench loadgen \
-        --message-format=json 2>/dev/null)
-    executable() { # NAME KIND
-        grep -F "\"kind\":[\"$2\"]" <<<"$build_json" | grep -F "\"name\":\"$1\"" |
-            grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4
-    }
-    local b l
-    b=$(executable berth bin)
-    l=$(executable loadgen bench)
-    [ -x "$b" ] || die "cannot find the berth binary"
-    [ -x "$l" ] || die "cannot find the loadgen binary"
-    cp "$b" "$WORK/bin/berth$suffix"
-    cp "$l" "$WORK/bin/loadgen$suffix"
+    build_binaries "$WORK/bin" "$suffix" --release $flags || die "the build failed"
 }
 build "" ""
 need_ring=0

@@ -39,14 +39,10 @@ cleanup() {
 trap cleanup EXIT
 
 log "building berth and the loadgen (release)"
-build_json=$(cargo build --release --bin berth --bench loadgen --message-format=json 2>/dev/null)
-executable() {
-    grep -F "\"kind\":[\"$2\"]" <<<"$build_json" | grep -F "\"name\":\"$1\"" |
-        grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4
-}
-BERTH=$(executable berth bin)
-LOADGEN=$(executable loadgen bench)
-[ -x "$BERTH" ] && [ -x "$LOADGEN" ] || die "cannot find the binaries"
+. benches/lib.sh
+build_binaries "$WORK" "" --release || die "build failed"
+BERTH=$WORK/berth
+LOADGEN=$WORK/loadgen
 
 # One call, so the ports differ from each other.
 # shellcheck disable=SC2207

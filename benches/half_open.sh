@@ -17,21 +17,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 N=${N:-6000}
 
 echo "==> half-open: building berth and the loadgen (release)" >&2
-build_json=$(cargo build --release --bin berth --bench loadgen --message-format=json 2>/dev/null)
-executable() { # NAME KIND
-    grep -F "\"kind\":[\"$2\"]" <<<"$build_json" | grep -F "\"name\":\"$1\"" |
-        grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4
-}
-BERTH=${BERTH:-$(executable berth bin)}
-LOADGEN=$(executable loadgen bench)
-if [ ! -x "$BERTH" ] || [ ! -x "$LOADGEN" ]; then
-    echo "half-open: cannot find the built binaries" >&2
-    exit 1
-fi
-
+. benches/lib.sh
 TMP=$(mktemp -d /tmp/berth-half-open.XXXXXX)
-cp "$BERTH" "$TMP/berth"
-cp "$LOADGEN" "$TMP/loadgen"
+build_binaries "$TMP" "" --release || { echo "half-open: build failed" >&2; exit 1; }
+# BERTH in the environment: measure that binary instead (e.g. an older build).
+if [ -n "${BERTH:-}" ]; then cp "$BERTH" "$TMP/berth"; fi
 BERTH=$TMP/berth
 LOADGEN=$TMP/loadgen
 BERTH_PID=""

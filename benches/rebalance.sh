@@ -73,19 +73,9 @@ ulimit -n "$(ulimit -Hn)"
     die "berth needs $((2 * CONNECTIONS + 500)) descriptors; the open-file limit is $(ulimit -n)"
 
 log "building berth and the loadgen (release)"
-cargo build --release --bin berth --bench loadgen
-build_json=$(cargo build --release --bin berth --bench loadgen --message-format=json 2>/dev/null)
-executable() { # NAME KIND
-    grep -F "\"kind\":[\"$2\"]" <<<"$build_json" | grep -F "\"name\":\"$1\"" |
-        grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4
-}
-BERTH=$(executable berth bin)
-LOADGEN=$(executable loadgen bench)
-if [ ! -x "$BERTH" ] || [ ! -x "$LOADGEN" ]; then die "cannot find the built binaries"; fi
-
+. benches/lib.sh
 WORK=$(mktemp -d /tmp/berth-rebalance.XXXXXX)
-cp "$BERTH" "$WORK/berth"
-cp "$LOADGEN" "$WORK/loadgen"
+build_binaries "$WORK" "" --release || die "build failed"
 BERTH=$WORK/berth
 LOADGEN=$WORK/loadgen
 PIDS=()

@@ -13,23 +13,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DURATION=${SMOKE_DURATION:-2}
 
 echo "==> smoke: building berth and the loadgen (debug)"
-cargo build --bin berth --bench loadgen
-build_json=$(cargo build --bin berth --bench loadgen --message-format=json 2>/dev/null)
-executable() { # NAME KIND
-    grep -F "\"kind\":[\"$2\"]" <<<"$build_json" | grep -F "\"name\":\"$1\"" |
-        grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4
-}
-BERTH=$(executable berth bin)
-LOADGEN=$(executable loadgen bench)
-if [ ! -x "$BERTH" ] || [ ! -x "$LOADGEN" ]; then
-    echo "smoke: cannot find the built binaries" >&2
-    exit 1
-fi
-
+. benches/lib.sh
 TMP=$(mktemp -d /tmp/berth-smoke.XXXXXX)
-# Run copies, so that a concurrent cargo build cannot swap them mid-test.
-cp "$BERTH" "$TMP/berth"
-cp "$LOADGEN" "$TMP/loadgen"
+build_binaries "$TMP" "" || { echo "smoke: build failed" >&2; exit 1; }
 BERTH=$TMP/berth
 LOADGEN=$TMP/loadgen
 BACKEND_PID=""

@@ -52,22 +52,9 @@ for tool in curl; do
 done
 
 echo "==> soak: building berth and the loadgen (release)"
-cargo build --release --bin berth --bench loadgen
-build_json=$(cargo build --release --bin berth --bench loadgen --message-format=json 2>/dev/null)
-executable() { # NAME KIND
-    grep -F "\"kind\":[\"$2\"]" <<<"$build_json" | grep -F "\"name\":\"$1\"" |
-        grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4
-}
-BERTH=$(executable berth bin)
-LOADGEN=$(executable loadgen bench)
-if [ ! -x "$BERTH" ] || [ ! -x "$LOADGEN" ]; then
-    echo "soak: cannot find the built binaries" >&2
-    exit 1
-fi
-
+. benches/lib.sh
 WORK=$(mktemp -d /tmp/berth-soak.XXXXXX)
-cp "$BERTH" "$WORK/berth"
-cp "$LOADGEN" "$WORK/loadgen"
+build_binaries "$WORK" "" --release || { echo "soak: build failed" >&2; exit 1; }
 BERTH=$WORK/berth
 LOADGEN=$WORK/loadgen
 BERTH_PID=""
