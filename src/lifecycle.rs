@@ -16,6 +16,7 @@
 //! live in `drain`.
 
 use std::collections::HashMap;
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -86,9 +87,10 @@ impl DrainProgress {
     }
 }
 
-/// A live relay's entry in the registry.
+/// A live relay's entry in the registry (never zero, so that an
+/// `Option<RelayId>`, which every tunnel holds, takes 8 bytes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RelayId(u64);
+pub struct RelayId(NonZeroU64);
 
 /// What a relay is registered with besides its backend.
 #[derive(Clone, Debug, Default)]
@@ -108,8 +110,9 @@ pub struct LiveRelay {
 
 #[derive(Default)]
 struct Relays {
-    next_id: u64,
-    live: HashMap<u64, (Arc<StopHandle>, Arc<Backend>, RelayTag)>,
+    /// The last id given out (ids count from 1).
+    last_id: u64,
+    live: HashMap<NonZeroU64, (Arc<StopHandle>, Arc<Backend>, RelayTag)>,
 }
 
 impl Lifecycle {
@@ -162,8 +165,8 @@ impl Lifecycle {
         }
         self.ws_live.fetch_add(1, Ordering::Relaxed);
         let mut relays = self.relays();
-        relays.next_id += 1;
-        let id = relays.next_id;
+        let id = NonZeroU64::MIN.saturating_add(relays.last_id);
+        relays.last_id = id.get();
         relays
             .live
             .insert(id, (Arc::clone(&handle), Arc::clone(backend), tag));

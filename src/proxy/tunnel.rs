@@ -303,3 +303,22 @@ impl Drop for Tunnel {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every WebSocket's task is a tokio task cell: 96 bytes of header and
+    /// trailer around the (tracked) tunnel, rounded up to 128 bytes. At 664
+    /// bytes or less the tunnel's cell is 768 bytes; 8 bytes more and it is
+    /// 896, on every idle WebSocket (see the README's Performance section).
+    #[test]
+    fn an_idle_tunnel_fits_a_768_byte_task() {
+        // tokio's TcpStream is 8 bytes larger in debug builds, and a tunnel
+        // holds two (the client's on HTTP/1.1, and the backend's).
+        let debug_extra = if cfg!(debug_assertions) { 16 } else { 0 };
+        let tunnel = std::mem::size_of::<super::Tunnel>() - debug_extra;
+        assert!(
+            tunnel <= 664,
+            "Tunnel is {tunnel} bytes: its task no longer fits 768 bytes"
+        );
+    }
+}

@@ -74,7 +74,6 @@ where
         config,
         stop,
         timer: None,
-        timer_at: None,
         last_data: now,
         ping: PingState::Idle,
         close_deadline: None,
@@ -114,9 +113,9 @@ pub struct Relay<C, B> {
     config: Arc<RelayConfig>,
     stop: Option<Arc<StopHandle>>,
     /// Allocated the first time a deadline exists (pools without timeouts
-    /// never pay for one).
+    /// never pay for one); armed for the earliest deadline, which it holds
+    /// (`Sleep::deadline`).
     timer: Option<Pin<Box<Sleep>>>,
-    timer_at: Option<Instant>,
     last_data: Instant,
     next_ping: Option<Instant>,
     ping: PingState,
@@ -469,13 +468,11 @@ where
             let timer = self
                 .timer
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
-            if self.timer_at != Some(at) {
+            if timer.deadline() != at {
                 timer.as_mut().reset(at);
-                self.timer_at = Some(at);
             }
             if timer.as_mut().poll(cx).is_ready() {
                 // Due already: come round again at once.
-                self.timer_at = None;
                 cx.waker().wake_by_ref();
             }
         }
@@ -509,7 +506,10 @@ where
     /// `[(client to backend), (backend to client)]` as `(pending, capacity)`.
     #[cfg(test)]
     pub(super) fn buffered(&self) -> [(usize, usize); 2] {
-        [&self.up.out, &self.down.out]
-            .map(|o| (o.pending.len() - o.pending_pos, o.pending.capacity()))
+        [&self.up.out, &self.down.out].map(|o| {
+            o.pending
+                .as_ref()
+                .map_or((0, 0), |p| (p.buf.len() - p.pos, p.buf.capacity()))
+        })
     }
 }

@@ -28,9 +28,10 @@ pub(super) fn mask_key(source: Source) -> [u8; 4] {
 /// Bytes on their way to a destination that could not take them yet.
 #[derive(Default)]
 pub(super) struct OutState {
-    /// Empty (unallocated) whenever the destination keeps up.
-    pub(super) pending: Vec<u8>,
-    pub(super) pending_pos: usize,
+    /// `None` whenever the destination keeps up (boxed: every idle relay
+    /// would otherwise carry an empty buffer and its position, 32 bytes
+    /// per direction).
+    pub(super) pending: Option<Box<Pending>>,
     /// Written but not flushed (TLS buffers records until flushed).
     needs_flush: bool,
     /// The destination took some bytes since the last look (for
@@ -38,9 +39,16 @@ pub(super) struct OutState {
     accepted: bool,
 }
 
+/// The held bytes: `buf[pos..]` are still to be written.
+#[derive(Default)]
+pub(super) struct Pending {
+    pub(super) buf: Vec<u8>,
+    pub(super) pos: usize,
+}
+
 impl OutState {
     fn has_pending(&self) -> bool {
-        self.pending_pos < self.pending.len()
+        self.pending.as_ref().is_some_and(|p| p.pos < p.buf.len())
     }
 
     /// berth holds bytes the destination has not taken: in the pending
@@ -50,8 +58,7 @@ impl OutState {
     }
 
     fn clear(&mut self) {
-        self.pending = Vec::new();
-        self.pending_pos = 0;
+        self.pending = None;
     }
 }
 
@@ -202,7 +209,11 @@ impl<W: AsyncWrite + Unpin> Out<'_, '_, W> {
             if !self.state.has_pending() {
                 self.state.clear();
             }
-            self.state.pending.extend_from_slice(bytes);
+            self.state
+                .pending
+                .get_or_insert_with(Box::default)
+                .buf
+                .extend_from_slice(bytes);
         }
     }
 }
@@ -313,12 +324,12 @@ where
     }
     if !dir.shut {
         // 1. Bytes the destination could not take earlier go first.
-        if dir.out.has_pending() {
-            while dir.out.has_pending() {
-                let rest = &dir.out.pending[dir.out.pending_pos..];
+        if let Some(pending) = dir.out.pending.as_mut() {
+            while pending.pos < pending.buf.len() {
+                let rest = &pending.buf[pending.pos..];
                 match Pin::new(&mut *dst).poll_write(cx, rest) {
                     Poll::Ready(Ok(n)) if n > 0 => {
-                        dir.out.pending_pos += n;
+                        pending.pos += n;
                         dir.out.needs_flush = true;
                         dir.out.accepted = true;
                     }
