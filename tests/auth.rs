@@ -726,6 +726,14 @@ async fn an_expiring_token_gets_close_1008_on_both_sides_within_a_second() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(value(&metrics(&proxy).await, series), 1.0);
+    // A token's expiry is not a maximum age.
+    assert_eq!(
+        value(
+            &metrics(&proxy).await,
+            "berth_websocket_max_age_closes_total{pool=\"main\"}"
+        ),
+        0.0
+    );
 
     // on_expiry = "ignore" leaves it open.
     let ignoring = Proxy::start(&config_for(

@@ -364,7 +364,6 @@ fn switch(
     };
     let terms = Terms {
         deadline: if max_age { age } else { token },
-        max_age,
         tag: RelayTag {
             peer: Some(conn.peer.ip()),
             placement: choice.placement.clone(),
