@@ -11,8 +11,11 @@
 //!
 //! Until its first request head (or its preface and `SETTINGS`) is
 //! complete a connection holds little: the task, the socket, the TLS state
-//! and the bytes it has sent. The TLS handshake and hyper's connection are
-//! boxed futures, so each takes memory only while it runs, and hyper (with
+//! and the bytes it has sent. The TLS handshake is a boxed future, so it
+//! takes memory only while it runs; hyper's connection is a task of its own,
+//! spawned once the handshake task is done (which then ends, so a
+//! long-lived connection does not keep that task's handshake-sized state),
+//! and hyper (with
 //! its 8 KiB read and write buffers on HTTP/1.1; on HTTP/2 `h2`'s 16 KiB
 //! write, 8 KiB read and 4 KiB HPACK buffers, which no setting sizes)
 //! starts only once that is complete (`io::head`, `io::preface`).
@@ -161,7 +164,10 @@ pub(super) async fn serve(
             }
             stream.unread(bytes);
             count_connection(&ctx, &info);
-            Box::pin(serve_http(stream, Arc::new(info), settings, ctx)).await;
+            // A task of its own: this one, sized for the handshake's
+            // states, ends instead of staying under the connection's life.
+            let tracker = ctx.lifecycle.tracker.clone();
+            tracker.spawn(serve_http(stream, Arc::new(info), settings, ctx));
             return;
         }
         Ok(Head::Closed) => return,
@@ -241,7 +247,9 @@ async fn start_h2(
             stream.unread(bytes);
             info.protocol = Protocol::Http2;
             count_connection(&ctx, &info);
-            Box::pin(serve_h2(stream, Arc::new(info), settings, ctx)).await;
+            // A task of its own, as `serve_http`.
+            let tracker = ctx.lifecycle.tracker.clone();
+            tracker.spawn(serve_h2(stream, Arc::new(info), settings, ctx));
         }
         Ok(Preface::Bad) => {
             tracing::debug!(client = %info.peer, listener = %info.listener, "not an HTTP/2 connection preface; closed");
