@@ -153,12 +153,6 @@ TARGET_PID=""
 LOADGEN_PID=""
 FAILED=0
 
-alive() { # PID: running and not a zombie
-    local s
-    s=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
-    [ -n "$s" ] && [ "$s" != Z ]
-}
-
 stop_pid() { # PID: TERM, up to 5 s, then KILL; reaps it
     local pid=$1
     [ -n "$pid" ] || return 0
@@ -206,15 +200,6 @@ rss_kb() { # PIDS...: summed VmRSS in KiB
         total=$((total + ${v:-0}))
     done
     echo "$total"
-}
-
-wait_port() { # PORT PID [TRIES]: up to TRIES (100) × 0.1 s
-    for _ in $(seq "${3:-100}"); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        [ -z "$2" ] || alive "$2" || return 1
-        sleep 0.1
-    done
-    return 1
 }
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

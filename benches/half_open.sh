@@ -43,15 +43,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_port() { # PORT PID
-    for _ in $(seq 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        kill -0 "$2" 2>/dev/null || return 1
-        sleep 0.1
-    done
-    return 1
-}
-
 read -r P_WS P_WSS P_BACKEND <<<"$("$LOADGEN" free-ports --count 3)"
 cat >"$TMP/berth.toml" <<EOF
 [[listeners]]

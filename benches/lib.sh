@@ -28,3 +28,22 @@ built_executable() {
     grep -F "\"kind\":[\"$3\"]" <<<"$1" | grep -F "\"name\":\"$2\"" |
         grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4
 }
+
+# alive PID: the process runs and is not a zombie (an exited child that was
+# not reaped yet still answers `kill -0`).
+alive() {
+    local s
+    s=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+    [ -n "$s" ] && [ "$s" != Z ]
+}
+
+# wait_port PORT [PID] [TRIES]: waits until 127.0.0.1:PORT accepts, up to
+# TRIES (100) × 0.1 s; gives up at once when PID is given and has died.
+wait_port() {
+    for _ in $(seq "${3:-100}"); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        [ -z "${2:-}" ] || alive "$2" || return 1
+        sleep 0.1
+    done
+    return 1
+}

@@ -92,15 +92,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_port() { # PORT PID
-    for _ in $(seq 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        kill -0 "$2" 2>/dev/null || return 1
-        sleep 0.1
-    done
-    return 1
-}
-
 read -r P_B1 P_B2 P_B3 P_B4 P_BERTH P_ADMIN <<<"$("$LOADGEN" free-ports --count 6)"
 BACKEND_PORTS=("$P_B1" "$P_B2" "$P_B3" "$P_B4")
 for i in 0 1 2 3; do

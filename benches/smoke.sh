@@ -38,15 +38,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_port() { # PORT PID
-    for _ in $(seq 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        kill -0 "$2" 2>/dev/null || return 1
-        sleep 0.1
-    done
-    return 1
-}
-
 read -r P_BACKEND P_BERTH <<<"$("$LOADGEN" free-ports --count 2)"
 
 "$LOADGEN" echo-backend --listen "127.0.0.1:$P_BACKEND" >"$TMP/backend.out" 2>"$TMP/backend.err" &
