@@ -881,15 +881,18 @@ fn forward_table(service: SocketAddr, extra: &str) -> String {
     )
 }
 
+/// One backend behind berth, whose pool asks the forward-auth service at
+/// `service` (`extra`: more keys of the `forward` table).
+async fn forward_proxy(service: SocketAddr, extra: &str) -> (Backend, Proxy) {
+    let backend = Backend::start("b1").await;
+    let proxy = Proxy::start(&config_for(&[backend.addr], &forward_table(service, extra))).await;
+    (backend, proxy)
+}
+
 #[tokio::test]
 async fn forward_auth_allows_with_copied_headers_and_passes_denials_back() {
     let service = Service::forward_auth().await;
-    let backend = Backend::start("b1").await;
-    let proxy = Proxy::start(&config_for(
-        &[backend.addr],
-        &forward_table(service.addr, "timeout = \"1s\""),
-    ))
-    .await;
+    let (backend, proxy) = forward_proxy(service.addr, "timeout = \"1s\"").await;
     let allow = bearer("allow-u1");
     let _ws = ws(
         proxy.addr,
@@ -949,12 +952,7 @@ async fn forward_auth_allows_with_copied_headers_and_passes_denials_back() {
 #[tokio::test]
 async fn forward_auth_fails_closed_when_slow_or_down() {
     let service = Service::forward_auth().await;
-    let backend = Backend::start("b1").await;
-    let proxy = Proxy::start(&config_for(
-        &[backend.addr],
-        &forward_table(service.addr, "timeout = \"500ms\""),
-    ))
-    .await;
+    let (backend, proxy) = forward_proxy(service.addr, "timeout = \"500ms\"").await;
     let slow = bearer("slow");
     let started = Instant::now();
     let (status, _, body) = ws(proxy.addr, "/", &[("authorization", &slow)])
@@ -988,12 +986,7 @@ async fn forward_auth_fails_closed_when_slow_or_down() {
 #[tokio::test]
 async fn forward_auth_answers_are_cached_by_credentials() {
     let service = Service::forward_auth().await;
-    let backend = Backend::start("b1").await;
-    let proxy = Proxy::start(&config_for(
-        &[backend.addr],
-        &forward_table(service.addr, "cache = \"30s\""),
-    ))
-    .await;
+    let (backend, proxy) = forward_proxy(service.addr, "cache = \"30s\"").await;
     let u1 = bearer("allow-u1");
     let u2 = bearer("allow-u2");
     for _ in 0..3 {
@@ -1262,12 +1255,7 @@ async fn an_auth_services_answer_passes_as_it_was_with_a_request_id_added() {
         )
     })
     .await;
-    let backend = Backend::start("b1").await;
-    let proxy = Proxy::start(&config_for(
-        &[backend.addr],
-        &forward_table(service.addr, "timeout = \"1s\""),
-    ))
-    .await;
+    let (backend, proxy) = forward_proxy(service.addr, "timeout = \"1s\"").await;
     let (status, h, body) = ws(proxy.addr, "/", &[("x-request-id", "auth-test-2")])
         .await
         .err()
@@ -1363,12 +1351,7 @@ async fn refused_upgrades_spend_no_token_of_the_upgrade_rate_limit() {
 #[tokio::test]
 async fn forward_auth_is_sent_the_request_id_the_backend_and_client_get() {
     let service = Service::forward_auth().await;
-    let backend = Backend::start("b1").await;
-    let proxy = Proxy::start(&config_for(
-        &[backend.addr],
-        &forward_table(service.addr, "timeout = \"1s\""),
-    ))
-    .await;
+    let (backend, proxy) = forward_proxy(service.addr, "timeout = \"1s\"").await;
     let last_asked = || service.seen.lock().unwrap().last().cloned().unwrap();
     let allow = bearer("allow-u1");
     // No id from the client: berth's own, the same at both.
