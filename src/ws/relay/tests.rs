@@ -6,6 +6,23 @@ mod driver;
 mod processor;
 mod tcp;
 
+use std::time::Duration;
+
+use super::RelayConfig;
+
+/// A relay config with the given idle timeout and ping interval (seconds),
+/// 5 s for a Pong, 2 s for the closing handshake, and no limits.
+fn config(idle: Option<u64>, ping: Option<u64>) -> RelayConfig {
+    RelayConfig {
+        idle_timeout: idle.map(Duration::from_secs),
+        ping_interval: ping.map(Duration::from_secs),
+        pong_timeout: Duration::from_secs(5),
+        close_timeout: Duration::from_secs(2),
+        max_message_size: None,
+        send_timeout: None,
+    }
+}
+
 /// Encodes a frame the way a peer would (7, 16 or 64-bit length, masked
 /// when a key is given). Written here, not taken from `ws::frame`, so that
 /// the tests do not share the code they check.

@@ -13,7 +13,7 @@ use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{close_payload, frame, pattern};
+use super::{close_payload, config, frame, pattern};
 use crate::metrics::Metrics;
 use crate::ws::frame::opcode;
 use crate::ws::relay::driver::SCRATCH_LEN;
@@ -23,17 +23,6 @@ use crate::ws::relay::{
 };
 
 const KEY: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
-
-fn config(idle: Option<u64>, ping: Option<u64>) -> RelayConfig {
-    RelayConfig {
-        idle_timeout: idle.map(Duration::from_secs),
-        ping_interval: ping.map(Duration::from_secs),
-        pong_timeout: Duration::from_secs(5),
-        close_timeout: Duration::from_secs(2),
-        max_message_size: None,
-        send_timeout: None,
-    }
-}
 
 /// A frame as a peer reads it: opcode, whether it was masked, and the
 /// unmasked payload.

@@ -10,9 +10,9 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{close_payload, frame};
+use super::{close_payload, config, frame};
 use crate::ws::frame::opcode;
-use crate::ws::relay::{relay, Initiator, RelayConfig};
+use crate::ws::relay::{relay, Initiator};
 
 /// Two connected sockets: (the far end, the end the relay holds).
 async fn pair() -> (TcpStream, TcpStream) {
@@ -48,20 +48,12 @@ fn stream(count: usize, size: usize, mask: Option<[u8; 4]>, seed: u8) -> (Vec<u8
 async fn every_byte_crosses_both_ways_over_tcp_and_the_counts_are_exact() {
     let (mut client, client_side) = pair().await;
     let (mut backend, backend_side) = pair().await;
-    let config = RelayConfig {
-        idle_timeout: None,
-        ping_interval: None,
-        pong_timeout: Duration::from_secs(5),
-        close_timeout: Duration::from_secs(5),
-        max_message_size: None,
-        send_timeout: None,
-    };
     let relay = tokio::spawn(relay(
         client_side,
         Bytes::new(),
         backend_side,
         Bytes::new(),
-        config,
+        config(None, None),
         None,
         None,
     ));
