@@ -15,10 +15,10 @@
 //! takes memory only while it runs; hyper's connection is a task of its own,
 //! spawned once the handshake task is done (which then ends, so a
 //! long-lived connection does not keep that task's handshake-sized state),
-//! and hyper (with
-//! its 8 KiB read and write buffers on HTTP/1.1; on HTTP/2 `h2`'s 16 KiB
-//! write, 8 KiB read and 4 KiB HPACK buffers, which no setting sizes)
-//! starts only once that is complete (`io::head`, `io::preface`).
+//! and hyper (with its 8 KiB read and write buffers on HTTP/1.1; on HTTP/2
+//! `h2`'s 16 KiB write, 8 KiB read and 4 KiB HPACK buffers, which no
+//! setting sizes) starts only once that is complete (`io::head`,
+//! `io::preface`).
 //!
 //! An HTTP/2 connection runs behind `io::h2guard`, which ends a flood of
 //! control frames with a `GOAWAY`; its flow-control windows and buffers are
